@@ -1,0 +1,491 @@
+"""The commands: `dsage` (admin and user sub-commands), `dsage_server` and `dsage_worker`.
+
+Every command exits 0 on success, 1 with a one-line ``dsage: error: ...`` on a user error
+(bad input, refused request, unreachable server) and 2 on bad usage; never a traceback for
+a user error.  Heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import argparse
+import getpass
+import os
+import re
+import socket
+import sys
+from pathlib import Path
+
+from dsage import __version__, errors
+
+
+class UserError(Exception):
+    """A problem the user can fix; printed as one line."""
+
+
+# -- helpers ---------------------------------------------------------------------------
+def _home() -> Path:
+    from dsage.config import home
+
+    return home()
+
+
+def _sync(d):
+    """The value of an already-fired Deferred (offline store calls run inline)."""
+    out = []
+    d.addBoth(out.append)
+    value = out[0]
+    if hasattr(value, "raiseException"):
+        value.raiseException()
+    return value
+
+
+def _offline_store(home: Path):
+    """Open the server's database directly (only while the server is not running)."""
+    from dsage.config import load_server_config
+    from dsage.server.service import open_db
+    from dsage.server.store import JobStore
+
+    config = load_server_config(dsage_home=home)
+    try:
+        db = open_db(config.db_uri)
+    except Exception as e:
+        if "lock" in str(e).lower():
+            raise UserError(f"the database {config.db_uri.split('?')[0]} is in use by a running server "
+                            f"that this command could not reach") from None
+        raise
+    return JobStore(db, threaded=False)
+
+
+def _login_name() -> str:
+    name = re.sub(r"[^A-Za-z0-9_.@-]", "_", getpass.getuser() or "admin")
+    return name if name[0].isalnum() else "admin"
+
+
+# -- dsage init --------------------------------------------------------------------------
+def cmd_init(args) -> int:
+    from dsage import tls
+    from dsage.config import ServerConfig
+
+    home = _home()
+    conf = home / "server.conf"
+    if (home / "ca.key").exists() and not args.force:
+        print(f"dsage is already set up in {home} (use --force to make new keys; "
+              f"every bundle issued so far would stop working)")
+        return 0
+    home.mkdir(parents=True, exist_ok=True)
+    os.chmod(home, 0o700)
+    host = args.host
+    ca = tls.Authority.create()
+    ca.save(home)
+    cert, key = ca.issue("dsage-server", server_hosts=[host, socket.gethostname()])
+    tls.write_private(home / "server.key", tls.key_pem(key))
+    (home / "server.pem").write_bytes(tls.cert_pem(cert))
+    local = host in ("localhost", "127.0.0.1", "::1")
+    config = ServerConfig(home=home, host=host, interface="127.0.0.1" if local else "0.0.0.0",
+                          port=args.port, web_port=args.web_port)
+    config.save(conf)
+    admin = _login_name()
+    bundle, serial = tls.make_bundle(ca, admin, "admin", f"{host}:{args.port}")
+    store = _offline_store(home)
+    try:
+        _sync(store.add_identity(admin, "admin", serial, force=True))
+    finally:
+        store.stop()
+    bundle.save(home / "client.pem")
+    print(f"dsage set up in {home}:\n"
+          f"  certificate authority  {home / 'ca.pem'}\n"
+          f"  server configuration   {conf} (port {args.port})\n"
+          f"  database               {config.db_uri.split('?')[0]}\n"
+          f"  admin bundle           {home / 'client.pem'} (user {admin})\n"
+          f"next: dsage_server, then dsage worker add NAME --out FILE and dsage_worker --cert FILE")
+    return 0
+
+
+# -- identities (through the server when it runs, else directly on the database) ---------
+def _admin_call(verb: str, **args):
+    """Call an admin request on the running server, or do it offline when it is down."""
+    home = _home()
+    try:
+        import dsage
+
+        D = dsage.connect(timeout=15)
+    except errors.ConnectionLost:
+        D = None
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if D is not None:
+        try:
+            return D._call(verb, **args)
+        finally:
+            D.close()
+    return _offline_admin(home, verb, args)
+
+
+def _offline_admin(home: Path, verb: str, args: dict):
+    from dsage import tls
+    from dsage.config import load_server_config
+
+    store = _offline_store(home)
+    try:
+        if verb == "add_identity":
+            config = load_server_config(dsage_home=home)
+            bundle, serial = tls.make_bundle(tls.Authority.load(home), args["name"], args["role"],
+                                             f"{config.host}:{config.port}")
+            _sync(store.add_identity(args["name"], args["role"], serial, args.get("force", False)))
+            return {"bundle": bundle.dumps()}
+        if verb == "revoke":
+            return _sync(store.revoke(args["name"]))
+        return _sync(store.identities())
+    finally:
+        store.stop()
+
+
+def _issue(name: str, role: str, out: str, force: bool) -> int:
+    from dsage import tls
+
+    out_path = Path(out)
+    if out_path.exists() and not force:
+        raise UserError(f"{out} exists; use --force to overwrite it")
+    tls.check_name(name)
+    reply = _admin_call("add_identity", name=name, role=role, force=force)
+    tls.write_private(out_path, reply["bundle"])
+    print(f"{role} {name}: bundle written to {out} (mode 0600; hand it over privately)")
+    return 0
+
+
+def cmd_user_add(args) -> int:
+    return _issue(args.name, "admin" if args.admin else "client", args.out, args.force)
+
+
+def cmd_worker_add(args) -> int:
+    return _issue(args.name, "worker", args.out, args.force)
+
+
+def cmd_user_list(args) -> int:
+    rows = _admin_call("identities")
+    for row in sorted(rows, key=lambda r: r["name"]):
+        flag = "  (revoked)" if row["revoked"] else ""
+        print(f"{row['name']:24} {row['role']:8}{flag}")
+    return 0
+
+
+def cmd_user_revoke(args) -> int:
+    out = _admin_call("revoke", name=args.name)
+    print(f"revoked {out['role']} {out['name']}: its connections are dropped and new logins refused")
+    return 0
+
+
+# -- server and worker ---------------------------------------------------------------------
+def _start_logging(log_file: str | None = None) -> None:
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    stream = open(log_file, "a") if log_file else sys.stderr
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+
+
+def server_main(argv: list[str] | None = None) -> int:
+    """`dsage_server`: run the server in the foreground."""
+    parser = argparse.ArgumentParser(prog="dsage_server", description="Run the dsage server in the foreground.")
+    _server_args(parser)
+    return _run(parser, _serve, argv)
+
+
+def _server_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--config", help="server.conf to read (default $DSAGE_HOME/server.conf)")
+    parser.add_argument("--port", type=int, help="TLS port for workers and clients (0: any free port)")
+    parser.add_argument("--web-port", type=int, help="HTTP port of the dashboard")
+    parser.add_argument("--db", help="storage URI: file://, zeo://, postgres://... (zodburi)")
+    parser.add_argument("--log-file", help="log to this file instead of stderr")
+
+
+def _serve(args) -> int:
+    import dataclasses
+
+    from dsage.config import load_server_config
+
+    config = load_server_config(args.config, _home())
+    overrides = {k: v for k, v in (("port", args.port), ("web_port", args.web_port), ("db", args.db),
+                                   ("log_file", args.log_file)) if v is not None}
+    config = dataclasses.replace(config, **overrides)
+    for name in ("ca.pem", "server.pem", "server.key"):
+        if not (config.home / name).exists():
+            raise UserError(f"{config.home / name} is missing: run `dsage init`")
+    from twisted.internet import reactor
+
+    from dsage.server.service import ServerService
+
+    _start_logging(config.log_file or None)
+    service = ServerService(config, reactor)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return 0
+
+
+def worker_main(argv: list[str] | None = None) -> int:
+    """`dsage_worker`: connect to the server and run jobs."""
+    parser = argparse.ArgumentParser(prog="dsage_worker", description="Run a dsage worker in the foreground.")
+    _worker_args(parser)
+    return _run(parser, _work, argv)
+
+
+def _worker_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--cert", help="the worker's bundle (default $DSAGE_HOME/worker.pem)")
+    parser.add_argument("--server", help="HOST:PORT of the server (default: the one in the bundle)")
+    parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core)")
+    parser.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
+    parser.add_argument("--name", help="the worker's name; must match its certificate")
+    parser.add_argument("--log-file", help="log to this file instead of stderr")
+
+
+def _work(args) -> int:
+    from dsage import tls
+
+    cert = args.cert or str(_home() / "worker.pem")
+    try:
+        bundle = tls.Bundle.load(cert)
+    except ValueError as e:
+        raise UserError(f"{e} (give the worker's bundle with --cert)") from None
+    if bundle.role != "worker":
+        raise UserError(f"{cert} is a {bundle.role} bundle; make a worker one with `dsage worker add`")
+    if args.name and args.name != bundle.name:
+        raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")
+    if args.slots is not None and args.slots < 1:
+        raise UserError("--slots must be at least 1")
+    from twisted.internet import reactor
+
+    from dsage.worker.service import WorkerService, split_address
+
+    address = args.server or bundle.server
+    try:
+        split_address(address)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    _start_logging(args.log_file)
+    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice)
+    reactor.callWhenRunning(service.startService)
+    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    reactor.run()
+    return service.exit_code
+
+
+# -- user commands -------------------------------------------------------------------------
+def _connect(args):
+    import dsage
+
+    try:
+        return dsage.connect(args.server, cert=args.cert)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def _show(value) -> str:
+    text = repr(value)
+    return text if len(text) < 10_000 else text[:10_000] + "..."
+
+
+def cmd_submit(args) -> int:
+    if (args.file is None) == (args.code is None):
+        raise UserError("give a FILE or -c CODE")
+    code = args.code
+    name = None
+    if args.file is not None:
+        path = Path(args.file)
+        try:
+            code = sys.stdin.read() if args.file == "-" else path.read_text()
+        except OSError as e:
+            raise UserError(f"cannot read {args.file}: {e.strerror}") from None
+        name = path.name
+    D = _connect(args)
+    job = D.eval(code, name=name, timeout=args.timeout)
+    print(job.job_id)
+    if args.wait:
+        try:
+            value = job.wait()
+        finally:
+            sys.stdout.write(job.output)
+        print(_show(value))
+    return 0
+
+
+def cmd_jobs(args) -> int:
+    D = _connect(args)
+    recs = D._call("list_jobs", status=args.status, all=args.all, limit=args.limit)
+    print(f"{'id':>8}  {'status':10} {'owner':12} {'fails':>5}  name")
+    for r in recs:
+        print(f"{r['job_id']:>8}  {r['status']:10} {r['owner'][:12]:12} {r['failures']:>5}  {r['name'][:60]}")
+    return 0
+
+
+def cmd_job(args) -> int:
+    import datetime
+
+    D = _connect(args)
+    r = D._call("get_job", job_id=args.id, result=False)
+    stamp = lambda t: datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds") if t else "-"
+    print(f"job {r['job_id']}: {r['name']}\n  owner     {r['owner']}\n  status    {r['status']}\n"
+          f"  kind      {r['kind']}\n  priority  {r['priority']}   timeout {r['timeout']:g} s   "
+          f"failures {r['failures']}/{r['max_failures']}\n  created   {stamp(r['created'])}\n"
+          f"  started   {stamp(r['started'])}\n  finished  {stamp(r['finished'])}")
+    if r["cpu_time"] is not None or r["wall_time"] is not None:
+        print(f"  cpu time  {r['cpu_time'] or 0:.3f} s   wall time {r['wall_time'] or 0:.3f} s")
+    for a in r["attempts"]:
+        print(f"  attempt {a['attempt']} on {a['worker']}: {a.get('outcome') or 'running'}")
+    if r["output"]:
+        print("--- output ---\n" + r["output"].rstrip())
+    if r["error"]:
+        print("--- error ---\n" + r["error"].rstrip())
+    return 0
+
+
+def cmd_result(args) -> int:
+    from dsage.client.blocking import outcome
+
+    D = _connect(args)
+    rec = D._call("get_job", job_id=args.id, result=True)
+    if rec["status"] not in ("completed", "failed", "killed"):
+        raise UserError(f"job {args.id} is {rec['status']}: no result yet")
+    try:
+        print(_show(outcome(rec)))
+    except errors.JobFailed as e:
+        raise UserError(f"job {args.id} failed:\n{e.traceback.rstrip()}") from None
+    except errors.JobKilled:
+        raise UserError(f"job {args.id} was killed") from None
+    return 0
+
+
+def cmd_kill(args) -> int:
+    D = _connect(args)
+    rec = D._call("kill", job_id=args.id)
+    print(f"job {args.id}: {rec['status']}")
+    return 0
+
+
+def cmd_status(args) -> int:
+    D = _connect(args)
+    s = D.status()
+    jobs = ", ".join(f"{k} {v}" for k, v in sorted(s["jobs"].items()) if v) or "none"
+    print(f"workers {s['workers']}, slots {s['slots']} ({s['busy']} busy), queued {s['queued']}, "
+          f"{s['jobs_per_second']:.1f} jobs/s over the last minute\njobs: {jobs}")
+    for w in D.workers():
+        facts = w.get("facts", {})
+        print(f"  {w['name']:20} {w['busy']}/{w['slots']} busy  {facts.get('host', '?')} "
+              f"{facts.get('cores', '?')} cores  python {facts.get('python', '?')}")
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from dsage.examples.demo import run_demo
+
+    return run_demo(workers=args.workers, number=args.number)
+
+
+# -- parsing ---------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="dsage", description="Distributed Sage: run long Python "
+                                     "computations on a department's idle machines.")
+    parser.add_argument("--version", action="version", version=f"dsage {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    sub.required = True
+
+    p = sub.add_parser("init", help="set up $DSAGE_HOME: CA, server certificate, config, database, admin")
+    p.add_argument("--host", default="localhost", help="the name clients use to reach the server")
+    p.add_argument("--port", type=int, default=8081)
+    p.add_argument("--web-port", type=int, default=8082)
+    p.add_argument("--force", action="store_true", help="make new keys even if some exist")
+    p.set_defaults(func=cmd_init)
+
+    user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", metavar="ACTION")
+    user.required = True
+    p = user.add_parser("add", help="issue a user's bundle")
+    p.add_argument("name")
+    p.add_argument("--admin", action="store_true", help="the user may manage users and see every job")
+    p.add_argument("--out", required=True, help="where to write the bundle")
+    p.add_argument("--force", action="store_true", help="re-issue (the old bundle stops working)")
+    p.set_defaults(func=cmd_user_add)
+    user.add_parser("list", help="list users and workers").set_defaults(func=cmd_user_list)
+    p = user.add_parser("revoke", help="revoke a user or worker")
+    p.add_argument("name")
+    p.set_defaults(func=cmd_user_revoke)
+
+    p = sub.add_parser("worker", help="`dsage worker add NAME --out FILE`, or run a worker (as dsage_worker)")
+    _worker_args(p)
+    p.set_defaults(func=lambda a: _work(a))
+
+    p = sub.add_parser("server", help="run the server (as dsage_server)")
+    _server_args(p)
+    p.set_defaults(func=_serve)
+
+    def client_parser(name: str, help: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help)
+        p.add_argument("--server", help="HOST:PORT (default: from the bundle)")
+        p.add_argument("--cert", help="your bundle (default $DSAGE_HOME/client.pem)")
+        return p
+
+    p = client_parser("submit", "submit a Python file or code string as a job; prints its id")
+    p.add_argument("file", nargs="?", help="a Python file (- for standard input)")
+    p.add_argument("-c", dest="code", help="code to run")
+    p.add_argument("--wait", action="store_true", help="wait and print the output and result")
+    p.add_argument("--timeout", type=float, default=600, help="the job's time limit in seconds")
+    p.set_defaults(func=cmd_submit)
+    p = client_parser("jobs", "list your jobs")
+    p.add_argument("--status", choices=["new", "processing", "completed", "failed", "killed"])
+    p.add_argument("--all", action="store_true", help="every user's jobs (admins)")
+    p.add_argument("--limit", type=int, default=50)
+    p.set_defaults(func=cmd_jobs)
+    for name, func, text in (("job", cmd_job, "show one job"), ("result", cmd_result, "print a job's result"),
+                             ("kill", cmd_kill, "kill a job")):
+        p = client_parser(name, text)
+        p.add_argument("id", type=int)
+        p.set_defaults(func=func)
+    client_parser("status", "workers, slots, queue depth, jobs/s").set_defaults(func=cmd_status)
+
+    p = sub.add_parser("demo", help="a local cluster factoring a number with DistributedFactor")
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--number", type=int, default=None, help="the number to factor")
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def _worker_add_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="dsage worker add", description="Issue a worker's bundle.")
+    p.add_argument("name")
+    p.add_argument("--out", required=True, help="where to write the bundle")
+    p.add_argument("--force", action="store_true", help="re-issue (the old bundle stops working)")
+    p.set_defaults(func=cmd_worker_add)
+    return p
+
+
+def _run(parser: argparse.ArgumentParser, func, argv: list[str] | None) -> int:
+    args = parser.parse_args(argv)
+    return _guard(lambda: func(args), parser.prog)
+
+
+def _guard(thunk, prog: str) -> int:
+    try:
+        return thunk() or 0
+    except KeyboardInterrupt:
+        print(f"{prog}: interrupted", file=sys.stderr)
+        return 130
+    except (UserError, errors.DsageError, ValueError, TimeoutError) as e:
+        text = str(e).strip() or e.__class__.__name__
+        print(f"{prog}: error: {text}", file=sys.stderr)
+        return 1
+    except OSError as e:
+        print(f"{prog}: error: {e.strerror or e}{': ' + e.filename if getattr(e, 'filename', None) else ''}",
+              file=sys.stderr)
+        return 1
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`dsage`: the admin and user command."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:2] == ["worker", "add"]:
+        parser = _worker_add_parser()
+        args = parser.parse_args(argv[2:])
+        return _guard(lambda: args.func(args), "dsage")
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return _guard(lambda: args.func(args), "dsage")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,261 @@
+"""The blocking client: `dsage.connect()` returns a `Dsage` session; jobs are `JobHandle`s.
+
+Every call runs on the reactor thread (see `dsage.client.reactor`) and waits with a
+timeout; job records are kept current by the server's push events."""
+from __future__ import annotations
+
+import itertools
+import queue
+import threading
+from typing import Any, Callable, Iterable, Iterator
+
+from dsage import errors, tls
+from dsage.client import reactor as rt
+from dsage.client.connection import AsyncClient, default_address
+from dsage.job import FINAL, Job
+
+#: seconds a single request may take before TimeoutError (waits for jobs take their own).
+CALL_TIMEOUT = 120.0
+SUBMIT_BATCH = 1000
+
+
+def connect(address: str | None = None, cert: str | None = None, timeout: float = 30.0) -> Dsage:
+    """Connect to a dsage server (see `dsage.connect`)."""
+    from dsage.config import home
+
+    bundle = tls.Bundle.load(cert or home() / "client.pem")
+    if bundle.role == "worker":
+        raise errors.AuthError(f"{cert or 'this bundle'} is a worker's bundle; clients need a user bundle")
+
+    def start():
+        from twisted.internet import reactor
+
+        return AsyncClient(bundle, address or default_address(cert), reactor).start()
+    return Dsage(rt.call(start, timeout=timeout))
+
+
+def unpickle_result(summary: dict) -> Any:
+    """The Python value of a completed job's result bytes."""
+    data = summary.get("result")
+    if data is None:
+        return None
+    import cloudpickle
+
+    try:
+        return cloudpickle.loads(data)
+    except Exception as e:
+        raise errors.DsageError(f"job {summary['job_id']}: cannot unpickle its result here: {e!r}") from None
+
+
+def outcome(summary: dict) -> Any:
+    """The result of a finished job, or the exception it ended with."""
+    status = summary["status"]
+    if status == "completed":
+        return unpickle_result(summary)
+    if status == "killed":
+        raise errors.JobKilled(summary["job_id"])
+    raise errors.JobFailed(summary["job_id"], summary.get("error"))
+
+
+class Dsage:
+    """A blocking session with the server: submit jobs, look at them, manage them."""
+
+    def __init__(self, client: AsyncClient) -> None:
+        self.client = client
+        self._records: dict[int, dict] = {}
+        self._lock = threading.Lock()
+        rt.call(lambda: client.listeners.append(self._job_event))
+
+    def __repr__(self) -> str:
+        return f"<dsage session {self.client.identity}@{self.client.address}>"
+
+    @property
+    def identity(self) -> str:
+        """Who this session is (the certificate's name)."""
+        return self.client.identity
+
+    def _call(self, verb: str, timeout: float | None = CALL_TIMEOUT, **args: Any) -> Any:
+        return rt.call(self.client.call, verb, timeout=timeout, **args)
+
+    def _job_event(self, summary: dict) -> None:
+        with self._lock:
+            if summary["job_id"] in self._records:
+                self._remember(summary)
+
+    def _remember(self, summary: dict) -> dict:
+        old = self._records.get(summary["job_id"])
+        if old is not None and "result" in old and "result" not in summary and summary["status"] == old["status"]:
+            summary = dict(summary, result=old["result"])
+        self._records[summary["job_id"]] = summary
+        return summary
+
+    def record(self, job_id: int, fresh: bool = False) -> dict:
+        """The latest known record of a job (fetched when unknown, unfinished or `fresh`)."""
+        with self._lock:
+            rec = self._records.get(job_id)
+        if rec is None or fresh or (rec["status"] not in FINAL):
+            rec = self._call("get_job", job_id=job_id, result=True)
+            with self._lock:
+                rec = self._remember(rec)
+        elif rec["status"] == "completed" and "result" not in rec:
+            rec = self.record(job_id, fresh=True)
+        return rec
+
+    # -- submitting --------------------------------------------------------------------
+    def eval(self, code: str, name: str | None = None, timeout: float = 600, priority: int = 5,
+             max_failures: int = 3, files: dict | None = None) -> JobHandle:
+        """Run a code string; the result is its last expression's value (or DSAGE_RESULT)."""
+        return self.submit(Job(code=code, name=name, timeout=timeout, priority=priority,
+                               max_failures=max_failures, files=files or {}))
+
+    def submit(self, func: Callable | Job, *args: Any, **kwargs: Any) -> JobHandle:
+        """Run `func(*args, **kwargs)` on a worker, or submit a `dsage.Job` as described."""
+        job = func if isinstance(func, Job) else Job(func=func, args=args, kwargs=kwargs)
+        if isinstance(func, Job) and (args or kwargs):
+            raise TypeError("submit(Job) takes no further arguments")
+        return self.submit_many([job])[0]
+
+    def submit_many(self, jobs: Iterable[Job], function_id: str | None = None) -> list[JobHandle]:
+        """Submit several jobs in few round trips (each batch committed in one transaction)."""
+        handles: list[JobHandle] = []
+        jobs = iter(jobs)
+        while batch := list(itertools.islice(jobs, SUBMIT_BATCH)):
+            args = {"jobs": [j.to_wire() for j in batch]}
+            if function_id:
+                args["function_id"] = function_id
+            ids = self._call("submit", **args)["job_ids"]
+            handles.extend(JobHandle(self, i) for i in ids)
+        return handles
+
+    def map(self, func: Callable, *iterables: Iterable, timeout: float = 600, priority: int = 5,
+            max_failures: int = 3) -> list[JobHandle]:
+        """One job per item (like the builtin `map`); the handles come in item order."""
+        return self.submit_many(Job(func=func, args=args, timeout=timeout, priority=priority,
+                                    max_failures=max_failures) for args in zip(*iterables))
+
+    # -- looking -----------------------------------------------------------------------
+    def job(self, job_id: int) -> JobHandle:
+        """A handle on one of your jobs (AuthError if it is someone else's)."""
+        self.record(int(job_id), fresh=True)
+        return JobHandle(self, int(job_id))
+
+    def jobs(self, status: str | None = None, all: bool = False, limit: int = 1000) -> list[JobHandle]:
+        """Your jobs, newest first (everyone's with all=True, for admins)."""
+        summaries = self._call("list_jobs", status=status, all=all, limit=limit)
+        with self._lock:
+            for s in summaries:
+                self._remember(s)
+        return [JobHandle(self, s["job_id"]) for s in summaries]
+
+    def workers(self) -> list[dict]:
+        """The connected workers: name, slots, busy slots and host facts."""
+        return self._call("workers")
+
+    def status(self) -> dict:
+        """Queue depth, jobs by status, workers, slots, busy slots, recent jobs per second."""
+        return self._call("status")
+
+    def executor(self) -> "DsageExecutor":
+        """A `concurrent.futures.Executor` that runs calls as dsage jobs."""
+        from dsage.client.executor import DsageExecutor
+
+        return DsageExecutor(self)
+
+    def wait_record(self, job_id: int, timeout: float | None) -> dict:
+        """Block until a job is finished; its final record."""
+        rec = self.record(job_id)
+        if rec["status"] in FINAL:
+            return rec
+        rec = rt.call(self.client.watch, job_id, timeout=timeout)
+        with self._lock:
+            return self._remember(rec)
+
+    def close(self) -> None:
+        """Disconnect."""
+        rt.call(self.client.stop, timeout=10)
+
+    def __enter__(self) -> Dsage:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+class JobHandle:
+    """A submitted job; attributes read its latest record from the server."""
+
+    def __init__(self, dsage: Dsage, job_id: int) -> None:
+        self.dsage = dsage
+        self.job_id = job_id
+
+    def __repr__(self) -> str:
+        return f"<dsage job {self.job_id} {self.status}>"
+
+    def _rec(self) -> dict:
+        return self.dsage.record(self.job_id)
+
+    status = property(lambda self: self._rec()["status"], doc="new, processing, completed, failed or killed")
+    name = property(lambda self: self._rec()["name"], doc="the job's name")
+    output = property(lambda self: self._rec()["output"], doc="captured stdout and stderr")
+    error = property(lambda self: self._rec()["error"], doc="the traceback of the last failure")
+    failures = property(lambda self: self._rec()["failures"], doc="how many attempts failed")
+    attempts = property(lambda self: self._rec()["attempts"], doc="every attempt: worker, times, outcome")
+    cpu_time = property(lambda self: self._rec()["cpu_time"], doc="CPU seconds of the last attempt")
+    wall_time = property(lambda self: self._rec()["wall_time"], doc="wall seconds of the last attempt")
+    function_id = property(lambda self: self._rec()["function_id"], doc="its DistributedFunction, if any")
+
+    @property
+    def result(self) -> Any:
+        """The job's value once completed, else None."""
+        rec = self._rec()
+        return unpickle_result(rec) if rec["status"] == "completed" else None
+
+    def done(self) -> bool:
+        """True once the job is completed, failed or killed."""
+        return self._rec()["status"] in FINAL
+
+    def wait(self, timeout: float | None = None) -> Any:
+        """Block until finished; the result, or JobFailed / JobKilled / TimeoutError."""
+        return outcome(self.dsage.wait_record(self.job_id, timeout))
+
+    def kill(self) -> str:
+        """Kill the job (a running one is stopped on its worker); returns its status."""
+        rec = self.dsage._call("kill", job_id=self.job_id)
+        with self.dsage._lock:
+            self.dsage._remember(rec)
+        return rec["status"]
+
+    def rerun(self) -> JobHandle:
+        """Run a finished job again from the start."""
+        rec = self.dsage._call("rerun", job_id=self.job_id)
+        with self.dsage._lock:
+            self.dsage._records[self.job_id] = rec
+        return self
+
+
+def as_completed(jobs: Iterable[JobHandle], timeout: float | None = None) -> Iterator[JobHandle]:
+    """Yield the handles as their jobs finish; TimeoutError if `timeout` passes first."""
+    import time
+
+    jobs = list(jobs)
+    if not jobs:
+        return
+    finished: queue.SimpleQueue = queue.SimpleQueue()
+    by_id = {j.job_id: j for j in jobs}
+    session = jobs[0].dsage
+
+    def watch_all() -> None:
+        for job_id in by_id:
+            session.client.watch(job_id).addBoth(lambda r, i=job_id: finished.put((i, r)))
+    rt.call(watch_all)
+    deadline = None if timeout is None else time.monotonic() + timeout
+    for _ in range(len(by_id)):
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            job_id, rec = finished.get(timeout=left)
+        except queue.Empty:
+            raise TimeoutError(f"jobs not finished within {timeout:g} s") from None
+        if isinstance(rec, dict):
+            with session._lock:
+                session._remember(rec)
+        yield by_id[job_id]

@@ -1,0 +1,159 @@
+"""The client's asynchronous core: a reconnecting TLS connection whose calls return
+Deferreds, and the push events that tell it when its jobs finish.  Twisted programs use it
+directly through `connect_async`; everyone else through the blocking façade."""
+from __future__ import annotations
+
+from typing import Callable
+
+from twisted.application import internet
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from dsage import errors, tls
+from dsage.job import FINAL
+from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
+from dsage.worker.service import split_address
+
+#: consecutive failed connection attempts before a call gives up.
+CALL_RETRIES = 6
+
+
+class ClientProtocol(MessageProtocol):
+    """The client's end of a connection; job events go to the factory's `AsyncClient`."""
+
+    def handle_event(self, event: str, data: dict) -> None:
+        if event == "job_done" and isinstance(data, dict) and isinstance(data.get("job_id"), int):
+            self.factory.client.job_event(data)
+
+
+class AsyncClient:
+    """One user's connection to the server, reconnecting by itself."""
+
+    log = Logger()
+
+    def __init__(self, bundle: tls.Bundle, address: str | None, reactor) -> None:
+        self.bundle = bundle
+        self.reactor = reactor
+        self.address = address or bundle.server
+        self.identity: str | None = None
+        self.role: str | None = None
+        self.watchers: dict[int, list[defer.Deferred]] = {}
+        self.listeners: list[Callable[[dict], None]] = []
+        host, port = split_address(self.address)
+        endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
+        factory = Factory.forProtocol(ClientProtocol)
+        factory.client = self
+        self.service = internet.ClientService(
+            endpoint, factory,
+            retryPolicy=internet.backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=1.7),
+            prepareConnection=self._prepare, clock=reactor)
+        self._auth_error: Exception | None = None
+
+    async def _hello(self, proto: ClientProtocol) -> None:
+        try:
+            welcome = await proto.call("hello", version=list(PROTOCOL_VERSION), role="client")
+        except errors.AuthError as e:
+            self._auth_error = e
+            raise
+        self.identity, self.role = welcome["identity"], welcome["role"]
+        # Jobs may have finished while we were away: look again at every watched job.
+        for job_id in list(self.watchers):
+            proto.call("get_job", job_id=job_id).addCallbacks(self._check_final, lambda f: None)
+
+    def _prepare(self, proto: ClientProtocol) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._hello(proto))
+
+    async def _start(self) -> AsyncClient:
+        self.service.startService()
+        try:
+            await self.service.whenConnected(failAfterFailures=1)
+        except Exception as e:
+            # Stopping from inside the service's own callback chain is not allowed: next turn.
+            self.reactor.callLater(0, self.service.stopService)
+            if self._auth_error is not None:
+                raise self._auth_error from None
+            if isinstance(e, errors.DsageError):
+                raise
+            raise errors.ConnectionLost(f"cannot connect to the dsage server at {self.address}: {e}") from None
+        return self
+
+    def start(self) -> defer.Deferred:
+        """Connect; fires with self, or fails with AuthError or ConnectionLost."""
+        return defer.Deferred.fromCoroutine(self._start())
+
+    def stop(self) -> defer.Deferred:
+        """Disconnect for good."""
+        return defer.maybeDeferred(self.service.stopService)
+
+    async def _call(self, verb: str, args: dict):
+        if self._auth_error is not None:
+            raise self._auth_error
+        try:
+            proto = await self.service.whenConnected(failAfterFailures=CALL_RETRIES)
+        except errors.DsageError:
+            raise
+        except Exception as e:
+            raise errors.ConnectionLost(f"the dsage server at {self.address} is unreachable: {e}") from None
+        return await proto.call(verb, **args)
+
+    def call(self, verb: str, **args) -> defer.Deferred:
+        """Send a request once connected; fires with the server's reply."""
+        return defer.Deferred.fromCoroutine(self._call(verb, args))
+
+    # -- finished jobs -----------------------------------------------------------------
+    def job_event(self, summary: dict) -> None:
+        """A job of ours reached a final status."""
+        for listener in list(self.listeners):
+            listener(summary)
+        self._check_final(summary)
+
+    def _check_final(self, summary: dict) -> None:
+        if summary.get("status") in FINAL:
+            for d in self.watchers.pop(summary["job_id"], []):
+                d.callback(summary)
+
+    def watch(self, job_id: int) -> defer.Deferred:
+        """Fires with the job's final record (result included) when it is finished."""
+        d = defer.Deferred(lambda d: self._unwatch(job_id, d))
+        self.watchers.setdefault(job_id, []).append(d)
+
+        def fetched(summary: dict) -> None:
+            if summary.get("status") in FINAL and not d.called:
+                self._unwatch(job_id, d)
+                d.callback(summary)
+
+        def failed(f):
+            if not d.called:
+                self._unwatch(job_id, d)
+                d.errback(f)
+        self.call("get_job", job_id=job_id).addCallbacks(fetched, failed)
+        return d
+
+    def _unwatch(self, job_id: int, d: defer.Deferred) -> None:
+        waiting = self.watchers.get(job_id, [])
+        if d in waiting:
+            waiting.remove(d)
+        if not waiting:
+            self.watchers.pop(job_id, None)
+
+
+def connect_async(address: str | None = None, cert: str | None = None, reactor=None) -> defer.Deferred:
+    """Connect from a Twisted program; fires with an `AsyncClient`."""
+    from dsage.config import home
+
+    if reactor is None:
+        from twisted.internet import reactor
+    bundle = tls.Bundle.load(cert or home() / "client.pem")
+    return AsyncClient(bundle, address or default_address(cert), reactor).start()
+
+
+def default_address(cert: str | None) -> str | None:
+    """With the home's own bundle, the address the local server wrote when it started."""
+    from dsage.config import home
+
+    addr_file = home() / "server.addr"
+    if cert is None and addr_file.exists():
+        return addr_file.read_text().strip() or None
+    return None

@@ -1,0 +1,145 @@
+"""A local cluster in a temporary DSAGE_HOME: one `dsage_server` and N `dsage_worker`
+processes, for notebooks (`dsage.start_all`), the demo and the tests."""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from dsage import errors
+
+
+def command(name: str) -> list[str]:
+    """The argv prefix of one of dsage's console scripts, next to this Python."""
+    script = Path(sys.executable).with_name(name)
+    if script.exists():
+        return [str(script)]
+    module = {"dsage": "dsage.cli"}.get(name)
+    entry = {"dsage_server": "server_main", "dsage_worker": "worker_main"}.get(name, "main")
+    return [sys.executable, "-c", f"import sys, dsage.cli as c; sys.exit(c.{entry}())"] if module is None \
+        else [sys.executable, "-m", module]
+
+
+class LocalCluster:
+    """Starts and stops a server and workers as real child processes."""
+
+    def __init__(self, home: Path | None = None, *, quiet: bool = True, lease_seconds: float | None = None) -> None:
+        self.own_home = home is None
+        self.home = Path(home or tempfile.mkdtemp(prefix="dsage-"))
+        self.quiet = quiet
+        self.env = dict(os.environ, DSAGE_HOME=str(self.home))
+        self.server: subprocess.Popen | None = None
+        self.workers: list[subprocess.Popen] = []
+        self.address: str | None = None
+        self.lease_seconds = lease_seconds
+        self._worker_count = 0
+
+    def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        """Run a `dsage` command against this cluster's home."""
+        out = subprocess.run(command("dsage") + list(args), env=self.env, capture_output=True, text=True)
+        if check and out.returncode != 0:
+            raise errors.DsageError(f"dsage {' '.join(args)} failed: {out.stderr.strip()}")
+        return out
+
+    def init(self) -> None:
+        """`dsage init` with a free port chosen by the server."""
+        self.run("init", "--port", "0")
+        if self.lease_seconds is not None:
+            conf = self.home / "server.conf"
+            conf.write_text(conf.read_text().replace("lease_seconds = 60.0", f"lease_seconds = {self.lease_seconds}"))
+
+    def start_server(self, timeout: float = 30.0) -> str:
+        """Start dsage_server; returns its address once it listens."""
+        addr_file = self.home / "server.addr"
+        if addr_file.exists():
+            addr_file.unlink()
+        log = open(self.home / "server.log", "ab")
+        self.server = subprocess.Popen(command("dsage_server"), env=self.env, stdout=log, stderr=log,
+                                       start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while not addr_file.exists():
+            if self.server.poll() is not None:
+                raise errors.DsageError(f"dsage_server exited with {self.server.returncode}: "
+                                        f"{(self.home / 'server.log').read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise errors.DsageError("dsage_server did not start in time")
+            time.sleep(0.02)
+        self.address = addr_file.read_text().strip()
+        return self.address
+
+    def stop_server(self, sig: int = signal.SIGTERM) -> None:
+        """Stop (or, with SIGKILL, crash) the server."""
+        if self.server is not None:
+            _end(self.server, sig)
+            self.server = None
+
+    def add_worker(self, slots: int = 1, name: str | None = None) -> subprocess.Popen:
+        """Issue a worker bundle (once per name) and start a dsage_worker."""
+        self._worker_count += 1
+        name = name or f"worker{self._worker_count}"
+        bundle = self.home / f"{name}.pem"
+        if not bundle.exists():
+            self.run("worker", "add", name, "--out", str(bundle))
+        log = open(self.home / f"{name}.log", "ab")
+        proc = subprocess.Popen(command("dsage_worker") + ["--cert", str(bundle), "--server", self.address,
+                                                           "--slots", str(slots)],
+                                env=self.env, stdout=log, stderr=log, start_new_session=True)
+        self.workers.append(proc)
+        return proc
+
+    def connect(self, cert: str | None = None):
+        """A blocking session as the admin (or the bundle given)."""
+        import dsage
+
+        return dsage.connect(self.address, cert=cert or str(self.home / "client.pem"))
+
+    def stop(self) -> None:
+        """Stop every process and remove a temporary home."""
+        for proc in self.workers:
+            _end(proc, signal.SIGTERM)
+        self.workers = []
+        self.stop_server()
+        if self.own_home:
+            shutil.rmtree(self.home, ignore_errors=True)
+
+    def __enter__(self) -> LocalCluster:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+def _end(proc: subprocess.Popen, sig: int) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
+def start_all(workers: int = 2, slots: int = 1, home: str | None = None):
+    """A local server and workers; returns (D, cluster).  `cluster.stop()` ends them."""
+    cluster = LocalCluster(Path(home) if home else None)
+    try:
+        cluster.init()
+        cluster.start_server()
+        for _ in range(workers):
+            cluster.add_worker(slots=slots)
+        D = cluster.connect()
+    except BaseException:
+        cluster.stop()
+        raise
+    import atexit
+
+    atexit.register(cluster.stop)
+    return D, cluster

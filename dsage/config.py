@@ -1,0 +1,67 @@
+"""`DSAGE_HOME` and the server's configuration file (INI), read into a frozen dataclass."""
+from __future__ import annotations
+
+import configparser
+import dataclasses
+import os
+from pathlib import Path
+
+
+def home() -> Path:
+    """The dsage home folder: `$DSAGE_HOME`, else ``~/.dsage``."""
+    return Path(os.environ.get("DSAGE_HOME") or "~/.dsage").expanduser()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """Everything `dsage_server` needs to run."""
+
+    home: Path
+    host: str = "localhost"
+    interface: str = "127.0.0.1"
+    port: int = 8081
+    web_port: int = 8082
+    db: str = ""
+    lease_seconds: float = 60.0
+    heartbeat_seconds: float = 10.0
+    log_file: str = ""
+
+    @property
+    def db_uri(self) -> str:
+        """The storage URI (zodburi); the FileStorage in `home` unless configured."""
+        if self.db:
+            return self.db
+        db_dir = self.home / "db"
+        return f"file://{db_dir / 'dsage.fs'}?blobstorage_dir={db_dir / 'blobs'}"
+
+    def save(self, path: Path) -> None:
+        """Write this configuration as an INI file."""
+        parser = configparser.ConfigParser(interpolation=None)
+        parser["server"] = {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)
+                            if f.name != "home"}
+        with open(path, "w") as fh:
+            fh.write("# dsage server configuration; command-line flags override it.\n")
+            parser.write(fh)
+
+
+def load_server_config(path: Path | None = None, dsage_home: Path | None = None) -> ServerConfig:
+    """Read `server.conf` (ValueError with the offending key when something is wrong)."""
+    dsage_home = dsage_home or home()
+    path = Path(path) if path else dsage_home / "server.conf"
+    if not path.exists():
+        raise ValueError(f"no server configuration at {path}: run `dsage init` first")
+    parser = configparser.ConfigParser(interpolation=None)
+    parser.read(path)
+    if "server" not in parser:
+        raise ValueError(f"{path} has no [server] section")
+    values: dict[str, object] = {}
+    types = {f.name: f.type for f in dataclasses.fields(ServerConfig)}
+    for key, raw in parser["server"].items():
+        if key not in types or key == "home":
+            raise ValueError(f"{path}: unknown setting {key!r}")
+        kind = types[key]
+        try:
+            values[key] = int(raw) if kind == "int" else float(raw) if kind == "float" else raw
+        except ValueError:
+            raise ValueError(f"{path}: {key} must be a number, not {raw!r}") from None
+    return ServerConfig(home=dsage_home, **values)

@@ -1,0 +1,107 @@
+"""Job statuses, their allowed transitions and the wire-safe `Job` description."""
+from __future__ import annotations
+
+import dataclasses
+import enum
+from typing import Any, Callable, Mapping
+
+
+class JobStatus(str, enum.Enum):
+    """Where a job is in its life; stored as the plain string value."""
+
+    NEW = "new"
+    PROCESSING = "processing"
+    COMPLETED = "completed"
+    FAILED = "failed"
+    KILLED = "killed"
+
+
+FINAL = frozenset({JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.KILLED.value})
+
+#: status -> the statuses it may move to.
+ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {
+    "new": frozenset({"processing", "killed"}),
+    "processing": frozenset({"new", "completed", "failed", "killed"}),
+    # A final job may be run again (rerun) from the start.
+    "completed": frozenset({"new"}),
+    "failed": frozenset({"new"}),
+    "killed": frozenset({"new"}),
+}
+
+KINDS = ("code", "callable", "file")
+DEFAULT_TIMEOUT = 600.0
+DEFAULT_PRIORITY = 5
+DEFAULT_MAX_FAILURES = 3
+
+
+class BadTransition(ValueError):
+    """A status change that the lifecycle does not allow."""
+
+
+def check_transition(old: str, new: str) -> None:
+    """Raise `BadTransition` unless a job may go from `old` to `new`."""
+    if new not in ALLOWED_TRANSITIONS.get(old, ()):
+        raise BadTransition(f"a {old} job cannot become {new}")
+
+
+@dataclasses.dataclass
+class Job:
+    """Describes a job before it is submitted: code or a callable, plus options."""
+
+    code: str | None = None
+    func: Callable[..., Any] | None = None
+    args: tuple = ()
+    kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    name: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+    priority: int = DEFAULT_PRIORITY
+    max_failures: int = DEFAULT_MAX_FAILURES
+    files: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if (self.code is None) == (self.func is None):
+            raise ValueError("a Job needs exactly one of code= or func=")
+        if self.func is not None and not callable(self.func):
+            raise TypeError(f"func must be callable, not {type(self.func).__name__}")
+        if self.code is not None and not isinstance(self.code, str):
+            raise TypeError("code must be a str")
+        if not self.timeout or self.timeout <= 0:
+            raise ValueError("timeout must be a positive number of seconds")
+        if int(self.max_failures) < 1:
+            raise ValueError("max_failures must be at least 1")
+        self.files = {str(k): _as_bytes(v) for k, v in dict(self.files).items()}
+
+    def to_wire(self) -> dict[str, Any]:
+        """The submission message: plain data, the callable pickled with cloudpickle."""
+        if self.func is not None:
+            import cloudpickle
+
+            kind = "callable"
+            payload = cloudpickle.dumps((self.func, tuple(self.args), dict(self.kwargs)))
+            name = self.name or getattr(self.func, "__name__", "callable")
+        else:
+            kind = "code"
+            payload = self.code.encode("utf-8")
+            name = self.name or _first_line(self.code)
+        return {
+            "kind": kind,
+            "payload": payload,
+            "name": str(name)[:200],
+            "timeout": float(self.timeout),
+            "priority": int(self.priority),
+            "max_failures": int(self.max_failures),
+            "files": dict(self.files),
+        }
+
+
+def _as_bytes(value: Any) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8")
+    return bytes(value)
+
+
+def _first_line(code: str) -> str:
+    for line in code.splitlines():
+        if line.strip():
+            return line.strip()[:80]
+    return "code"

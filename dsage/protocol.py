@@ -1,0 +1,228 @@
+"""The wire protocol: length-prefixed msgpack frames, request ids, events and chunking.
+
+Every frame is a 4-byte big-endian length followed by one msgpack array (Twisted's
+`Int32StringReceiver` framing).  Four message types exist:
+
+- ``[0, id, verb, args]``   a request; `args` is a map of plain data;
+- ``[1, id, ok, value]``    its reply; when `ok` is false `value` is ``{"type", "message"}``;
+- ``[2, event, data]``      an event pushed without a reply (a job for a worker, a finished
+  job for a client, a kill order);
+- ``[3, more, chunk]``      a fragment: a message whose encoding is larger than the frame
+  limit travels as consecutive fragments of at most `FRAME_DATA` bytes, reassembled by the
+  receiver up to `MAX_MESSAGE` bytes and then decoded as one message.
+
+The first request of a connection must be ``hello`` with ``{"version": [major, minor]}``;
+a peer whose major version differs is refused with an error reply and disconnected.  The
+identity of the peer is never taken from a message: it is the subject of its TLS client
+certificate, and its role is what the server has on record for that subject.
+
+msgpack decodes only plain data (no object graph); payloads are opaque bytes.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Any, Callable
+
+import msgpack
+from twisted.internet import defer
+from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import Int32StringReceiver
+from twisted.python.failure import Failure
+
+from dsage import errors
+
+PROTOCOL_VERSION = (1, 0)
+REQUEST, REPLY, EVENT, FRAGMENT = 0, 1, 2, 3
+#: bytes of message per frame; larger messages are fragmented.
+FRAME_DATA = 1 << 20
+#: the largest frame accepted (a fragment's data plus its msgpack envelope).
+FRAME_LIMIT = FRAME_DATA + 64
+#: the largest reassembled message accepted.
+MAX_MESSAGE = 256 << 20
+
+#: exception types that cross the wire by name.
+WIRE_ERRORS: dict[str, type[Exception]] = {
+    "AuthError": errors.AuthError,
+    "RemoteError": errors.RemoteError,
+    "ProtocolError": errors.ProtocolError,
+}
+
+
+def encode(message: list) -> bytes:
+    """Pack one message as msgpack bytes (bytes stay bytes, str stays str)."""
+    return msgpack.packb(message, use_bin_type=True)
+
+
+def decode(data: bytes) -> list:
+    """Unpack one message, refusing anything that is not a well-formed dsage message."""
+    try:
+        message = msgpack.unpackb(data, raw=False, use_list=True, strict_map_key=True)
+    except Exception as e:
+        raise errors.ProtocolError(f"undecodable frame: {e.__class__.__name__}") from None
+    if not isinstance(message, list) or not message or not isinstance(message[0], int):
+        raise errors.ProtocolError("a frame must hold an array that starts with its type")
+    kind = message[0]
+    shapes = {REQUEST: (4, (int, str, dict)), REPLY: (4, (int, bool, object)),
+              EVENT: (3, (str, dict)), FRAGMENT: (3, (bool, bytes))}
+    if kind not in shapes:
+        raise errors.ProtocolError(f"unknown message type {kind!r}")
+    length, types = shapes[kind]
+    if len(message) != length or not all(isinstance(v, t) for v, t in zip(message[1:], types)):
+        raise errors.ProtocolError(f"malformed message of type {kind}")
+    return message
+
+
+def fragments(packed: bytes) -> list[bytes]:
+    """Split an encoded message into frames, each within `FRAME_LIMIT`."""
+    if len(packed) <= FRAME_DATA:
+        return [packed]
+    view = memoryview(packed)
+    pieces = range(0, len(packed), FRAME_DATA)
+    return [encode([FRAGMENT, start + FRAME_DATA < len(packed), bytes(view[start:start + FRAME_DATA])])
+            for start in pieces]
+
+
+def error_value(failure: Failure) -> dict[str, str]:
+    """The error reply for a failed request: the exception's wire name and message."""
+    exc = failure.value
+    name = type(exc).__name__
+    if name not in WIRE_ERRORS:
+        name = "RemoteError"
+    return {"type": name, "message": str(exc) or name}
+
+
+def error_from_value(value: Any) -> Exception:
+    """Rebuild the exception of an error reply."""
+    if not isinstance(value, dict):
+        return errors.RemoteError(str(value))
+    cls = WIRE_ERRORS.get(str(value.get("type")), errors.RemoteError)
+    return cls(str(value.get("message", "")))
+
+
+class MessageProtocol(Int32StringReceiver):
+    """Frames, requests with ids mapped to Deferreds, events, fragments.
+
+    Subclasses answer requests in `handle_request(verb, args)` and events in
+    `handle_event(event, data)`; `call()` sends a request and `send_event()` an event.
+    """
+
+    MAX_LENGTH = FRAME_LIMIT
+    log = Logger()
+
+    def __init__(self) -> None:
+        self._ids = itertools.count(1)
+        self._pending: dict[int, defer.Deferred] = {}
+        self._assembly: list[bytes] = []
+        self._assembly_size = 0
+        self.closed = False
+
+    # -- sending ---------------------------------------------------------------------
+    def send_message(self, message: list) -> None:
+        """Send one message, fragmented when it is larger than a frame."""
+        if self.closed or self.transport is None:
+            return
+        for frame in fragments(encode(message)):
+            self.sendString(frame)
+
+    def call(self, verb: str, **args: Any) -> defer.Deferred:
+        """Send a request; the Deferred fires with the reply or fails with its error."""
+        if self.closed:
+            return defer.fail(errors.ConnectionLost("not connected to the dsage server"))
+        msg_id = next(self._ids)
+        d = defer.Deferred(lambda _: self._pending.pop(msg_id, None))
+        self._pending[msg_id] = d
+        self.send_message([REQUEST, msg_id, verb, args])
+        return d
+
+    def send_event(self, event: str, data: dict) -> None:
+        """Push an event to the peer."""
+        self.send_message([EVENT, event, data])
+
+    # -- receiving -------------------------------------------------------------------
+    def stringReceived(self, frame: bytes) -> None:
+        try:
+            message = decode(frame)
+            if message[0] == FRAGMENT:
+                message = self._reassemble(message)
+                if message is None:
+                    return
+            self.message_received(message)
+        except errors.ProtocolError as e:
+            self.protocol_error(str(e))
+
+    def _reassemble(self, message: list) -> list | None:
+        _, more, chunk = message
+        self._assembly_size += len(chunk)
+        if self._assembly_size > MAX_MESSAGE:
+            raise errors.ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
+        self._assembly.append(chunk)
+        if more:
+            return None
+        whole = b"".join(self._assembly)
+        self._assembly, self._assembly_size = [], 0
+        message = decode(whole)
+        if message[0] == FRAGMENT:
+            raise errors.ProtocolError("a fragment inside a fragment")
+        return message
+
+    def message_received(self, message: list) -> None:
+        """Dispatch one whole message."""
+        kind = message[0]
+        if kind == REQUEST:
+            _, msg_id, verb, args = message
+            d = defer.maybeDeferred(self.handle_request, verb, args)
+            d.addCallbacks(lambda value: self.send_message([REPLY, msg_id, True, value]),
+                           lambda f: self._reply_error(msg_id, verb, f))
+        elif kind == REPLY:
+            _, msg_id, ok, value = message
+            d = self._pending.pop(msg_id, None)
+            if d is None:
+                return
+            if ok:
+                d.callback(value)
+            else:
+                d.errback(error_from_value(value))
+        elif kind == EVENT:
+            _, event, data = message
+            self.handle_event(event, data)
+
+    def _reply_error(self, msg_id: int, verb: str, failure: Failure) -> None:
+        if not failure.check(errors.DsageError, ValueError, TypeError, KeyError, LookupError):
+            self.log.failure("request {verb} failed", failure, verb=verb)
+        self.send_message([REPLY, msg_id, False, error_value(failure)])
+        if failure.check(errors.AuthError, errors.ProtocolError) and getattr(self, "drop_on_refusal", False):
+            self.transport.loseConnection()
+
+    def handle_request(self, verb: str, args: dict) -> Any:
+        """Answer a request (override)."""
+        raise errors.ProtocolError(f"unknown request {verb!r}")
+
+    def handle_event(self, event: str, data: dict) -> None:
+        """React to an event (override)."""
+
+    def protocol_error(self, reason: str) -> None:
+        """The peer broke the protocol: log it and drop the connection."""
+        self.log.warn("dropping {peer}: {reason}", peer=self.peer_name(), reason=reason)
+        self.transport.loseConnection()
+
+    def lengthLimitExceeded(self, length: int) -> None:
+        self.protocol_error(f"frame of {length} bytes exceeds the limit of {self.MAX_LENGTH}")
+
+    def peer_name(self) -> str:
+        """A printable name for the peer."""
+        try:
+            peer = self.transport.getPeer()
+            return f"{peer.host}:{peer.port}"
+        except Exception:
+            return "?"
+
+    def connectionLost(self, reason: Failure = None) -> None:
+        self.closed = True
+        pending, self._pending = self._pending, {}
+        for d in pending.values():
+            d.errback(errors.ConnectionLost("connection to the dsage server lost"))
+        Protocol.connectionLost(self, reason)
+
+
+Handler = Callable[[dict], Any]

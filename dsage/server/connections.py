@@ -1,0 +1,355 @@
+"""The server side of the wire: one `ServerProtocol` per connection, and the `Hub` that
+knows every connection.  Handlers are thin: they check the caller's role, then call the
+store and the dispatcher."""
+from __future__ import annotations
+
+import collections
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from dsage import errors, tls
+from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
+from dsage.server.scheduler import Dispatcher
+
+HELLO_TIMEOUT = 15.0
+CLIENT_ROLES = ("client", "admin")
+ADMIN = ("admin",)
+WORKER = ("worker",)
+
+
+class Hub:
+    """What the connections share: the store, the dispatcher and who is connected."""
+
+    log = Logger()
+
+    def __init__(self, store, clock, *, lease_seconds: float, heartbeat_seconds: float,
+                 ca: tls.Authority | None = None, address: str = "") -> None:
+        self.store = store
+        self.clock = clock
+        self.lease_seconds = lease_seconds
+        self.heartbeat_seconds = heartbeat_seconds
+        self.ca = ca
+        self.address = address
+        self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
+        self.finished_times: collections.deque = collections.deque(maxlen=100_000)
+        self.dispatcher = Dispatcher(lambda reqs: store.claim(reqs, lease_seconds), store.release,
+                                     store.next_retry, clock)
+
+    def attach(self, conn: ServerProtocol) -> None:
+        """A connection said hello."""
+        self.connections[conn.identity].add(conn)
+
+    def detach(self, conn: ServerProtocol) -> None:
+        """A connection closed."""
+        conns = self.connections.get(conn.identity)
+        if conns is not None:
+            conns.discard(conn)
+            if not conns:
+                del self.connections[conn.identity]
+
+    def job_finished(self, summary: dict) -> None:
+        """Tell the owner's client connections that a job reached a final status."""
+        self.finished_times.append(self.clock.seconds())
+        for conn in list(self.connections.get(summary["owner"], ())):
+            if conn.role in CLIENT_ROLES:
+                conn.send_event("job_done", summary)
+
+    def stop_running(self, running: dict | None) -> None:
+        """Order the worker that runs an attempt to kill it."""
+        if running and running.get("worker"):
+            for conn in list(self.connections.get(running["worker"], ())):
+                conn.send_event("kill", {"job_id": running["job_id"], "attempt": running["attempt"]})
+
+    def drop(self, name: str) -> None:
+        """Close every connection of an identity (it was revoked)."""
+        for conn in list(self.connections.get(name, ())):
+            conn.transport.loseConnection()
+
+    def worker_connections(self) -> list[ServerProtocol]:
+        """The connected workers."""
+        return [c for conns in self.connections.values() for c in conns if c.role == "worker"]
+
+    def reap(self) -> defer.Deferred:
+        """Return jobs with expired leases to the queue, or fail them."""
+        def done(summaries: list[dict]) -> None:
+            for s in summaries:
+                self.log.warn("job {job_id}: lease expired ({status} now)", job_id=s["job_id"], status=s["status"])
+                if s["status"] == "failed":
+                    self.job_finished(s)
+            if summaries:
+                self.dispatcher.work_arrived()
+        return self.store.expire().addCallback(done)
+
+
+class ServerProtocol(MessageProtocol):
+    """One connection from a client, admin or worker."""
+
+    drop_on_refusal = True
+    log = Logger()
+
+    def __init__(self, hub: Hub) -> None:
+        super().__init__()
+        self.hub = hub
+        self.identity: str | None = None
+        self.role: str | None = None
+        self.info: dict = {}
+        self.takes: set[defer.Deferred] = set()
+        self.running: set[tuple[int, int]] = set()
+        self._hello_timer = None
+
+    def connectionMade(self) -> None:
+        self._hello_timer = self.hub.clock.callLater(HELLO_TIMEOUT, self._no_hello)
+
+    def _no_hello(self) -> None:
+        self._hello_timer = None
+        self.protocol_error("no hello in time")
+
+    def connectionLost(self, reason=None) -> None:
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        if self.identity is not None and self.role is not None:
+            self.hub.detach(self)
+            self.log.info("{role} {name} disconnected", role=self.role, name=self.identity)
+        for d in list(self.takes):
+            d.cancel()
+        super().connectionLost(reason)
+
+    def handle_request(self, verb: str, args: dict) -> Any:
+        if self.role is None:
+            if verb != "hello":
+                raise errors.ProtocolError("the first request must be hello")
+            return self.hello(args)
+        entry = HANDLERS.get(verb)
+        if entry is None:
+            raise errors.ProtocolError(f"unknown request {verb!r}")
+        roles, handler = entry
+        if self.role not in roles:
+            raise errors.AuthError(f"a {self.role} may not call {verb}")
+        return handler(self, args)
+
+    # -- hello -------------------------------------------------------------------------
+    async def _hello(self, args: dict) -> dict:
+        version = args.get("version")
+        if not (isinstance(version, list) and version and version[0] == PROTOCOL_VERSION[0]):
+            raise errors.ProtocolError(f"protocol version {version} is not supported; "
+                                       f"this server speaks {PROTOCOL_VERSION[0]}.x")
+        try:
+            name, serial = tls.peer_identity(self.transport)
+        except ValueError as e:
+            raise errors.AuthError(str(e)) from None
+        try:
+            role = await self.hub.store.authenticate(name, serial)
+        except errors.AuthError as e:
+            self.log.warn("refused {peer} ({name}): {why}", peer=self.peer_name(), name=name, why=str(e))
+            raise
+        wanted = args.get("role", "client")
+        if (wanted == "worker") != (role == "worker"):
+            self.log.warn("refused {peer} ({name}): a {role} certificate used as {wanted}",
+                          peer=self.peer_name(), name=name, role=role, wanted=wanted)
+            raise errors.AuthError(f"{name} is a {role}, not a {wanted}")
+        if self.closed:
+            raise errors.ConnectionLost("closed during hello")
+        if self._hello_timer is not None and self._hello_timer.active():
+            self._hello_timer.cancel()
+        self.identity, self.role = name, role
+        if role == "worker":
+            facts = args.get("facts") if isinstance(args.get("facts"), dict) else {}
+            slots = args.get("slots") if isinstance(args.get("slots"), int) else 1
+            self.info = {"name": name, "slots": slots, "facts": facts,
+                         "connected": self.hub.clock.seconds(), "peer": self.peer_name()}
+        self.hub.attach(self)
+        self.log.info("{role} {name} connected from {peer}", role=role, name=name, peer=self.peer_name())
+        return {"version": list(PROTOCOL_VERSION), "identity": name, "role": role,
+                "lease_seconds": self.hub.lease_seconds, "heartbeat_seconds": self.hub.heartbeat_seconds}
+
+    def hello(self, args: dict) -> defer.Deferred:
+        """Check the protocol version and the certificate's identity and role."""
+        if not isinstance(args, dict):
+            raise errors.ProtocolError("hello takes a map")
+        return defer.Deferred.fromCoroutine(self._hello(args))
+
+    # -- clients -----------------------------------------------------------------------
+    def submit(self, args: dict) -> defer.Deferred:
+        """Store jobs; replies with their ids once committed."""
+        jobs = args.get("jobs")
+        if not isinstance(jobs, list) or not jobs:
+            raise ValueError("submit needs a non-empty list of jobs")
+        function_id = args.get("function_id")
+        d = self.hub.store.submit(self.identity, jobs, function_id if isinstance(function_id, str) else None)
+
+        def stored(ids: list[int]) -> dict:
+            self.hub.dispatcher.work_arrived()
+            return {"job_ids": ids}
+        return d.addCallback(stored)
+
+    def get_job(self, args: dict) -> defer.Deferred:
+        """One job, with its result unless ``result`` is false."""
+        return self.hub.store.get(self.identity, self.role, _job_id(args), bool(args.get("result", True)))
+
+    def list_jobs(self, args: dict) -> defer.Deferred:
+        """The caller's jobs (everyone's with ``all``, for admins)."""
+        status = args.get("status")
+        limit = args.get("limit", 1000)
+        if status is not None and not isinstance(status, str):
+            raise ValueError("status must be a string")
+        if not isinstance(limit, int) or limit < 1:
+            raise ValueError("limit must be a positive integer")
+        return self.hub.store.list(self.identity, self.role, status, bool(args.get("all")), limit)
+
+    def kill(self, args: dict) -> defer.Deferred:
+        """Kill a job; a running one is stopped on its worker."""
+        def killed(out: dict) -> dict:
+            self.hub.stop_running(out["worker"])
+            if out["worker"] is not None or out["job"]["status"] == "killed":
+                self.hub.job_finished(out["job"])
+            return out["job"]
+        return self.hub.store.kill(self.identity, self.role, _job_id(args)).addCallback(killed)
+
+    def rerun(self, args: dict) -> defer.Deferred:
+        """Queue a finished job again."""
+        def queued(summary: dict) -> dict:
+            self.hub.dispatcher.work_arrived()
+            return summary
+        return self.hub.store.rerun(self.identity, self.role, _job_id(args)).addCallback(queued)
+
+    def workers(self, args: dict) -> list[dict]:
+        """The connected workers and how many of their slots are busy."""
+        return [dict(c.info, busy=len(c.running)) for c in self.hub.worker_connections()]
+
+    def status(self, args: dict) -> defer.Deferred:
+        """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
+        now = self.hub.clock.seconds()
+        recent = sum(1 for t in self.hub.finished_times if t >= now - 60)
+        workers = self.hub.worker_connections()
+
+        def build(counts: dict) -> dict:
+            return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
+                    "slots": sum(c.info.get("slots", 0) for c in workers),
+                    "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0}
+        return self.hub.store.status().addCallback(build)
+
+    # -- admins ------------------------------------------------------------------------
+    def add_identity(self, args: dict) -> defer.Deferred:
+        """Issue a bundle for a new user or worker."""
+        if self.hub.ca is None:
+            raise errors.RemoteError("this server has no CA key; issue bundles where the CA is")
+        name, role = args.get("name"), args.get("role")
+        if not isinstance(name, str) or role not in tls.ROLES:
+            raise ValueError("add_identity needs a name and a role (admin, client or worker)")
+        bundle, serial = tls.make_bundle(self.hub.ca, name, role, self.hub.address)
+        d = self.hub.store.add_identity(name, role, serial, bool(args.get("force")))
+        return d.addCallback(lambda _: {"bundle": bundle.dumps()})
+
+    def revoke(self, args: dict) -> defer.Deferred:
+        """Revoke an identity and drop its connections."""
+        name = args.get("name")
+        if not isinstance(name, str):
+            raise ValueError("revoke needs a name")
+
+        def revoked(out: dict) -> dict:
+            self.hub.drop(name)
+            self.log.info("revoked {name} ({role})", name=name, role=out["role"])
+            return out
+        return self.hub.store.revoke(name).addCallback(revoked)
+
+    def identities(self, args: dict) -> defer.Deferred:
+        """Every user and worker."""
+        return self.hub.store.identities()
+
+    # -- workers -----------------------------------------------------------------------
+    def take(self, args: dict) -> defer.Deferred:
+        """Long-poll: replies when at least one job is leased to this worker."""
+        n = args.get("n", 1)
+        if not isinstance(n, int) or not 1 <= n <= 1024:
+            raise ValueError("take needs 1 <= n <= 1024")
+        d = self.hub.dispatcher.take(self.identity, n)
+        self.takes.add(d)
+
+        def taken(jobs: list[dict]) -> list[dict]:
+            self.takes.discard(d)
+            self.running.update((j["job_id"], j["attempt"]) for j in jobs)
+            return jobs
+
+        def gone(f):
+            self.takes.discard(d)
+            return f
+        return d.addCallbacks(taken, gone)
+
+    def report(self, args: dict) -> defer.Deferred:
+        """Apply the outcome of one of this worker's attempts."""
+        rep = _report_args(args)
+        self.running.discard((rep["job_id"], rep["attempt"]))
+
+        def applied(out: dict) -> dict:
+            if not out["applied"]:
+                self.log.warn("stale report from {worker} for job {job_id} attempt {attempt} refused",
+                              worker=self.identity, job_id=rep["job_id"], attempt=rep["attempt"])
+                return {"applied": False}
+            if out["final"]:
+                self.hub.job_finished(out["job"])
+            else:
+                self.hub.dispatcher.work_arrived()
+            return {"applied": True}
+        return self.hub.store.report(self.identity, rep).addCallback(applied)
+
+    def heartbeat(self, args: dict) -> defer.Deferred:
+        """Renew the leases of the attempts this worker holds; replies with those it lost."""
+        held = args.get("held", [])
+        if not isinstance(held, list) or not all(isinstance(h, list) and len(h) == 2 and
+                                                 all(isinstance(x, int) for x in h) for h in held):
+            raise ValueError("heartbeat needs held: [[job_id, attempt], ...]")
+        self.running = {tuple(h) for h in held}
+        return self.hub.store.renew(self.identity, held, self.hub.lease_seconds).addCallback(
+            lambda lost: {"lost": lost})
+
+
+def _job_id(args: dict) -> int:
+    job_id = args.get("job_id")
+    if not isinstance(job_id, int) or isinstance(job_id, bool):
+        raise ValueError("job_id must be an integer")
+    return job_id
+
+
+def _report_args(args: dict) -> dict:
+    rep = {"job_id": _job_id(args), "attempt": args.get("attempt"), "outcome": args.get("outcome")}
+    if not isinstance(rep["attempt"], int) or rep["outcome"] not in ("completed", "failed"):
+        raise ValueError("report needs attempt and outcome (completed or failed)")
+    checks = {"result": (bytes, type(None)), "output": (str, type(None)), "error": (str, type(None)),
+              "cpu_time": (int, float, type(None)), "wall_time": (int, float, type(None))}
+    for key, types in checks.items():
+        if not isinstance(args.get(key), types):
+            raise ValueError(f"report field {key} has the wrong type")
+        rep[key] = args.get(key)
+    return rep
+
+
+HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
+    "submit": (CLIENT_ROLES, ServerProtocol.submit),
+    "get_job": (CLIENT_ROLES, ServerProtocol.get_job),
+    "list_jobs": (CLIENT_ROLES, ServerProtocol.list_jobs),
+    "kill": (CLIENT_ROLES, ServerProtocol.kill),
+    "rerun": (CLIENT_ROLES, ServerProtocol.rerun),
+    "workers": (CLIENT_ROLES, ServerProtocol.workers),
+    "status": (CLIENT_ROLES, ServerProtocol.status),
+    "add_identity": (ADMIN, ServerProtocol.add_identity),
+    "revoke": (ADMIN, ServerProtocol.revoke),
+    "identities": (ADMIN, ServerProtocol.identities),
+    "take": (WORKER, ServerProtocol.take),
+    "report": (WORKER, ServerProtocol.report),
+    "heartbeat": (WORKER, ServerProtocol.heartbeat),
+}
+
+
+class ServerFactory(Factory):
+    """Builds a `ServerProtocol` for each accepted connection."""
+
+    def __init__(self, hub: Hub) -> None:
+        self.hub = hub
+
+    def buildProtocol(self, addr) -> ServerProtocol:
+        proto = ServerProtocol(self.hub)
+        proto.factory = self
+        return proto

@@ -1,0 +1,111 @@
+"""Every Persistent class of the server.  Attributes are the schema: add new ones with a
+class-level default, never reuse a name with a new meaning."""
+from __future__ import annotations
+
+from BTrees.LLBTree import LLTreeSet
+from BTrees.LOBTree import LOBTree
+from BTrees.OOBTree import OOBTree
+from persistent import Persistent
+from persistent.list import PersistentList
+from persistent.mapping import PersistentMapping
+from ZODB.blob import Blob
+
+#: payloads, files and results up to this size live in a small Persistent; larger in a Blob.
+INLINE_LIMIT = 64 * 1024
+
+
+class Data(Persistent):
+    """Opaque bytes kept apart from the Job so that status changes do not rewrite them."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+
+def store_bytes(data: bytes, blobs: bool) -> Persistent:
+    """Wrap bytes for storage: a Blob when large and the storage has blobs."""
+    if blobs and len(data) > INLINE_LIMIT:
+        blob = Blob()
+        with blob.open("w") as fh:
+            fh.write(data)
+        return blob
+    return Data(bytes(data))
+
+
+def load_bytes(obj: Persistent | None) -> bytes | None:
+    """Read back what `store_bytes` stored."""
+    if obj is None:
+        return None
+    if isinstance(obj, Blob):
+        with obj.open("r") as fh:
+            return fh.read()
+    return obj.data
+
+
+class Identity(Persistent):
+    """A user, admin or worker known to the cluster, by certificate common name."""
+
+    revoked = False
+
+    def __init__(self, name: str, role: str, serial: int, created: float) -> None:
+        self.name = name
+        self.role = role
+        self.serial = serial
+        self.created = created
+
+
+class JobRecord(Persistent):
+    """One job and everything that happened to it."""
+
+    function_id = None
+    lease_worker = None
+    lease_expires = 0.0
+    started = None
+    finished = None
+    output = ""
+    error = None
+    cpu_time = None
+    wall_time = None
+    result = None
+    files = None
+    not_before = 0.0
+
+    def __init__(self, job_id: int, owner: str, spec: dict, payload: Persistent,
+                 files: Persistent | None, created: float) -> None:
+        self.job_id = job_id
+        self.owner = owner
+        self.name = spec["name"]
+        self.kind = spec["kind"]
+        self.priority = spec["priority"]
+        self.timeout = spec["timeout"]
+        self.max_failures = spec["max_failures"]
+        self.payload = payload
+        self.files = files
+        self.status = "new"
+        self.failures = 0
+        self.attempt = 0
+        self.attempts = PersistentList()
+        self.created = created
+        self.seq = 0
+
+
+class Root(Persistent):
+    """The dsage application root, under ``root()['dsage']``."""
+
+    generation = 0
+    next_seq = 1
+
+    def __init__(self) -> None:
+        self.jobs = LOBTree()                 # job id -> JobRecord
+        self.pending = OOBTree()              # (priority, seq) -> job id; FIFO within a priority
+        self.by_status = OOBTree()            # status -> LLTreeSet of job ids
+        self.by_owner = OOBTree()             # owner -> LLTreeSet of job ids
+        self.identities = OOBTree()           # name -> Identity
+        self.counts = PersistentMapping()     # status -> number of jobs
+        self.next_job_id = 1
+
+    def index(self, tree: OOBTree, key: str) -> LLTreeSet:
+        """The id set under `key` of an index tree, created on first use."""
+        ids = tree.get(key)
+        if ids is None:
+            ids = tree[key] = LLTreeSet()
+        return ids

@@ -1,0 +1,154 @@
+"""Scheduling policy: queue order, retry back-off, spec validation, and the long-poll
+dispatcher that pairs waiting worker slots with pending jobs.  No I/O of its own."""
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from dsage.job import KINDS
+from dsage.protocol import encode
+
+MAX_PRIORITY = 1_000_000
+RETRY_BASE = 1.0
+RETRY_MAX = 60.0
+
+
+def pending_key(priority: int, seq: int) -> tuple[int, int]:
+    """Queue order: lower priority value first, then first in, first out."""
+    return (priority, seq)
+
+
+def retry_delay(failures: int) -> float:
+    """Seconds a job waits before its next attempt after `failures` failures."""
+    if failures <= 1:
+        return 0.0
+    return min(RETRY_MAX, RETRY_BASE * 2 ** (failures - 2))
+
+
+def validate_spec(spec: Any) -> dict:
+    """Check a submitted job description; ValueError naming the bad field."""
+    if not isinstance(spec, dict):
+        raise ValueError("a job must be a map")
+    kind = spec.get("kind")
+    if kind not in KINDS:
+        raise ValueError(f"job kind must be one of {', '.join(KINDS)}")
+    payload = spec.get("payload")
+    if not isinstance(payload, bytes):
+        raise ValueError("job payload must be bytes")
+    files = spec.get("files") or {}
+    if not isinstance(files, dict) or not all(isinstance(k, str) and isinstance(v, bytes)
+                                              for k, v in files.items()):
+        raise ValueError("job files must map names to bytes")
+    for name in files:
+        if not name or name.startswith(("/", ".")) or "/" in name or "\\" in name:
+            raise ValueError(f"bad job file name {name!r}: plain file names only")
+    name = spec.get("name") or kind
+    timeout = spec.get("timeout", 600.0)
+    priority = spec.get("priority", 5)
+    max_failures = spec.get("max_failures", 3)
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 30 * 86400:
+        raise ValueError("timeout must be a number of seconds between 0 and 30 days")
+    if not isinstance(priority, int) or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
+        raise ValueError("priority must be an integer")
+    if not isinstance(max_failures, int) or not 1 <= max_failures <= 1000:
+        raise ValueError("max_failures must be an integer from 1 to 1000")
+    return {"kind": kind, "payload": payload, "name": str(name)[:200], "timeout": float(timeout),
+            "priority": priority, "max_failures": max_failures,
+            "files": encode(files) if files else b""}
+
+
+class Dispatcher:
+    """Long-poll: worker slots wait here until a job can be leased to them."""
+
+    log = Logger()
+
+    def __init__(self, claim: Callable[[list[tuple[str, int]]], defer.Deferred],
+                 release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], defer.Deferred],
+                 clock) -> None:
+        self._claim = claim
+        self._release = release
+        self._next_retry = next_retry
+        self.clock = clock
+        self.waiting: deque = deque()
+        self._busy = False
+        self._again = False
+        self.maybe_pending = True
+        self._arrivals = 0
+        self._retry_call = None
+
+    def take(self, worker: str, n: int) -> defer.Deferred:
+        """Fires with a non-empty list of leased jobs for `worker` (at most `n`)."""
+        entry = [worker, max(1, n), None]
+        entry[2] = defer.Deferred(lambda _: self._forget(entry))
+        self.waiting.append(entry)
+        self.kick()
+        return entry[2]
+
+    def _forget(self, entry: list) -> None:
+        try:
+            self.waiting.remove(entry)
+        except ValueError:
+            pass
+
+    def work_arrived(self) -> None:
+        """New or returned jobs may be pending: try the waiting slots again."""
+        self.maybe_pending = True
+        self._arrivals += 1
+        self.kick()
+
+    def kick(self) -> None:
+        """Run one claim round for every waiting slot (one store transaction)."""
+        if not self.waiting or not self.maybe_pending:
+            return
+        if self._busy:
+            self._again = True
+            return
+        self._busy = True
+        entries = list(self.waiting)
+        d = self._claim([(w, n) for w, n, _ in entries])
+        d.addCallback(self._claimed, entries, self._arrivals)
+        d.addErrback(lambda f: self.log.failure("claim failed", f))
+        d.addBoth(self._round_done)
+
+    def _claimed(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
+        starved = False
+        for entry, jobs in zip(entries, results):
+            worker, n, d = entry
+            if not jobs:
+                starved = True
+                continue
+            if len(jobs) < n:
+                starved = True
+            if entry in self.waiting:
+                self.waiting.remove(entry)
+                d.callback(jobs)
+            else:
+                # The slot went away (its connection closed) while the claim committed.
+                self._release(worker, [(j["job_id"], j["attempt"]) for j in jobs])
+                self.maybe_pending = True
+        if starved and arrivals == self._arrivals:
+            # Nothing arrived while this round ran, so the queue really is empty (or waiting).
+            self.maybe_pending = False
+            self._next_retry().addCallback(self._schedule_retry)
+
+    def _schedule_retry(self, when: float | None) -> None:
+        if when is None:
+            return
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        delay = max(0.0, when - self.clock.seconds()) + 0.01
+        self._retry_call = self.clock.callLater(delay, self.work_arrived)
+
+    def _round_done(self, _: Any) -> None:
+        self._busy = False
+        if self._again:
+            self._again = False
+            self.kick()
+
+    def stop(self) -> None:
+        """Cancel timers."""
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()

@@ -1,0 +1,93 @@
+"""The server's service tree: the store (opened first, closed last), the TLS listener and
+the lease reaper."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.logger import Logger
+
+from dsage import tls
+from dsage.config import ServerConfig
+from dsage.server.connections import Hub, ServerFactory
+from dsage.server.store import JobStore
+
+
+def open_db(uri: str):
+    """Open the ZODB database named by a zodburi URI (file://, zeo://, postgres://, ...)."""
+    import ZODB
+    from zodburi import resolve_uri
+
+    if uri.startswith("file://"):
+        path = Path(uri[len("file://"):].split("?", 1)[0])
+        path.parent.mkdir(parents=True, exist_ok=True)
+    storage_factory, dbkw = resolve_uri(uri)
+    dbkw.setdefault("cache_size", 100_000)
+    return ZODB.DB(storage_factory(), **dbkw)
+
+
+class ServerService(service.MultiService):
+    """dsage_server: owns the database, the listener and the reaper."""
+
+    log = Logger()
+
+    def __init__(self, config: ServerConfig, reactor) -> None:
+        super().__init__()
+        self.config = config
+        self.reactor = reactor
+        self.store: JobStore | None = None
+        self.hub: Hub | None = None
+        self.port = None
+
+    def startService(self) -> None:
+        home = self.config.home
+        self.log.info("opening database {uri}", uri=self.config.db_uri.split("?")[0])
+        self.store = JobStore(open_db(self.config.db_uri), reactor=self.reactor)
+        self.store.start()
+        ca = tls.Authority.load(home) if (home / "ca.key").exists() else None
+        self.hub = Hub(self.store, self.reactor, lease_seconds=self.config.lease_seconds,
+                       heartbeat_seconds=self.config.heartbeat_seconds, ca=ca,
+                       address=f"{self.config.host}:{self.config.port}")
+        reaper = internet.TimerService(max(0.5, self.config.lease_seconds / 4), self.hub.reap)
+        reaper.clock = self.reactor
+        reaper.setServiceParent(self)
+        super().startService()
+        d = self._listen()
+        d.addErrback(self._listen_failed)
+
+    async def _listen_async(self) -> None:
+        home = self.config.home
+        options = tls.server_options((home / "ca.pem").read_bytes(), (home / "server.pem").read_bytes(),
+                                     (home / "server.key").read_bytes())
+        endpoint = SSL4ServerEndpoint(self.reactor, self.config.port, options,
+                                      interface=self.config.interface)
+        self.port = await endpoint.listen(ServerFactory(self.hub))
+        port = self.port.getHost().port
+        addr_file = home / "server.addr"
+        tmp = addr_file.with_name("server.addr.tmp")
+        tmp.write_text(f"{self.config.host}:{port}\n")
+        os.replace(tmp, addr_file)
+        self.log.info("dsage_server listening on {interface}:{port} (TLS, client certificates required)",
+                      interface=self.config.interface, port=port)
+
+    def _listen(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._listen_async())
+
+    def _listen_failed(self, failure) -> None:
+        self.log.failure("cannot listen", failure)
+        self.reactor.stop()
+
+    async def _stop(self) -> None:
+        if self.port is not None:
+            await self.port.stopListening()
+        await service.MultiService.stopService(self)
+        if self.hub is not None:
+            self.hub.dispatcher.stop()
+        if self.store is not None:
+            self.store.stop()
+
+    def stopService(self) -> defer.Deferred:
+        return defer.Deferred.fromCoroutine(self._stop())

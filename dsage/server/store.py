@@ -1,0 +1,442 @@
+"""JobStore: the only module that uses `transaction`; every ZODB read and write goes here.
+
+Threading model: one dedicated thread owns the server's only ZODB connection, opened with
+an explicit transaction manager.  The reactor thread hands operations to it through a queue
+(`JobStore._run` returns a Deferred).  The thread drains the queue, runs each operation
+under a savepoint (one failing operation does not spoil its neighbours), commits the batch
+once (group commit: one fsync for many operations) and only then fires the Deferreds on the
+reactor thread with `callFromThread`.  So nothing is acknowledged before it is durable, the
+reactor never waits for the disk, and no persistent object ever leaves the store's thread:
+operations return plain dicts, lists and bytes.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from typing import Any, Callable
+
+import transaction
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from dsage import errors
+from dsage.job import FINAL, KINDS, check_transition
+from dsage.server import scheduler
+from dsage.server.model import Identity, JobRecord, Root, load_bytes, store_bytes
+
+MAX_OUTPUT = 1 << 20
+OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
+MAX_BATCH = 500
+ROOT_KEY = "dsage"
+_STOP = object()
+
+
+def _cap_output(text: str) -> str:
+    if len(text) <= MAX_OUTPUT:
+        return text
+    half = MAX_OUTPUT // 2
+    return text[:half] + OUTPUT_MARKER + text[-half:]
+
+
+class JobStore:
+    """Jobs, identities and their indexes in ZODB, behind one writer thread."""
+
+    log = Logger()
+
+    def __init__(self, db, *, reactor=None, now: Callable[[], float] = time.time,
+                 threaded: bool = True) -> None:
+        self.db = db
+        self.now = now
+        self.reactor = reactor
+        self.threaded = threaded
+        self.blobs = bool(db.storage.__class__.__name__ == "BlobStorage" or
+                          hasattr(db.storage, "temporaryDirectory"))
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        self._tm = transaction.TransactionManager(explicit=True)
+        self._conn = None
+        if not threaded:
+            self._open()
+
+    # -- the writer thread -----------------------------------------------------------
+    def _open(self) -> None:
+        self._conn = self.db.open(self._tm)
+        with self._tm:
+            zroot = self._conn.root()
+            if ROOT_KEY not in zroot:
+                zroot[ROOT_KEY] = Root()
+                self._tm.get().note("dsage: create root")
+        self._tm.begin()
+        self.root: Root = self._conn.root()[ROOT_KEY]
+        self._tm.abort()
+
+    def start(self) -> None:
+        """Start the writer thread."""
+        if self.threaded and self._thread is None:
+            self._thread = threading.Thread(target=self._loop, name="dsage-zodb", daemon=True)
+            self._thread.start()
+
+    def stop(self) -> None:
+        """Finish queued operations, stop the thread and close the database cleanly."""
+        if self._thread is not None:
+            self._queue.put(_STOP)
+            self._thread.join()
+            self._thread = None
+        elif self._conn is not None:
+            self._conn.close()
+            self._conn = None
+        self.db.close()
+
+    def _loop(self) -> None:
+        self._open()
+        try:
+            while True:
+                item = self._queue.get()
+                if item is _STOP:
+                    return
+                batch = [item]
+                stop = False
+                while len(batch) < MAX_BATCH:
+                    try:
+                        nxt = self._queue.get_nowait()
+                    except queue.Empty:
+                        break
+                    if nxt is _STOP:
+                        stop = True
+                        break
+                    batch.append(nxt)
+                self.reactor.callFromThread(_fire, self._execute(batch))
+                if stop:
+                    return
+        finally:
+            self._conn.close()
+            self._conn = None
+
+    def _execute(self, batch: list) -> list:
+        """Run a batch of operations in one transaction; returns (deferred, ok, value)."""
+        out = []
+        self._tm.begin()
+        for fn, args, d in batch:
+            savepoint = self._tm.savepoint()
+            try:
+                out.append((d, True, fn(self.root, *args)))
+            except Exception:
+                savepoint.rollback()
+                out.append((d, False, Failure()))
+        try:
+            self._tm.commit()
+        except Exception:
+            failure = Failure()
+            self.log.failure("commit failed; {n} operations refused", failure, n=len(batch))
+            self._tm.abort()
+            out = [(d, False, failure) for d, _, _ in out]
+        return out
+
+    def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        d = defer.Deferred()
+        if self.threaded:
+            self._queue.put((fn, args, d))
+        else:
+            _fire(self._execute([(fn, args, d)]))
+        return d
+
+    # -- identities ------------------------------------------------------------------
+    def add_identity(self, name: str, role: str, serial: int, force: bool = False) -> defer.Deferred:
+        """Record an identity (a re-issue with `force`, or of a revoked one, replaces it)."""
+        return self._run(self._add_identity, name, role, serial, force)
+
+    def _add_identity(self, root: Root, name: str, role: str, serial: int, force: bool) -> dict:
+        old = root.identities.get(name)
+        if old is not None and not old.revoked and not force:
+            raise errors.RemoteError(f"{name} already exists (revoke it first, or use --force to re-issue)")
+        root.identities[name] = Identity(name, role, serial, self.now())
+        return {"name": name, "role": role}
+
+    def revoke(self, name: str) -> defer.Deferred:
+        """Mark an identity revoked: its certificate is refused from now on."""
+        return self._run(self._revoke, name)
+
+    def _revoke(self, root: Root, name: str) -> dict:
+        ident = root.identities.get(name)
+        if ident is None:
+            raise errors.RemoteError(f"no user or worker named {name}")
+        ident.revoked = True
+        return {"name": name, "role": ident.role}
+
+    def identities(self) -> defer.Deferred:
+        """Every known identity as a dict."""
+        return self._run(lambda root: [
+            {"name": i.name, "role": i.role, "revoked": i.revoked, "created": i.created}
+            for i in root.identities.values()])
+
+    def authenticate(self, name: str, serial: int) -> defer.Deferred:
+        """The role of a certificate, or AuthError if unknown, revoked or superseded."""
+        return self._run(self._authenticate, name, serial)
+
+    def _authenticate(self, root: Root, name: str, serial: int) -> str:
+        ident = root.identities.get(name)
+        if ident is None:
+            raise errors.AuthError(f"unknown identity {name!r}")
+        if ident.revoked:
+            raise errors.AuthError(f"the certificate of {name!r} has been revoked")
+        if ident.serial != serial:
+            raise errors.AuthError(f"the certificate of {name!r} has been replaced by a newer one")
+        return ident.role
+
+    # -- jobs: clients ---------------------------------------------------------------
+    def submit(self, owner: str, specs: list[dict], function_id: str | None = None) -> defer.Deferred:
+        """Store new jobs; fires with their ids once committed."""
+        clean = [scheduler.validate_spec(s) for s in specs]
+        return self._run(self._submit, owner, clean, function_id)
+
+    def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None) -> list[int]:
+        now = self.now()
+        ids = []
+        for spec in specs:
+            job_id = root.next_job_id
+            root.next_job_id = job_id + 1
+            files = store_bytes(spec["files"], self.blobs) if spec["files"] else None
+            job = JobRecord(job_id, owner, spec, store_bytes(spec["payload"], self.blobs), files, now)
+            job.function_id = function_id
+            root.jobs[job_id] = job
+            root.index(root.by_owner, owner).add(job_id)
+            self._enter(root, job, "new", fresh=True)
+            ids.append(job_id)
+        return ids
+
+    def get(self, requester: str, role: str, job_id: int, with_result: bool = True) -> defer.Deferred:
+        """One job's full record (its result bytes too) for its owner or an admin."""
+        return self._run(lambda root: _summary(self._own(root, requester, role, job_id), with_result))
+
+    def list(self, requester: str, role: str, status: str | None = None, everyone: bool = False,
+             limit: int = 1000) -> defer.Deferred:
+        """Summaries (without results) of the requester's jobs, newest first."""
+        return self._run(self._list, requester, role, status, everyone, limit)
+
+    def _list(self, root: Root, requester: str, role: str, status: str | None, everyone: bool,
+              limit: int) -> list[dict]:
+        if everyone and role != "admin":
+            raise errors.AuthError("only an admin may list every user's jobs")
+        ids = root.by_status.get(status) if status else None
+        if status and ids is None:
+            return []
+        mine = None if everyone else root.by_owner.get(requester)
+        if not everyone and mine is None:
+            return []
+        source = ids if ids is not None else (mine if mine is not None else root.jobs.keys())
+        out = []
+        for job_id in reversed(list(source)):
+            if mine is not None and ids is not None and job_id not in mine:
+                continue
+            out.append(_summary(root.jobs[job_id], False))
+            if len(out) >= limit:
+                break
+        return out
+
+    def kill(self, requester: str, role: str, job_id: int) -> defer.Deferred:
+        """Kill a job; fires with its summary plus the worker to stop, if it was running."""
+        return self._run(self._kill, requester, role, job_id)
+
+    def _kill(self, root: Root, requester: str, role: str, job_id: int) -> dict:
+        job = self._own(root, requester, role, job_id)
+        running = None
+        if job.status in FINAL:
+            return {"job": _summary(job, False), "worker": None}
+        if job.status == "processing":
+            running = {"worker": job.lease_worker, "job_id": job_id, "attempt": job.attempt}
+            self._close_attempt(job, "killed")
+        job.error = f"killed by {requester}"
+        self._enter(root, job, "killed")
+        job.finished = self.now()
+        return {"job": _summary(job, False), "worker": running}
+
+    def rerun(self, requester: str, role: str, job_id: int) -> defer.Deferred:
+        """Queue a finished job again from the start."""
+        return self._run(self._rerun, requester, role, job_id)
+
+    def _rerun(self, root: Root, requester: str, role: str, job_id: int) -> dict:
+        job = self._own(root, requester, role, job_id)
+        if job.status not in FINAL:
+            raise errors.RemoteError(f"job {job_id} is still {job.status}; kill it first")
+        job.failures, job.error, job.result, job.output = 0, None, None, ""
+        job.cpu_time = job.wall_time = job.started = job.finished = None
+        job.not_before = 0.0
+        self._enter(root, job, "new")
+        return _summary(job, False)
+
+    def status(self) -> defer.Deferred:
+        """Counts of jobs by status."""
+        return self._run(lambda root: {s: int(n) for s, n in root.counts.items()})
+
+    # -- jobs: workers ---------------------------------------------------------------
+    def claim(self, requests: list[tuple[str, int]], lease: float) -> defer.Deferred:
+        """Lease pending jobs to waiting workers, in request order; one list per request."""
+        return self._run(self._claim, requests, lease)
+
+    def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
+        now = self.now()
+        out: list[list[dict]] = []
+        deferred: list = []
+        for worker, n in requests:
+            got: list[dict] = []
+            while len(got) < n and root.pending:
+                key = root.pending.minKey()
+                job_id = root.pending.pop(key)
+                job = root.jobs[job_id]
+                if job.not_before > now:
+                    deferred.append(job)
+                    continue
+                self._enter(root, job, "processing", unqueue=False)
+                job.attempt += 1
+                job.lease_worker = worker
+                job.lease_expires = now + lease
+                job.started = now
+                job.attempts.append({"attempt": job.attempt, "worker": worker, "start": now,
+                                     "end": None, "outcome": None})
+                got.append({"job_id": job_id, "attempt": job.attempt, "kind": job.kind,
+                            "name": job.name, "timeout": job.timeout,
+                            "payload": load_bytes(job.payload), "files": load_bytes(job.files)})
+            out.append(got)
+        for job in deferred:
+            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+        return out
+
+    def next_retry(self) -> defer.Deferred:
+        """The earliest time a backed-off job becomes runnable, or None."""
+        return self._run(lambda root: min((root.jobs[j].not_before for j in root.pending.values()
+                                           if root.jobs[j].not_before > self.now()), default=None))
+
+    def report(self, worker: str, report: dict) -> defer.Deferred:
+        """Apply a worker's report on its attempt; refused (applied False) when stale."""
+        return self._run(self._report, worker, report)
+
+    def _report(self, root: Root, worker: str, rep: dict) -> dict:
+        job = root.jobs.get(rep["job_id"])
+        stale = (job is None or job.status != "processing" or job.attempt != rep["attempt"]
+                 or job.lease_worker != worker)
+        if stale:
+            return {"applied": False, "reason": "attempt is no longer current"}
+        job.output = _cap_output(rep.get("output") or "")
+        job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
+        if rep["outcome"] == "completed":
+            self._close_attempt(job, "completed")
+            job.result = store_bytes(rep.get("result") or b"", self.blobs)
+            job.error = None
+            self._enter(root, job, "completed")
+            job.finished = self.now()
+        else:
+            self._fail(root, job, rep.get("error") or "the job failed", "failed")
+        return {"applied": True, "job": _summary(job, True), "final": job.status in FINAL}
+
+    def renew(self, worker: str, held: list[tuple[int, int]], lease: float) -> defer.Deferred:
+        """Extend the leases of a worker's attempts; fires with the ones it no longer owns."""
+        return self._run(self._renew, worker, held, lease)
+
+    def _renew(self, root: Root, worker: str, held: list, lease: float) -> list[list[int]]:
+        now, lost = self.now(), []
+        for job_id, attempt in held:
+            job = root.jobs.get(job_id)
+            if job is None or job.status != "processing" or job.attempt != attempt or job.lease_worker != worker:
+                lost.append([job_id, attempt])
+            else:
+                # Renewal never carries a job past its timeout: the lease is the server's backstop.
+                job.lease_expires = min(now + lease, (job.started or now) + job.timeout + lease)
+        return lost
+
+    def expire(self) -> defer.Deferred:
+        """Return jobs whose lease expired to the queue (or fail them); fires with summaries."""
+        return self._run(self._expire)
+
+    def _expire(self, root: Root) -> list[dict]:
+        now, out = self.now(), []
+        for job_id in list(root.by_status.get("processing", ())):
+            job = root.jobs[job_id]
+            if job.lease_expires < now:
+                self._fail(root, job, f"lease of worker {job.lease_worker} expired "
+                                      f"(worker lost, or job past its timeout)", "lost")
+                out.append(_summary(job, False))
+        return out
+
+    def release(self, worker: str, held: list[tuple[int, int]]) -> defer.Deferred:
+        """Put claimed jobs that never reached their worker back in the queue, uncounted."""
+        return self._run(self._release, worker, held)
+
+    def _release(self, root: Root, worker: str, held: list) -> int:
+        n = 0
+        for job_id, attempt in held:
+            job = root.jobs.get(job_id)
+            if job is not None and job.status == "processing" and job.attempt == attempt and job.lease_worker == worker:
+                self._close_attempt(job, "undelivered")
+                job.started = None
+                self._enter(root, job, "new")
+                n += 1
+        return n
+
+    # -- helpers (store thread only) ---------------------------------------------------
+    def _own(self, root: Root, requester: str, role: str, job_id: int) -> JobRecord:
+        job = root.jobs.get(int(job_id))
+        if job is None:
+            raise errors.RemoteError(f"no job {job_id}")
+        if job.owner != requester and role != "admin":
+            raise errors.AuthError(f"job {job_id} belongs to another user")
+        return job
+
+    def _fail(self, root: Root, job: JobRecord, error: str, outcome: str) -> None:
+        self._close_attempt(job, outcome, error)
+        job.failures += 1
+        job.error = error
+        if job.failures >= job.max_failures:
+            self._enter(root, job, "failed")
+            job.finished = self.now()
+        else:
+            job.not_before = self.now() + scheduler.retry_delay(job.failures)
+            self._enter(root, job, "new")
+
+    def _close_attempt(self, job: JobRecord, outcome: str, error: str | None = None) -> None:
+        if job.attempts:
+            last = dict(job.attempts[-1])
+            last.update(end=self.now(), outcome=outcome)
+            if error:
+                last["error"] = error.strip().splitlines()[-1][:500] if error.strip() else ""
+            job.attempts[-1] = last
+        job.lease_worker = None
+
+    def _enter(self, root: Root, job: JobRecord, status: str, unqueue: bool = True,
+               fresh: bool = False) -> None:
+        """Move a job to `status`, keeping the indexes, counts and the pending queue right."""
+        if not fresh:
+            old = job.status
+            check_transition(old, status)
+            root.index(root.by_status, old).remove(job.job_id)
+            root.counts[old] = root.counts.get(old, 1) - 1
+            if old == "new" and unqueue:
+                root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
+        job.status = status
+        root.index(root.by_status, status).add(job.job_id)
+        root.counts[status] = root.counts.get(status, 0) + 1
+        if status == "new":
+            job.seq = root.next_seq
+            root.next_seq += 1
+            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+
+def _summary(job: JobRecord, with_result: bool) -> dict:
+    """A job as plain data for the wire."""
+    out = {"job_id": job.job_id, "owner": job.owner, "name": job.name, "kind": job.kind,
+           "status": job.status, "priority": job.priority, "timeout": job.timeout,
+           "max_failures": job.max_failures, "failures": job.failures,
+           "attempts": [dict(a) for a in job.attempts], "output": job.output, "error": job.error,
+           "cpu_time": job.cpu_time, "wall_time": job.wall_time, "created": job.created,
+           "started": job.started, "finished": job.finished, "function_id": job.function_id}
+    if with_result:
+        out["result"] = load_bytes(job.result)
+    return out
+
+
+def _fire(results: list) -> None:
+    for d, ok, value in results:
+        if ok:
+            d.callback(value)
+        else:
+            d.errback(value)

@@ -1,0 +1,126 @@
+"""dsage_worker's service tree: a reconnecting TLS client (`ClientService` with back-off)
+whose connections each run a `WorkerSession`, and the `JobRunner` that outlives them."""
+from __future__ import annotations
+
+import os
+
+from twisted.application import internet, service
+from twisted.internet import defer
+from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
+from twisted.internet.protocol import Factory
+from twisted.logger import Logger
+
+from dsage import errors, tls
+from dsage.worker.runner import JobRunner
+from dsage.worker.session import WorkerProtocol, WorkerSession
+
+
+def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
+    """'host:port' -> (host, port); ValueError with a clear message when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, default_port
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"bad server address {address!r}: expected HOST:PORT") from None
+
+
+class WorkerService(service.MultiService):
+    """dsage_worker: connects (and reconnects) to the server and runs jobs in its slots."""
+
+    log = Logger()
+
+    def __init__(self, bundle: tls.Bundle, address: str, reactor, *, slots: int | None = None,
+                 nice: int = 10, max_output: int = 1 << 20) -> None:
+        super().__init__()
+        self.bundle = bundle
+        self.reactor = reactor
+        self.slots = slots or os.cpu_count() or 1
+        self.runner = JobRunner(reactor, nice=nice, max_output=max_output)
+        self.session: WorkerSession | None = None
+        self._reports: list[dict] = []
+        self._sessions: list[WorkerSession] = []
+        host, port = split_address(address)
+        endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
+        factory = Factory.forProtocol(WorkerProtocol)
+        factory.worker = self
+        self.client = internet.ClientService(endpoint, factory, retryPolicy=internet.backoffPolicy(
+            initialDelay=0.5, maxDelay=10.0, factor=1.6), prepareConnection=self._prepare, clock=reactor)
+        self.client.setServiceParent(self)
+        self.address = address
+
+    def _prepare(self, proto: WorkerProtocol) -> defer.Deferred:
+        session = WorkerSession(proto, self, self.reactor)
+        self._sessions.append(session)
+        d = defer.Deferred.fromCoroutine(session.start())
+
+        def ready(welcome: dict) -> None:
+            self.session = session
+            self.log.info("worker {name} connected to {address} with {slots} slots",
+                          name=welcome.get("identity"), address=self.address, slots=self.slots)
+
+        def refused(f):
+            if f.check(errors.AuthError, errors.ProtocolError):
+                self.log.error("the server refused this worker: {why}; stopping", why=str(f.value))
+                self.reactor.callLater(0, self._give_up)
+            return f
+        return d.addCallbacks(ready, refused)
+
+    def connection_lost(self, proto: WorkerProtocol) -> None:
+        """A connection closed: end its session."""
+        for session in list(self._sessions):
+            if session.proto.closed:
+                session.lost()
+                self._sessions.remove(session)
+                if self.session is session:
+                    self.session = None
+
+    def kill(self, data: dict) -> None:
+        """The server ordered a kill."""
+        job_id, attempt = data.get("job_id"), data.get("attempt")
+        if isinstance(job_id, int) and self.runner.kill(job_id, attempt if isinstance(attempt, int) else None):
+            self.log.info("killing job {job_id}", job_id=job_id)
+
+    def _give_up(self) -> None:
+        self.exit_code = 2
+        if self.reactor.running:
+            self.reactor.stop()
+
+    exit_code = 0
+
+    def free_slots(self) -> int:
+        """Slots not running a job."""
+        return self.slots - len(self.runner.running)
+
+    def start_job(self, job: dict) -> None:
+        """Run a leased job and report its outcome."""
+        self.log.info("running job {job_id} ({name}) attempt {attempt}", job_id=job["job_id"],
+                      name=job.get("name"), attempt=job["attempt"])
+        self.runner.run(job).addCallback(self._finished).addErrback(
+            lambda f: self.log.failure("running job {job_id} failed", f, job_id=job["job_id"]))
+
+    def _finished(self, report: dict) -> None:
+        self.log.info("job {job_id} {outcome} in {wall:.3f} s", job_id=report["job_id"],
+                      outcome="killed" if report.get("killed") else report["outcome"], wall=report["wall_time"])
+        session = self.session
+        if not report.get("killed"):
+            if session is not None and not session.proto.closed:
+                session.send_report(report)
+            else:
+                self.keep_report(report)
+        if session is not None:
+            session.ask()
+
+    def keep_report(self, report: dict) -> None:
+        """Hold a report until the next connection."""
+        self._reports.append(report)
+
+    def unsent_reports(self) -> list[dict]:
+        """Take the held reports."""
+        reports, self._reports = self._reports, []
+        return reports
+
+    def stopService(self) -> defer.Deferred:
+        self.runner.stop_all()
+        return super().stopService()

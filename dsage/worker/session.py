@@ -1,0 +1,107 @@
+"""One connection of a worker: hello, taking jobs by long-poll, heartbeats, kills, reports."""
+from __future__ import annotations
+
+import os
+import platform
+import socket
+
+from twisted.internet import defer, task
+from twisted.logger import Logger
+
+from dsage import __version__, errors
+from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
+
+
+def host_facts() -> dict:
+    """What a worker announces about its machine."""
+    try:
+        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        memory = None
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "memory": memory,
+            "os": platform.platform(), "python": platform.python_version(), "dsage": __version__}
+
+
+class WorkerProtocol(MessageProtocol):
+    """The worker's end of a connection; events go to the factory's worker service."""
+
+    def handle_event(self, event: str, data: dict) -> None:
+        if event == "kill" and isinstance(data, dict):
+            self.factory.worker.kill(data)
+
+    def connectionLost(self, reason=None) -> None:
+        super().connectionLost(reason)
+        self.factory.worker.connection_lost(self)
+
+
+class WorkerSession:
+    """Keeps this worker's free slots asking for jobs while the connection lasts."""
+
+    log = Logger()
+
+    def __init__(self, proto: WorkerProtocol, worker, clock) -> None:
+        self.proto = proto
+        self.worker = worker
+        self.clock = clock
+        self.asking = 0
+        self.heartbeat: task.LoopingCall | None = None
+
+    async def start(self) -> dict:
+        """Say hello, then start heartbeats, flush old reports and ask for work."""
+        welcome = await self.proto.call("hello", version=list(PROTOCOL_VERSION), role="worker",
+                                        slots=self.worker.slots, facts=host_facts())
+        self.heartbeat = task.LoopingCall(self.beat)
+        self.heartbeat.clock = self.clock
+        self.heartbeat.start(float(welcome.get("heartbeat_seconds", 10.0)), now=False)
+        for report in self.worker.unsent_reports():
+            self.send_report(report)
+        self.ask()
+        return welcome
+
+    def lost(self) -> None:
+        """The connection closed."""
+        if self.heartbeat is not None and self.heartbeat.running:
+            self.heartbeat.stop()
+
+    def ask(self) -> None:
+        """Ask for as many jobs as there are slots not running and not already asked for."""
+        want = self.worker.free_slots() - self.asking
+        if want <= 0 or self.proto.closed:
+            return
+        self.asking += want
+        d = self.proto.call("take", n=want)
+        d.addCallbacks(self._got, self._take_failed, callbackArgs=(want,), errbackArgs=(want,))
+
+    def _got(self, jobs: list[dict], asked: int) -> None:
+        self.asking -= asked
+        for job in jobs:
+            self.worker.start_job(job)
+        self.ask()
+
+    def _take_failed(self, failure, asked: int) -> None:
+        self.asking -= asked
+        if not failure.check(errors.ConnectionLost):
+            self.log.failure("take failed", failure)
+
+    def send_report(self, report: dict) -> None:
+        """Send a report; if the link fails it is kept and sent after reconnecting."""
+        wire = {k: v for k, v in report.items() if k != "killed"}
+        d = self.proto.call("report", **wire)
+
+        def failed(f):
+            if f.check(errors.ConnectionLost):
+                self.worker.keep_report(report)
+            else:
+                self.log.failure("report of job {job_id} refused", f, job_id=report["job_id"])
+        d.addErrback(failed)
+
+    def beat(self) -> defer.Deferred:
+        """Renew the leases of the running jobs; kill those the server no longer gives us."""
+        d = self.proto.call("heartbeat", held=self.worker.runner.held())
+
+        def lost(reply: dict) -> None:
+            for job_id, attempt in reply.get("lost", []):
+                if self.worker.runner.kill(job_id, attempt):
+                    self.log.info("job {job_id} attempt {attempt} is no longer ours: stopped",
+                                  job_id=job_id, attempt=attempt)
+        return d.addCallbacks(lost, lambda f: None)
