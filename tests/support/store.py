@@ -1,0 +1,42 @@
+"""Stores for tests: in memory (with blob support) or a real FileStorage file."""
+from __future__ import annotations
+
+import ZODB
+from ZODB.blob import BlobStorage
+from ZODB.MappingStorage import MappingStorage
+
+from dsage.server.store import JobStore
+
+
+class FakeTime:
+    """A settable clock for the store."""
+
+    def __init__(self, now: float = 1000.0) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def memory_store(tmp_path, now: FakeTime | None = None) -> JobStore:
+    """A synchronous JobStore on MappingStorage with blobs in `tmp_path`."""
+    db = ZODB.DB(BlobStorage(str(tmp_path / "blobs"), MappingStorage()))
+    return JobStore(db, threaded=False, now=now or FakeTime())
+
+
+def value(d):
+    """The result of an already-fired Deferred (raising its failure)."""
+    out = []
+    d.addBoth(out.append)
+    assert out, "the Deferred has not fired"
+    if hasattr(out[0], "raiseException"):
+        out[0].raiseException()
+    return out[0]
+
+
+def spec(code: str = "1 + 1", **kw) -> dict:
+    """A submission as a client sends it."""
+    base = {"kind": "code", "payload": code.encode(), "name": code, "timeout": 600.0, "priority": 5,
+            "max_failures": 3, "files": {}}
+    base.update(kw)
+    return base

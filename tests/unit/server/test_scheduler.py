@@ -1,0 +1,101 @@
+"""Queue policy and the long-poll dispatcher, driven by hand-fired Deferreds and a Clock."""
+from __future__ import annotations
+
+from twisted.internet import defer
+from twisted.internet.task import Clock
+
+from dsage.server.scheduler import Dispatcher, retry_delay
+
+
+class FakeClaims:
+    """Records claim rounds; the test decides what each returns."""
+
+    def __init__(self) -> None:
+        self.rounds: list[tuple[list, defer.Deferred]] = []
+        self.released: list = []
+        self.retry_at = None
+
+    def claim(self, requests):
+        d = defer.Deferred()
+        self.rounds.append((requests, d))
+        return d
+
+    def release(self, worker, held):
+        self.released.append((worker, held))
+        return defer.succeed(len(held))
+
+    def next_retry(self):
+        return defer.succeed(self.retry_at)
+
+
+def make():
+    claims, clock = FakeClaims(), Clock()
+    return claims, clock, Dispatcher(claims.claim, claims.release, claims.next_retry, clock)
+
+
+def test_take_is_answered_when_a_job_is_claimed():
+    """A waiting slot gets the jobs its claim round returned."""
+    claims, clock, disp = make()
+    d = disp.take("w1", 2)
+    assert len(claims.rounds) == 1 and claims.rounds[0][0] == [("w1", 2)]
+    got = []
+    d.addCallback(got.append)
+    claims.rounds[0][1].callback([[{"job_id": 1, "attempt": 1}]])
+    assert got == [[{"job_id": 1, "attempt": 1}]]
+    assert not disp.waiting
+
+
+def test_empty_queue_parks_the_slot_until_work_arrives():
+    """With nothing pending the slot waits, and no claim runs until work arrives."""
+    claims, clock, disp = make()
+    d = disp.take("w1", 1)
+    claims.rounds[0][1].callback([[]])
+    assert not d.called and len(disp.waiting) == 1
+    disp.kick()
+    disp.take("w2", 1)
+    assert len(claims.rounds) == 1, "no claim while the queue is known to be empty"
+    disp.work_arrived()
+    assert len(claims.rounds) == 2 and claims.rounds[1][0] == [("w1", 1), ("w2", 1)]
+    claims.rounds[1][1].callback([[{"job_id": 5, "attempt": 1}], []])
+    assert d.called and len(disp.waiting) == 1
+
+
+def test_work_arriving_during_a_round_is_not_lost():
+    """A submission that lands while a claim round runs triggers another round."""
+    claims, clock, disp = make()
+    d = disp.take("w1", 1)
+    disp.work_arrived()              # arrives while round 1 is in flight
+    claims.rounds[0][1].callback([[]])
+    assert len(claims.rounds) == 2, "a second round must run"
+    claims.rounds[1][1].callback([[{"job_id": 2, "attempt": 1}]])
+    assert d.called
+
+
+def test_jobs_claimed_for_a_vanished_slot_are_released():
+    """If the slot's connection closed during the round, its jobs go back."""
+    claims, clock, disp = make()
+    d = disp.take("w1", 1)
+    d.addErrback(lambda f: None)
+    d.cancel()
+    assert not disp.waiting
+    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1}]])
+    assert claims.released == [("w1", [(3, 1)])]
+
+
+def test_backed_off_jobs_wake_the_dispatcher_when_due():
+    """When only backed-off jobs are pending, a timer tries again when the first is due."""
+    claims, clock, disp = make()
+    claims.retry_at = 5.0
+    disp.take("w1", 1)
+    claims.rounds[0][1].callback([[]])
+    clock.advance(4.0)
+    assert len(claims.rounds) == 1
+    clock.advance(1.1)
+    assert len(claims.rounds) == 2
+
+
+def test_retry_delay_grows_and_is_capped():
+    """The first retry is immediate, later ones double, up to a minute."""
+    assert retry_delay(1) == 0.0
+    assert retry_delay(2) < retry_delay(3) < retry_delay(4)
+    assert retry_delay(50) == 60.0

@@ -1,0 +1,259 @@
+"""JobStore: submission, leasing, reports, failures, kills, ownership and durability."""
+from __future__ import annotations
+
+import pytest
+import ZODB
+from ZODB.FileStorage import FileStorage
+
+from dsage import errors
+from dsage.server.store import MAX_OUTPUT, OUTPUT_MARKER, JobStore
+from tests.support.store import FakeTime, memory_store, spec, value
+
+
+@pytest.fixture
+def clock():
+    return FakeTime()
+
+
+@pytest.fixture
+def store(tmp_path, clock):
+    s = memory_store(tmp_path, clock)
+    yield s
+    s.stop()
+
+
+def claim_one(store, worker="w1", lease=60.0):
+    """Lease the next job to `worker`; its dict, or None."""
+    got = value(store.claim([(worker, 1)], lease))[0]
+    return got[0] if got else None
+
+
+def test_submit_returns_increasing_ids_and_counts(store):
+    """Submitted jobs get consecutive ids and are counted as new."""
+    ids = value(store.submit("alice", [spec(), spec("2")]))
+    assert ids == [1, 2]
+    assert value(store.status()) == {"new": 2}
+    rec = value(store.get("alice", "client", 2))
+    assert rec["status"] == "new" and rec["owner"] == "alice" and rec["name"] == "2"
+
+
+def test_claim_in_priority_then_fifo_order(store):
+    """Lower priority values run first; within a priority, first in first out."""
+    value(store.submit("a", [spec("p5a"), spec("p1", priority=1), spec("p5b")]))
+    got = value(store.claim([("w", 3)], 60.0))[0]
+    assert [j["name"] for j in got] == ["p1", "p5a", "p5b"]
+    assert all(j["attempt"] == 1 for j in got)
+    assert value(store.claim([("w", 1)], 60.0)) == [[]]
+
+
+def test_claim_serves_several_waiting_workers_in_order(store):
+    """One claim round pairs each waiting slot with the next job."""
+    value(store.submit("a", [spec("x"), spec("y"), spec("z")]))
+    out = value(store.claim([("w1", 1), ("w2", 5)], 60.0))
+    assert [j["name"] for j in out[0]] == ["x"]
+    assert [j["name"] for j in out[1]] == ["y", "z"]
+
+
+def test_completed_report_stores_result_and_output(store):
+    """A completed report records result, output and times; the job is final."""
+    value(store.submit("a", [spec()]))
+    job = claim_one(store)
+    out = value(store.report("w1", {"job_id": 1, "attempt": job["attempt"], "outcome": "completed",
+                                    "result": b"R", "output": "hello\n", "error": None,
+                                    "cpu_time": 0.5, "wall_time": 0.7}))
+    assert out["applied"] and out["final"]
+    rec = value(store.get("a", "client", 1))
+    assert (rec["status"], rec["result"], rec["output"], rec["cpu_time"]) == ("completed", b"R", "hello\n", 0.5)
+    assert rec["attempts"][0]["outcome"] == "completed"
+
+
+def test_failure_requeues_until_max_failures(store, clock):
+    """Each failure counts; the job returns to the queue until max_failures, then fails."""
+    value(store.submit("a", [spec(max_failures=2)]))
+    job = claim_one(store)
+    out = value(store.report("w1", {"job_id": 1, "attempt": job["attempt"], "outcome": "failed",
+                                    "error": "Traceback\nValueError: boom", "output": "partial"}))
+    assert out["applied"] and not out["final"]
+    rec = value(store.get("a", "client", 1))
+    assert rec["status"] == "new" and rec["failures"] == 1 and "boom" in rec["error"]
+    job = claim_one(store)
+    assert job["attempt"] == 2
+    value(store.report("w1", {"job_id": 1, "attempt": 2, "outcome": "failed", "error": "again"}))
+    rec = value(store.get("a", "client", 1))
+    assert rec["status"] == "failed" and rec["failures"] == 2 and rec["error"] == "again"
+    assert [a["outcome"] for a in rec["attempts"]] == ["failed", "failed"]
+
+
+def test_retries_back_off(store, clock):
+    """After a second failure the job waits before it can be claimed again."""
+    value(store.submit("a", [spec(max_failures=5)]))
+    for attempt in (1, 2):
+        claim_one(store)
+        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    assert value(store.claim([("w1", 1)], 60.0)) == [[]]
+    when = value(store.next_retry())
+    assert when is not None and when > clock.now
+    clock.now = when + 0.001
+    assert claim_one(store)["attempt"] == 3
+
+
+def test_stale_report_is_refused(store):
+    """A report for an attempt that is not current changes nothing."""
+    value(store.submit("a", [spec()]))
+    claim_one(store)
+    bad = [{"job_id": 1, "attempt": 7, "outcome": "completed", "result": b"x"},
+           {"job_id": 99, "attempt": 1, "outcome": "completed", "result": b"x"}]
+    for rep in bad:
+        assert value(store.report("w1", rep))["applied"] is False
+    assert value(store.report("w2", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"x"}))["applied"] is False
+    assert value(store.get("a", "client", 1))["status"] == "processing"
+    assert value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"ok"}))["applied"]
+    # A second report for the same attempt is refused: a result is never applied twice.
+    assert value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "failed", "error": "late"}))["applied"] is False
+    assert value(store.get("a", "client", 1))["result"] == b"ok"
+
+
+def test_kill_new_and_running_jobs(store):
+    """Killing a queued job takes it out of the queue; a running one names its worker."""
+    value(store.submit("a", [spec("queued"), spec("running")]))
+    value(store.claim([("w1", 0)], 60.0))
+    out = value(store.kill("a", "client", 1))
+    assert out["job"]["status"] == "killed" and out["worker"] is None
+    job = claim_one(store)
+    assert job["name"] == "running"
+    out = value(store.kill("a", "client", 2))
+    assert out["worker"] == {"worker": "w1", "job_id": 2, "attempt": 1}
+    assert value(store.report("w1", {"job_id": 2, "attempt": 1, "outcome": "completed", "result": b""}))["applied"] is False
+    assert value(store.status()) == {"new": 0, "processing": 0, "killed": 2}
+    assert value(store.claim([("w1", 5)], 60.0)) == [[]]
+
+
+def test_owner_checks(store):
+    """Another user can neither see nor kill a job; an admin can."""
+    value(store.submit("alice", [spec()]))
+    with pytest.raises(errors.AuthError):
+        value(store.get("bob", "client", 1))
+    with pytest.raises(errors.AuthError):
+        value(store.kill("bob", "client", 1))
+    assert value(store.list("bob", "client")) == []
+    with pytest.raises(errors.AuthError):
+        value(store.list("bob", "client", everyone=True))
+    assert value(store.get("root", "admin", 1))["owner"] == "alice"
+    assert [j["job_id"] for j in value(store.list("root", "admin", everyone=True))] == [1]
+    with pytest.raises(errors.RemoteError):
+        value(store.get("alice", "client", 42))
+
+
+def test_list_filters_by_status_and_owner(store):
+    """Listing by status shows only the caller's jobs in that status, newest first."""
+    value(store.submit("alice", [spec("a1"), spec("a2")]))
+    value(store.submit("bob", [spec("b1")]))
+    claim_one(store)
+    assert [j["name"] for j in value(store.list("alice", "client"))] == ["a2", "a1"]
+    assert [j["name"] for j in value(store.list("alice", "client", "new"))] == ["a2"]
+    assert [j["name"] for j in value(store.list("bob", "client", "new"))] == ["b1"]
+    assert value(store.list("alice", "client", "failed")) == []
+
+
+def test_rerun_only_finished_jobs(store):
+    """rerun puts a finished job back in the queue with a clean slate."""
+    value(store.submit("a", [spec()]))
+    with pytest.raises(errors.RemoteError):
+        value(store.rerun("a", "client", 1))
+    claim_one(store)
+    value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"1"}))
+    rec = value(store.rerun("a", "client", 1))
+    assert rec["status"] == "new" and rec["failures"] == 0
+    assert claim_one(store)["attempt"] == 2
+
+
+def test_lease_expiry_requeues_and_renewal_keeps(store, clock):
+    """Expired leases return jobs (a failure); a heartbeat renews a live one."""
+    value(store.submit("a", [spec("renewed"), spec("lost")]))
+    value(store.claim([("w1", 1), ("w2", 1)], 10.0))
+    clock.now += 8
+    assert value(store.renew("w1", [(1, 1)], 10.0)) == []
+    clock.now += 5
+    expired = value(store.expire())
+    assert [(s["job_id"], s["status"]) for s in expired] == [(2, "new")]
+    assert value(store.get("a", "client", 2))["failures"] == 1
+    assert value(store.renew("w2", [(2, 1)], 10.0)) == [[2, 1]]
+
+
+def test_renewal_never_passes_the_timeout(store, clock):
+    """A job running past its timeout loses its lease even with heartbeats."""
+    value(store.submit("a", [spec(timeout=5.0)]))
+    claim_one(store, lease=10.0)
+    for _ in range(3):
+        clock.now += 6
+        value(store.renew("w1", [(1, 1)], 10.0))
+    clock.now += 6
+    assert [s["job_id"] for s in value(store.expire())] == [1]
+
+
+def test_release_returns_undelivered_jobs_without_a_failure(store):
+    """Jobs claimed for a slot that vanished go back uncounted."""
+    value(store.submit("a", [spec()]))
+    claim_one(store)
+    assert value(store.release("w1", [(1, 1)])) == 1
+    rec = value(store.get("a", "client", 1))
+    assert rec["status"] == "new" and rec["failures"] == 0
+
+
+def test_output_is_capped_with_a_marker(store):
+    """Output larger than the cap keeps its head and tail around a marker."""
+    value(store.submit("a", [spec()]))
+    claim_one(store)
+    big = "A" * MAX_OUTPUT + "TAIL"
+    value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"", "output": big}))
+    out = value(store.get("a", "client", 1))["output"]
+    assert OUTPUT_MARKER in out and out.endswith("TAIL") and len(out) < MAX_OUTPUT + 100
+
+
+def test_large_payload_goes_to_a_blob(store):
+    """Payloads above the inline limit are stored in blobs and come back intact."""
+    payload = bytes(range(256)) * 4096
+    value(store.submit("a", [spec(payload=payload)]))
+    assert claim_one(store)["payload"] == payload
+
+
+def test_identities(store):
+    """Identities authenticate by name and serial; revoked and replaced ones are refused."""
+    value(store.add_identity("alice", "client", 11))
+    assert value(store.authenticate("alice", 11)) == "client"
+    with pytest.raises(errors.AuthError):
+        value(store.authenticate("alice", 12))
+    with pytest.raises(errors.AuthError):
+        value(store.authenticate("mallory", 1))
+    with pytest.raises(errors.RemoteError):
+        value(store.add_identity("alice", "client", 13))
+    value(store.add_identity("alice", "client", 13, force=True))
+    with pytest.raises(errors.AuthError):
+        value(store.authenticate("alice", 11))
+    value(store.revoke("alice"))
+    with pytest.raises(errors.AuthError, match="revoked"):
+        value(store.authenticate("alice", 13))
+    assert value(store.identities())[0]["revoked"] is True
+
+
+def test_bad_specs_are_refused(store):
+    """Malformed submissions raise ValueError and store nothing."""
+    for bad in (spec(kind="shell"), spec(payload="text"), spec(timeout=-1), spec(priority="high"),
+                spec(max_failures=0), spec(files={"../x": b""}), spec(files={"a": "str"}), "job"):
+        with pytest.raises(ValueError):
+            store.submit("a", [bad])
+    assert value(store.status()) == {}
+
+
+def test_filestorage_survives_reopen(tmp_path):
+    """What was committed is there after the database is closed and opened again."""
+    path = str(tmp_path / "d.fs")
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    value(s.submit("a", [spec("kept")]))
+    s.stop()
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    try:
+        assert value(s.get("a", "client", 1))["name"] == "kept"
+        assert value(s.submit("a", [spec()])) == [2]
+    finally:
+        s.stop()

@@ -1,0 +1,144 @@
+"""Frames, codecs, fragments and the request/reply machinery over an in-memory transport."""
+from __future__ import annotations
+
+import struct
+
+import pytest
+from twisted.internet import defer
+from twisted.internet.testing import StringTransport
+
+from dsage import errors
+from dsage.protocol import (EVENT, FRAGMENT, FRAME_DATA, REPLY, REQUEST, MessageProtocol, decode, encode,
+                            fragments)
+
+
+class Echo(MessageProtocol):
+    """Answers `echo` and `boom`; records events."""
+
+    def __init__(self):
+        super().__init__()
+        self.events = []
+
+    def handle_request(self, verb, args):
+        if verb == "echo":
+            return args
+        if verb == "later":
+            return defer.succeed({"later": True})
+        if verb == "boom":
+            raise errors.AuthError("not you")
+        return super().handle_request(verb, args)
+
+    def handle_event(self, event, data):
+        self.events.append((event, data))
+
+
+def connect():
+    proto = Echo()
+    transport = StringTransport()
+    proto.makeConnection(transport)
+    return proto, transport
+
+
+def frames(data: bytes) -> list[list]:
+    out = []
+    while data:
+        (n,) = struct.unpack("!I", data[:4])
+        out.append(decode(data[4:4 + n]))
+        data = data[4 + n:]
+    return out
+
+
+def feed(proto, message) -> None:
+    for frame in fragments(encode(message)):
+        proto.dataReceived(struct.pack("!I", len(frame)) + frame)
+
+
+def test_codec_round_trip_keeps_bytes_and_str_apart():
+    """bytes stay bytes and str stays str through a frame."""
+    msg = [REQUEST, 1, "x", {"b": b"\x00\xff", "s": "text", "n": None, "l": [1, 2.5]}]
+    assert decode(encode(msg)) == msg
+
+
+@pytest.mark.parametrize("bad", [b"\xc1", encode("text"), encode([]), encode([9, 1]), encode([REQUEST, "1", "v", {}]),
+                                 encode([REQUEST, 1, "v"]), encode([EVENT, "e", []]), encode([FRAGMENT, True, "x"]),
+                                 encode([REQUEST, 1, "v", {1: 2}])])
+def test_malformed_frames_are_protocol_errors(bad):
+    """Anything but a well-formed message raises ProtocolError."""
+    with pytest.raises(errors.ProtocolError):
+        decode(bad)
+
+
+def test_requests_are_answered_with_their_id():
+    """A request gets a reply carrying its id and the handler's value."""
+    proto, transport = connect()
+    feed(proto, [REQUEST, 7, "echo", {"a": 1}])
+    feed(proto, [REQUEST, 8, "later", {}])
+    assert frames(transport.value()) == [[REPLY, 7, True, {"a": 1}], [REPLY, 8, True, {"later": True}]]
+
+
+def test_errors_cross_the_wire_by_name():
+    """A refused request becomes an error reply, rebuilt as the same exception type."""
+    server, st = connect()
+    feed(server, [REQUEST, 1, "boom", {}])
+    reply = frames(st.value())[0]
+    assert reply[:3] == [REPLY, 1, False] and reply[3]["type"] == "AuthError"
+    client, ct = connect()
+    d = client.call("boom")
+    feed(client, reply)
+    failures = []
+    d.addErrback(failures.append)
+    assert failures[0].check(errors.AuthError) and "not you" in str(failures[0].value)
+
+
+def test_unknown_request_gets_an_error_reply():
+    """An unknown verb is refused, not ignored."""
+    proto, transport = connect()
+    feed(proto, [REQUEST, 3, "nope", {}])
+    assert frames(transport.value())[0][3]["type"] == "ProtocolError"
+
+
+def test_large_messages_travel_in_fragments():
+    """A message larger than a frame is split into fragments and reassembled."""
+    proto, transport = connect()
+    blob = bytes(range(256)) * (3 * FRAME_DATA // 256 + 10)
+    feed(proto, [REQUEST, 1, "echo", {"blob": blob}])
+    raw = transport.value()
+    # The reply is fragmented too: every frame is within the limit.
+    sizes, data = [], raw
+    while data:
+        (size,) = struct.unpack("!I", data[:4])
+        sizes.append(size)
+        data = data[4 + size:]
+    assert len(sizes) >= 4 and max(sizes) <= proto.MAX_LENGTH
+    client, _ = connect()
+    d = client.call("echo")
+    client.dataReceived(raw)
+    assert d.result == {"blob": blob}
+
+
+def test_garbage_and_oversized_frames_drop_the_connection():
+    """Undecodable or too large frames disconnect the peer."""
+    proto, transport = connect()
+    proto.dataReceived(struct.pack("!I", 3) + b"\xc1\xc1\xc1")
+    assert transport.disconnecting
+    proto, transport = connect()
+    proto.dataReceived(struct.pack("!I", proto.MAX_LENGTH + 1) + b"x")
+    assert transport.disconnecting
+
+
+def test_events_are_delivered():
+    """Pushed events reach handle_event without a reply."""
+    proto, transport = connect()
+    feed(proto, [EVENT, "job_done", {"job_id": 1}])
+    assert proto.events == [("job_done", {"job_id": 1})] and transport.value() == b""
+
+
+def test_pending_calls_fail_when_the_connection_is_lost():
+    """Calls in flight fail with ConnectionLost when the link drops."""
+    proto, transport = connect()
+    d = proto.call("echo")
+    proto.connectionLost(None)
+    failures = []
+    d.addErrback(failures.append)
+    assert failures and failures[0].check(errors.ConnectionLost)
+    assert proto.call("echo").addErrback(failures.append) is not None and len(failures) == 2
