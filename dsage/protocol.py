@@ -116,6 +116,7 @@ class MessageProtocol(Int32StringReceiver):
         self._assembly: list[bytes] = []
         self._assembly_size = 0
         self.closed = False
+        self.when_closed: defer.Deferred = defer.Deferred()
 
     # -- sending ---------------------------------------------------------------------
     def send_message(self, message: list) -> None:
@@ -191,8 +192,9 @@ class MessageProtocol(Int32StringReceiver):
         if not failure.check(errors.DsageError, ValueError, TypeError, KeyError, LookupError):
             self.log.failure("request {verb} failed", failure, verb=verb)
         self.send_message([REPLY, msg_id, False, error_value(failure)])
-        if failure.check(errors.AuthError, errors.ProtocolError) and getattr(self, "drop_on_refusal", False):
-            self.transport.loseConnection()
+        if failure.check(errors.ProtocolError) or (verb == "hello" and failure.check(errors.AuthError)):
+            if getattr(self, "drop_on_refusal", False):
+                self.transport.loseConnection()
 
     def handle_request(self, verb: str, args: dict) -> Any:
         """Answer a request (override)."""
@@ -223,6 +225,7 @@ class MessageProtocol(Int32StringReceiver):
         for d in pending.values():
             d.errback(errors.ConnectionLost("connection to the dsage server lost"))
         Protocol.connectionLost(self, reason)
+        self.when_closed.callback(None)
 
 
 Handler = Callable[[dict], Any]

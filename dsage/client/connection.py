@@ -7,6 +7,7 @@ from typing import Callable
 
 from twisted.application import internet
 from twisted.internet import defer
+from twisted.internet.task import deferLater
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -50,12 +51,17 @@ class AsyncClient:
             retryPolicy=internet.backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=1.7),
             prepareConnection=self._prepare, clock=reactor)
         self._auth_error: Exception | None = None
+        self._last_proto: ClientProtocol | None = None
+        self._stopped: defer.Deferred | None = None
 
     async def _hello(self, proto: ClientProtocol) -> None:
+        self._last_proto = proto
         try:
             welcome = await proto.call("hello", version=list(PROTOCOL_VERSION), role="client")
         except errors.AuthError as e:
+            # Refused identities do not retry: stop reconnecting, fail what waits.
             self._auth_error = e
+            self.reactor.callLater(0, self._give_up)
             raise
         self.identity, self.role = welcome["identity"], welcome["role"]
         # Jobs may have finished while we were away: look again at every watched job.
@@ -70,14 +76,29 @@ class AsyncClient:
         try:
             await self.service.whenConnected(failAfterFailures=1)
         except Exception as e:
-            # Stopping from inside the service's own callback chain is not allowed: next turn.
-            self.reactor.callLater(0, self.service.stopService)
+            await self._give_up()
             if self._auth_error is not None:
                 raise self._auth_error from None
             if isinstance(e, errors.DsageError):
                 raise
             raise errors.ConnectionLost(f"cannot connect to the dsage server at {self.address}: {e}") from None
         return self
+
+    def _give_up(self) -> defer.Deferred:
+        """Stop reconnecting (once); fires when the service has stopped."""
+        if self._stopped is None:
+            self._stopped = defer.Deferred.fromCoroutine(self._stop_after_close())
+        waiter: defer.Deferred = defer.Deferred()
+        self._stopped.addBoth(lambda r: (waiter.callback(None), r)[1])
+        return waiter
+
+    async def _stop_after_close(self) -> None:
+        # ClientService cannot be stopped while the refused connection is still closing.
+        proto = self._last_proto
+        if proto is not None and not proto.closed:
+            await proto.when_closed
+        await deferLater(self.reactor, 0, lambda: None)
+        await self.service.stopService()
 
     def start(self) -> defer.Deferred:
         """Connect; fires with self, or fails with AuthError or ConnectionLost."""
@@ -95,6 +116,8 @@ class AsyncClient:
         except errors.DsageError:
             raise
         except Exception as e:
+            if self._auth_error is not None:
+                raise self._auth_error from None
             raise errors.ConnectionLost(f"the dsage server at {self.address} is unreachable: {e}") from None
         return await proto.call(verb, **args)
 

@@ -1,0 +1,163 @@
+"""Jobs through the public API against a real server and worker processes."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+
+import dsage
+from tests.e2e.conftest import wait_for
+
+
+def test_eval_returns_last_expression_and_output(D):
+    """eval runs code on a worker: the last expression's value, its output, its times."""
+    job = D.eval("print('hello from a worker')\n2**64 + 1", name="big")
+    assert job.wait(timeout=30) == 2**64 + 1
+    assert job.status == "completed" and job.done()
+    assert job.output == "hello from a worker\n"
+    assert job.name == "big" and job.failures == 0
+    assert job.cpu_time is not None and job.wall_time > 0
+    assert job.result == 2**64 + 1
+
+
+def test_dsage_result_variable(D):
+    """DSAGE_RESULT wins over the last expression."""
+    assert D.eval("DSAGE_RESULT = {'a': [1, 2]}\n3").wait(timeout=30) == {"a": [1, 2]}
+
+
+def test_submit_closures_and_options(D):
+    """submit ships closures with cloudpickle; a described Job keeps its options."""
+    k = 7
+    assert D.submit(lambda x, y=0: x * k + y, 6, y=1).wait(timeout=30) == 43
+    job = D.submit(dsage.Job(func=divmod, args=(17, 5), name="dm", priority=1, max_failures=1))
+    assert job.wait(timeout=30) == (3, 2) and job.name == "dm"
+
+
+def test_map_keeps_item_order(D):
+    """map returns one handle per item, in item order."""
+    jobs = D.map(pow, range(20), [2] * 20)
+    assert [j.wait(timeout=60) for j in jobs] == [i * i for i in range(20)]
+
+
+def test_failure_carries_the_traceback_and_output(D):
+    """A raising job fails with the worker's traceback; its output is kept."""
+    job = D.eval("print('before the error')\nraise ValueError('bad input 42')", max_failures=1)
+    with pytest.raises(dsage.JobFailed) as info:
+        job.wait(timeout=30)
+    assert "ValueError: bad input 42" in info.value.traceback
+    assert job.status == "failed" and "bad input 42" in job.error
+    assert job.output == "before the error\n" and job.failures == 1
+
+
+def test_failures_are_retried_up_to_max_failures(D):
+    """A failing job is tried max_failures times, then failed."""
+    job = D.eval("import os\nraise RuntimeError(os.environ['DSAGE_JOB_ID'])", max_failures=2)
+    with pytest.raises(dsage.JobFailed):
+        job.wait(timeout=60)
+    assert job.failures == 2 and len(job.attempts) == 2
+
+
+def test_segfault_is_a_clean_failure(D):
+    """A job that crashes its interpreter fails with the signal named; the worker goes on."""
+    job = D.eval("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", max_failures=1)
+    with pytest.raises(dsage.JobFailed):
+        job.wait(timeout=30)
+    assert "SIGSEGV" in job.error
+    assert D.eval("'still alive'").wait(timeout=30) == "still alive"
+
+
+def test_timeout_stops_the_job(D):
+    """A job past its timeout is stopped and fails with a clear reason."""
+    job = D.eval("import time\ntime.sleep(60)", timeout=1, max_failures=1)
+    with pytest.raises(dsage.JobFailed):
+        job.wait(timeout=30)
+    assert "timed out after 1 s" in job.error
+
+
+def test_kill_a_running_job_within_seconds(D, cluster):
+    """Killing a running job stops its child process quickly and marks it killed."""
+    marker = cluster.home / "pid-of-killed-job"
+    job = D.eval(f"import os, time\nopen({str(marker)!r}, 'w').write(str(os.getpid()))\ntime.sleep(120)")
+    pid = int(wait_for(lambda: marker.exists() and marker.read_text(), what="the job to start"))
+    start = time.monotonic()
+    assert job.kill() == "killed"
+    with pytest.raises(dsage.JobKilled):
+        job.wait(timeout=10)
+
+    def gone():
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return True
+        return False
+    wait_for(gone, timeout=10, what="the job's process to end")
+    assert time.monotonic() - start < 5
+    assert job.status == "killed"
+
+
+def test_kill_a_queued_job(D):
+    """A queued job can be killed before it runs, and then never runs."""
+    blockers = [D.eval("import time\ntime.sleep(3)") for _ in range(2)]
+    job = D.eval("open('ran', 'w')\n'ran'", priority=100)
+    assert job.status == "new"
+    job.kill()
+    for b in blockers:
+        b.wait(timeout=30)
+    assert job.status == "killed" and job.attempts == []
+
+
+def test_rerun(D):
+    """rerun runs a finished job again."""
+    job = D.eval("import random\nrandom.random()")
+    first = job.wait(timeout=30)
+    job.rerun()
+    second = job.wait(timeout=30)
+    assert first != second and len(job.attempts) == 2
+
+
+def test_large_payload_and_result_travel_in_chunks(D):
+    """Tens of MB go to a worker and come back intact."""
+    data = os.urandom(1 << 20) * 12
+    job = D.submit(lambda b: b[::-1], data)
+    assert job.wait(timeout=120) == data[::-1]
+
+
+def test_files_are_placed_in_the_working_directory(D):
+    """Job files are written beside the job, which runs in its own temporary folder."""
+    job = D.submit(dsage.Job(code="open('input.txt').read().upper()", files={"input.txt": b"abc"}))
+    assert job.wait(timeout=30) == "ABC"
+
+
+def test_listing_and_lookup(D):
+    """jobs(), job(id), workers() and status() describe what is there."""
+    job = D.eval("'listed'")
+    job.wait(timeout=30)
+    assert job.job_id in [j.job_id for j in D.jobs()]
+    assert D.job(job.job_id).result == "listed"
+    assert job.job_id in [j.job_id for j in D.jobs(status="completed")]
+    workers = D.workers()
+    assert workers[0]["slots"] == 2 and workers[0]["facts"]["cores"] >= 1
+    status = D.status()
+    assert status["workers"] == 1 and status["slots"] == 2 and status["jobs"]["completed"] >= 1
+
+
+def test_executor_and_as_completed(D):
+    """The Executor maps like concurrent.futures; as_completed yields every job once."""
+    with D.executor() as ex:
+        assert list(ex.map(abs, [-3, -2, 1])) == [3, 2, 1]
+        fut = ex.submit(divmod, 7, 0)
+        with pytest.raises(dsage.JobFailed):
+            fut.result(timeout=60)
+    jobs = [D.eval(f"import time\ntime.sleep({d})\n{d}") for d in (0.6, 0.0, 0.3)]
+    done = [j.result for j in dsage.as_completed(jobs, timeout=60)]
+    assert sorted(done) == [0.0, 0.3, 0.6]
+
+
+def test_wait_timeout(D):
+    """wait(timeout) raises TimeoutError when the job is not done in time; the job goes on."""
+    job = D.eval("import time\ntime.sleep(2)\n'late'")
+    with pytest.raises(TimeoutError):
+        job.wait(timeout=0.2)
+    assert job.wait(timeout=30) == "late"
