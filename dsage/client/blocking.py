@@ -162,9 +162,10 @@ class Dsage:
         return DsageExecutor(self)
 
     def wait_record(self, job_id: int, timeout: float | None) -> dict:
-        """Block until a job is finished; its final record."""
-        rec = self.record(job_id)
-        if rec["status"] in FINAL:
+        """Block until a job is finished (through reconnections); its final record."""
+        with self._lock:
+            rec = self._records.get(job_id)
+        if rec is not None and rec["status"] in FINAL and (rec["status"] != "completed" or "result" in rec):
             return rec
         rec = rt.call(self.client.watch, job_id, timeout=timeout)
         with self._lock:

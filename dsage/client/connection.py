@@ -148,6 +148,8 @@ class AsyncClient:
                 d.callback(summary)
 
         def failed(f):
+            if f.check(errors.ConnectionLost):
+                return  # keep waiting: the next hello looks at every watched job again
             if not d.called:
                 self._unwatch(job_id, d)
                 d.errback(f)

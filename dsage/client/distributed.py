@@ -127,7 +127,9 @@ class DistributedFunction:
                 self._kill_outstanding()
 
     def _kill_outstanding(self) -> None:
-        for handle in list(self.outstanding_jobs):
+        """Kill the jobs still outstanding (the function no longer needs them)."""
+        handles, self.outstanding_jobs = self.outstanding_jobs, []
+        for handle in handles:
             try:
                 if handle.dsage.record(handle.job_id)["status"] not in FINAL:
                     handle.kill()

@@ -59,7 +59,9 @@ class LocalCluster:
         if addr_file.exists():
             addr_file.unlink()
         log = open(self.home / "server.log", "ab")
-        self.server = subprocess.Popen(command("dsage_server"), env=self.env, stdout=log, stderr=log,
+        # A restart keeps the port, so that workers and clients find the server again.
+        port = ["--port", self.address.rsplit(":", 1)[1]] if self.address else []
+        self.server = subprocess.Popen(command("dsage_server") + port, env=self.env, stdout=log, stderr=log,
                                        start_new_session=True)
         deadline = time.monotonic() + timeout
         while not addr_file.exists():

@@ -1,0 +1,94 @@
+"""The commands a user types, as child processes against a real cluster."""
+from __future__ import annotations
+
+import os
+import stat
+import subprocess
+
+import pytest
+
+from dsage.client.local import command
+
+
+def run(home, *args, input=None):
+    env = dict(os.environ, DSAGE_HOME=str(home))
+    return subprocess.run(command("dsage") + list(args), env=env, capture_output=True, text=True,
+                          input=input, timeout=120)
+
+
+def test_init_makes_private_keys_and_is_idempotent(tmp_path):
+    """dsage init writes keys 0600, refuses to replace them without --force."""
+    home = tmp_path / "h"
+    out = run(home, "init", "--host", "lab.example.org", "--port", "9001")
+    assert out.returncode == 0, out.stderr
+    for name in ("ca.key", "server.key", "client.pem"):
+        assert stat.S_IMODE((home / name).stat().st_mode) == 0o600
+    assert stat.S_IMODE(home.stat().st_mode) == 0o700
+    assert "lab.example.org:9001" in (home / "client.pem").read_text()
+    key = (home / "ca.key").read_bytes()
+    again = run(home, "init")
+    assert again.returncode == 0 and "already set up" in again.stdout
+    assert (home / "ca.key").read_bytes() == key
+    forced = run(home, "init", "--force")
+    assert forced.returncode == 0 and (home / "ca.key").read_bytes() != key
+
+
+def test_identities_offline(tmp_path):
+    """With the server down, user and worker bundles are issued on the database directly."""
+    home = tmp_path / "h"
+    assert run(home, "init").returncode == 0
+    out = run(home, "user", "add", "alice", "--out", str(tmp_path / "alice.pem"))
+    assert out.returncode == 0, out.stderr
+    assert stat.S_IMODE((tmp_path / "alice.pem").stat().st_mode) == 0o600
+    assert run(home, "worker", "add", "lab1", "--out", str(tmp_path / "lab1.pem")).returncode == 0
+    again = run(home, "user", "add", "alice", "--out", str(tmp_path / "alice2.pem"))
+    assert again.returncode == 1 and "already exists" in again.stderr
+    listing = run(home, "user", "list").stdout
+    assert "alice" in listing and "lab1" in listing and "worker" in listing
+
+
+@pytest.mark.parametrize("args, message", [
+    (("submit",), "give a FILE or -c CODE"),
+    (("submit", "/no/such/file.py"), "cannot read"),
+    (("kill", "notanumber"), "invalid int value"),
+    (("user", "add", "bad name", "--out", "x.pem"), "invalid name"),
+])
+def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
+    """Bad input gets a clear message and a non-zero status, never a traceback."""
+    home = tmp_path / "h"
+    run(home, "init")
+    out = run(home, *args)
+    assert out.returncode != 0
+    assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_no_server_is_a_clear_error(tmp_path):
+    """Talking to a server that is not running says so."""
+    home = tmp_path / "h"
+    run(home, "init", "--port", "1")
+    out = run(home, "status")
+    assert out.returncode == 1 and "cannot connect" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_job_commands_against_a_cluster(cluster, D, tmp_path):
+    """submit --wait, jobs, job, result, kill and status work from the shell."""
+    home = cluster.home
+    script = tmp_path / "work.py"
+    script.write_text("print('from a file')\nsum(range(10))\n")
+    out = run(home, "submit", str(script), "--wait")
+    assert out.returncode == 0, out.stderr
+    job_id, *rest = out.stdout.splitlines()
+    assert rest == ["from a file", "45"]
+    assert run(home, "result", job_id).stdout.strip() == "45"
+    shown = run(home, "job", job_id).stdout
+    assert "completed" in shown and "from a file" in shown and "work.py" in shown
+    assert job_id in run(home, "jobs").stdout
+    long = run(home, "submit", "-c", "import time\ntime.sleep(60)")
+    long_id = long.stdout.strip()
+    killed = run(home, "kill", long_id)
+    assert killed.returncode == 0 and "killed" in killed.stdout
+    assert run(home, "result", long_id).returncode == 1
+    failed = run(home, "submit", "-c", "1/0", "--wait")
+    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
+    status = run(home, "status").stdout
+    assert "workers 1" in status and "worker1" in status

@@ -1,0 +1,84 @@
+"""Crashes of the server and of workers: acknowledged work survives, everyone reconnects."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import dsage
+from tests.e2e.conftest import start_cluster, wait_for
+
+
+@pytest.fixture
+def fresh(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, workers=1, slots=2, lease_seconds=3)
+    yield c
+    c.stop()
+
+
+def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh):
+    """After kill -9 of the server and a restart, acknowledged jobs are there and finish;
+    the worker and the client reconnect by themselves."""
+    D = fresh.connect()
+    try:
+        done = D.eval("'before'")
+        assert done.wait(timeout=30) == "before"
+        queued = D.map(lambda x: x * 10, range(10))
+        fresh.stop_server(signal.SIGKILL)
+        fresh.start_server()
+        assert [j.wait(timeout=60) for j in queued] == [x * 10 for x in range(10)]
+        assert D.job(done.job_id).result == "before"
+        wait_for(lambda: D.workers(), what="the worker to reconnect")
+        assert D.eval("'after'").wait(timeout=30) == "after"
+    finally:
+        D.close()
+
+
+def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path):
+    """A job on a worker killed with -9 runs on another worker once its lease expires."""
+    D = fresh.connect()
+    try:
+        marker = tmp_path / "started"
+        job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
+                     f"    open({str(marker)!r}, 'w').close()\n    time.sleep(120)\n'second try'")
+        wait_for(marker.exists, what="the first attempt to start")
+        fresh.workers[0].send_signal(signal.SIGKILL)
+        fresh.workers[0].wait()
+        fresh.add_worker(slots=1)
+        assert job.wait(timeout=60) == "second try"
+        assert job.failures == 1 and "lease" in job.attempts[0].get("error", "")
+    finally:
+        D.close()
+
+
+def test_distributed_factor_on_a_local_cluster(fresh):
+    """DistributedFactor factors a number on real workers."""
+    from dsage.examples.factor import DistributedFactor
+
+    D = fresh.connect()
+    try:
+        n = 2**64 + 1
+        f = DistributedFactor(D, n * 1000003 * 1000003)
+        f.start()
+        assert f.wait(timeout=120) == {274177: 1, 1000003: 2, 67280421310721: 1}
+        assert f.done and f.prime_factors == [274177, 1000003, 67280421310721]
+        assert len(f.processed_jobs) >= 2 and not f.outstanding_jobs
+    finally:
+        D.close()
+
+
+def test_distributed_function_that_runs_out_of_work_reports_it(fresh):
+    """A function whose next_job gives nothing while not done fails clearly, not hangs."""
+    class Stuck(dsage.DistributedFunction):
+        def next_job(self):
+            return None
+
+        def process_result(self, job):
+            pass
+
+    D = fresh.connect()
+    try:
+        with pytest.raises(dsage.DsageError, match="next_job"):
+            Stuck(D).start().wait(timeout=30)
+    finally:
+        D.close()
