@@ -44,14 +44,7 @@ def _offline_store(home: Path):
     from dsage.server.store import JobStore
 
     config = load_server_config(dsage_home=home)
-    try:
-        db = open_db(config.db_uri)
-    except Exception as e:
-        if "lock" in str(e).lower():
-            raise UserError(f"the database {config.db_uri.split('?')[0]} is in use by a running server "
-                            f"that this command could not reach") from None
-        raise
-    return JobStore(db, threaded=False)
+    return JobStore(open_db(config.db_uri), threaded=False)
 
 
 def _login_name() -> str:
@@ -210,10 +203,11 @@ def _serve(args) -> int:
             raise UserError(f"{config.home / name} is missing: run `dsage init`")
     from twisted.internet import reactor
 
-    from dsage.server.service import ServerService
+    from dsage.server.service import ServerService, open_db
 
+    db = open_db(config.db_uri)
     _start_logging(config.log_file or None)
-    service = ServerService(config, reactor)
+    service = ServerService(config, reactor, db)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

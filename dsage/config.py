@@ -21,6 +21,7 @@ class ServerConfig:
     interface: str = "127.0.0.1"
     port: int = 8081
     web_port: int = 8082
+    web_interface: str = "127.0.0.1"
     db: str = ""
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0

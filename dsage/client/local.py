@@ -48,7 +48,7 @@ class LocalCluster:
 
     def init(self) -> None:
         """`dsage init` with a free port chosen by the server."""
-        self.run("init", "--port", "0")
+        self.run("init", "--port", "0", "--web-port", "0")
         if self.lease_seconds is not None:
             conf = self.home / "server.conf"
             conf.write_text(conf.read_text().replace("lease_seconds = 60.0", f"lease_seconds = {self.lease_seconds}"))

@@ -35,6 +35,7 @@ class Hub:
         self.address = address
         self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
         self.finished_times: collections.deque = collections.deque(maxlen=100_000)
+        self.finished_total = 0
         self.dispatcher = Dispatcher(lambda reqs: store.claim(reqs, lease_seconds), store.release,
                                      store.next_retry, clock)
 
@@ -53,6 +54,7 @@ class Hub:
     def job_finished(self, summary: dict) -> None:
         """Tell the owner's client connections that a job reached a final status."""
         self.finished_times.append(self.clock.seconds())
+        self.finished_total += 1
         for conn in list(self.connections.get(summary["owner"], ())):
             if conn.role in CLIENT_ROLES:
                 conn.send_event("job_done", summary)
@@ -71,6 +73,23 @@ class Hub:
     def worker_connections(self) -> list[ServerProtocol]:
         """The connected workers."""
         return [c for conns in self.connections.values() for c in conns if c.role == "worker"]
+
+    def workers(self) -> list[dict]:
+        """The connected workers and how many of their slots are busy."""
+        return [dict(c.info, busy=len(c.running)) for c in self.worker_connections()]
+
+    def status(self) -> defer.Deferred:
+        """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
+        now = self.clock.seconds()
+        recent = sum(1 for t in self.finished_times if t >= now - 60)
+        workers = self.worker_connections()
+
+        def build(counts: dict) -> dict:
+            return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
+                    "slots": sum(c.info.get("slots", 0) for c in workers),
+                    "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0,
+                    "finished_total": self.finished_total}
+        return self.store.status().addCallback(build)
 
     def reap(self) -> defer.Deferred:
         """Return jobs with expired leases to the queue, or fail them."""
@@ -217,19 +236,11 @@ class ServerProtocol(MessageProtocol):
 
     def workers(self, args: dict) -> list[dict]:
         """The connected workers and how many of their slots are busy."""
-        return [dict(c.info, busy=len(c.running)) for c in self.hub.worker_connections()]
+        return self.hub.workers()
 
     def status(self, args: dict) -> defer.Deferred:
         """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
-        now = self.hub.clock.seconds()
-        recent = sum(1 for t in self.hub.finished_times if t >= now - 60)
-        workers = self.hub.worker_connections()
-
-        def build(counts: dict) -> dict:
-            return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
-                    "slots": sum(c.info.get("slots", 0) for c in workers),
-                    "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0}
-        return self.hub.store.status().addCallback(build)
+        return self.hub.status()
 
     # -- admins ------------------------------------------------------------------------
     def add_identity(self, args: dict) -> defer.Deferred:

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from twisted.application import internet, service
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint
+from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from dsage import tls
@@ -17,16 +17,26 @@ from dsage.server.store import JobStore
 
 
 def open_db(uri: str):
-    """Open the ZODB database named by a zodburi URI (file://, zeo://, postgres://, ...)."""
+    """Open the ZODB database named by a zodburi URI (file://, zeo://, postgres://, ...).
+
+    Raises ValueError with a clear message when the URI is wrong or the file is in use."""
     import ZODB
+    from zc.lockfile import LockError
     from zodburi import resolve_uri
 
     if uri.startswith("file://"):
         path = Path(uri[len("file://"):].split("?", 1)[0])
         path.parent.mkdir(parents=True, exist_ok=True)
-    storage_factory, dbkw = resolve_uri(uri)
+    try:
+        storage_factory, dbkw = resolve_uri(uri)
+    except Exception as e:
+        raise ValueError(f"bad database URI {uri!r}: {e}") from None
     dbkw.setdefault("cache_size", 100_000)
-    return ZODB.DB(storage_factory(), **dbkw)
+    try:
+        return ZODB.DB(storage_factory(), **dbkw)
+    except LockError:
+        raise ValueError(f"the database {uri.split('?')[0]} is in use by another process "
+                         f"(is a dsage_server already running?)") from None
 
 
 class ServerService(service.MultiService):
@@ -34,18 +44,20 @@ class ServerService(service.MultiService):
 
     log = Logger()
 
-    def __init__(self, config: ServerConfig, reactor) -> None:
+    def __init__(self, config: ServerConfig, reactor, db=None) -> None:
         super().__init__()
         self.config = config
+        self.db = db
         self.reactor = reactor
         self.store: JobStore | None = None
         self.hub: Hub | None = None
         self.port = None
+        self.web_port = None
 
     def startService(self) -> None:
         home = self.config.home
         self.log.info("opening database {uri}", uri=self.config.db_uri.split("?")[0])
-        self.store = JobStore(open_db(self.config.db_uri), reactor=self.reactor)
+        self.store = JobStore(self.db or open_db(self.config.db_uri), reactor=self.reactor)
         self.store.start()
         ca = tls.Authority.load(home) if (home / "ca.key").exists() else None
         self.hub = Hub(self.store, self.reactor, lease_seconds=self.config.lease_seconds,
@@ -72,6 +84,24 @@ class ServerService(service.MultiService):
         os.replace(tmp, addr_file)
         self.log.info("dsage_server listening on {interface}:{port} (TLS, client certificates required)",
                       interface=self.config.interface, port=port)
+        await self._listen_web()
+
+    async def _listen_web(self) -> None:
+        """The dashboard, JSON API and metrics; a failure here does not stop the server."""
+        from dsage.server.web import site
+
+        if self.config.web_port < 0:
+            return
+        endpoint = TCP4ServerEndpoint(self.reactor, self.config.web_port, interface=self.config.web_interface)
+        try:
+            self.web_port = await endpoint.listen(site(self.hub))
+        except Exception as e:
+            self.log.error("dashboard not started: cannot listen on {interface}:{port}: {why}",
+                           interface=self.config.web_interface, port=self.config.web_port, why=str(e))
+            return
+        url = f"http://{self.config.web_interface}:{self.web_port.getHost().port}/"
+        (self.config.home / "server.web").write_text(url + "\n")
+        self.log.info("dashboard, JSON API and metrics at {url}", url=url)
 
     def _listen(self) -> defer.Deferred:
         return defer.Deferred.fromCoroutine(self._listen_async())
@@ -81,8 +111,9 @@ class ServerService(service.MultiService):
         self.reactor.stop()
 
     async def _stop(self) -> None:
-        if self.port is not None:
-            await self.port.stopListening()
+        for port in (self.port, self.web_port):
+            if port is not None:
+                await port.stopListening()
         await service.MultiService.stopService(self)
         if self.hub is not None:
             self.hub.dispatcher.stop()

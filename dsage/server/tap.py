@@ -1,0 +1,36 @@
+"""`twist dsage-server`: the server as a twistd plugin (same options as dsage_server)."""
+from __future__ import annotations
+
+import dataclasses
+
+from twisted.python import usage
+
+from dsage.config import home, load_server_config
+
+
+class Options(usage.Options):
+    """Command-line options of the dsage-server plugin."""
+
+    optParameters = [
+        ["config", "c", None, "server.conf to read (default $DSAGE_HOME/server.conf)"],
+        ["port", "p", None, "TLS port for workers and clients", int],
+        ["web-port", None, None, "HTTP port of the dashboard", int],
+        ["db", None, None, "storage URI (zodburi)"],
+    ]
+
+
+def makeService(options: Options):
+    """Build the server's service tree from the options."""
+    from twisted.internet import reactor
+
+    from dsage.server.service import ServerService, open_db
+
+    config = load_server_config(options["config"], home())
+    overrides = {k: v for k, v in (("port", options["port"]), ("web_port", options["web-port"]),
+                                   ("db", options["db"])) if v is not None}
+    config = dataclasses.replace(config, **overrides)
+    try:
+        db = open_db(config.db_uri)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
+    return ServerService(config, reactor, db)

@@ -1,0 +1,36 @@
+"""The dashboard, JSON API and metrics of a running server."""
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+
+def get(cluster, path):
+    base = (cluster.home / "server.web").read_text().strip().rstrip("/")
+    assert base.startswith("http://127.0.0.1:"), "bound to the loopback interface by default"
+    with urllib.request.urlopen(base + path, timeout=10) as response:
+        return response.headers.get("content-type"), response.read().decode()
+
+
+def test_json_api_and_metrics(cluster, D):
+    """status, workers, jobs and metrics describe the cluster; unknown jobs are 404."""
+    job = D.eval("'web'")
+    job.wait(timeout=30)
+    kind, body = get(cluster, "/api/v1/status")
+    status = json.loads(body)
+    assert kind.startswith("application/json") and status["workers"] == 1 and status["slots"] == 2
+    assert json.loads(get(cluster, "/api/v1/workers")[1])[0]["name"] == "worker1"
+    jobs = json.loads(get(cluster, "/api/v1/jobs?status=completed")[1])
+    assert job.job_id in [j["job_id"] for j in jobs] and all("result" not in j for j in jobs)
+    one = json.loads(get(cluster, f"/api/v1/jobs/{job.job_id}")[1])
+    assert one["status"] == "completed" and "payload" not in one and "result" not in one
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get(cluster, "/api/v1/jobs/999999")
+    assert info.value.code == 404
+    metrics = get(cluster, "/metrics")[1]
+    assert 'dsage_jobs{status="completed"}' in metrics and "dsage_workers 1" in metrics
+    page = get(cluster, "/")[1]
+    assert "<h1>dsage</h1>" in page and "worker1" in page
