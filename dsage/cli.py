@@ -126,6 +126,8 @@ def _offline_admin(home: Path, verb: str, args: dict):
             return {"bundle": bundle.dumps()}
         if verb == "revoke":
             return _sync(store.revoke(args["name"]))
+        if verb == "pack":
+            return _sync(store.pack(args.get("days", 0)))
         return _sync(store.identities())
     finally:
         store.stop()
@@ -366,6 +368,12 @@ def cmd_status(args) -> int:
     return 0
 
 
+def cmd_pack(args) -> int:
+    out = _admin_call("pack", days=args.days)
+    print(f"packed: {out['before'] / 1e6:.1f} MB -> {out['after'] / 1e6:.1f} MB")
+    return 0
+
+
 def cmd_demo(args) -> int:
     from dsage.examples.demo import run_demo
 
@@ -431,6 +439,10 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("id", type=int)
         p.set_defaults(func=func)
     client_parser("status", "workers, slots, queue depth, jobs/s").set_defaults(func=cmd_status)
+
+    p = sub.add_parser("pack", help="database maintenance: drop old object revisions (admins)")
+    p.add_argument("--days", type=float, default=0, help="keep this many days of history")
+    p.set_defaults(func=cmd_pack)
 
     p = sub.add_parser("demo", help="a local cluster factoring a number with DistributedFactor")
     p.add_argument("--workers", type=int, default=2)

@@ -23,7 +23,11 @@ def connect(address: str | None = None, cert: str | None = None, timeout: float 
     """Connect to a dsage server (see `dsage.connect`)."""
     from dsage.config import home
 
-    bundle = tls.Bundle.load(cert or home() / "client.pem")
+    try:
+        bundle = tls.Bundle.load(cert or home() / "client.pem")
+    except ValueError as e:
+        raise errors.DsageError(f"{e}: run `dsage init` on the server machine, or pass cert= "
+                                f"a bundle from `dsage user add`") from None
     if bundle.role == "worker":
         raise errors.AuthError(f"{cert or 'this bundle'} is a worker's bundle; clients need a user bundle")
 
@@ -120,10 +124,7 @@ class Dsage:
         handles: list[JobHandle] = []
         jobs = iter(jobs)
         while batch := list(itertools.islice(jobs, SUBMIT_BATCH)):
-            args = {"jobs": [j.to_wire() for j in batch]}
-            if function_id:
-                args["function_id"] = function_id
-            ids = self._call("submit", **args)["job_ids"]
+            ids = rt.call(self.client.submit_many, batch, function_id, timeout=CALL_TIMEOUT)
             handles.extend(JobHandle(self, i) for i in ids)
         return handles
 

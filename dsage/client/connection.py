@@ -125,6 +125,59 @@ class AsyncClient:
         """Send a request once connected; fires with the server's reply."""
         return defer.Deferred.fromCoroutine(self._call(verb, args))
 
+    # -- the API, as Deferreds -----------------------------------------------------------
+    def submit(self, func, *args, **kwargs) -> defer.Deferred:
+        """Submit a callable (or a `dsage.Job`); fires with the job id."""
+        from dsage.job import Job
+
+        job = func if isinstance(func, Job) else Job(func=func, args=args, kwargs=kwargs)
+        return self.submit_many([job]).addCallback(lambda ids: ids[0])
+
+    def eval(self, code: str, **options) -> defer.Deferred:
+        """Submit a code string (options as for `dsage.Job`); fires with the job id."""
+        from dsage.job import Job
+
+        return self.submit(Job(code=code, **options))
+
+    def submit_many(self, jobs, function_id: str | None = None) -> defer.Deferred:
+        """Submit jobs in one transaction; fires with their ids."""
+        args = {"jobs": [j.to_wire() for j in jobs]}
+        if function_id:
+            args["function_id"] = function_id
+        return self.call("submit", **args).addCallback(lambda reply: reply["job_ids"])
+
+    def map(self, func, *iterables) -> defer.Deferred:
+        """One job per item; fires with the ids in item order."""
+        from dsage.job import Job
+
+        return self.submit_many([Job(func=func, args=args) for args in zip(*iterables)])
+
+    def result(self, job_id: int) -> defer.Deferred:
+        """Fires with the job's result once finished (or fails with JobFailed / JobKilled)."""
+        from dsage.client.blocking import outcome
+
+        return self.watch(job_id).addCallback(outcome)
+
+    def job(self, job_id: int) -> defer.Deferred:
+        """Fires with the job's record."""
+        return self.call("get_job", job_id=job_id)
+
+    def jobs(self, status: str | None = None, all: bool = False) -> defer.Deferred:
+        """Fires with the records of your jobs (without results)."""
+        return self.call("list_jobs", status=status, all=all)
+
+    def kill(self, job_id: int) -> defer.Deferred:
+        """Kill a job; fires with its record."""
+        return self.call("kill", job_id=job_id)
+
+    def workers(self) -> defer.Deferred:
+        """Fires with the connected workers."""
+        return self.call("workers")
+
+    def status(self) -> defer.Deferred:
+        """Fires with the cluster's status."""
+        return self.call("status")
+
     # -- finished jobs -----------------------------------------------------------------
     def job_event(self, summary: dict) -> None:
         """A job of ours reached a final status."""

@@ -270,6 +270,14 @@ class ServerProtocol(MessageProtocol):
         """Every user and worker."""
         return self.hub.store.identities()
 
+    def pack(self, args: dict) -> defer.Deferred:
+        """Pack the database (drop old object revisions)."""
+        days = args.get("days", 0)
+        if not isinstance(days, (int, float)) or days < 0:
+            raise ValueError("days must be a number >= 0")
+        self.log.info("packing the database (keeping {days} days of history)", days=days)
+        return self.hub.store.pack(float(days))
+
     # -- workers -----------------------------------------------------------------------
     def take(self, args: dict) -> defer.Deferred:
         """Long-poll: replies when at least one job is leased to this worker."""
@@ -348,6 +356,7 @@ HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "add_identity": (ADMIN, ServerProtocol.add_identity),
     "revoke": (ADMIN, ServerProtocol.revoke),
     "identities": (ADMIN, ServerProtocol.identities),
+    "pack": (ADMIN, ServerProtocol.pack),
     "take": (WORKER, ServerProtocol.take),
     "report": (WORKER, ServerProtocol.report),
     "heartbeat": (WORKER, ServerProtocol.heartbeat),

@@ -374,6 +374,29 @@ class JobStore:
                 n += 1
         return n
 
+    # -- maintenance -----------------------------------------------------------------------
+    def pack(self, days: float = 0.0) -> defer.Deferred:
+        """Drop object history older than `days` from the storage; fires with sizes in bytes.
+
+        Packing runs in a thread of its own, beside the writer (FileStorage allows it)."""
+        def work() -> dict:
+            before = self.db.getSize()
+            self.db.pack(days=days)
+            return {"before": before, "after": self.db.getSize()}
+        if not self.threaded:
+            return defer.maybeDeferred(work)
+        d: defer.Deferred = defer.Deferred()
+
+        def run() -> None:
+            try:
+                result = work()
+            except Exception:
+                self.reactor.callFromThread(d.errback, Failure())
+            else:
+                self.reactor.callFromThread(d.callback, result)
+        threading.Thread(target=run, name="dsage-pack", daemon=True).start()
+        return d
+
     # -- helpers (store thread only) ---------------------------------------------------
     def _own(self, root: Root, requester: str, role: str, job_id: int) -> JobRecord:
         job = root.jobs.get(int(job_id))

@@ -92,3 +92,14 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
     status = run(home, "status").stdout
     assert "workers 1" in status and "worker1" in status
+
+
+def test_pack_online_and_offline(cluster, D, tmp_path):
+    """dsage pack works through the running server and on a stopped one's database."""
+    D.eval("1").wait(timeout=30)
+    out = run(cluster.home, "pack")
+    assert out.returncode == 0 and "packed" in out.stdout, out.stderr
+    home = tmp_path / "h"
+    run(home, "init")
+    out = run(home, "pack")
+    assert out.returncode == 0 and "packed" in out.stdout, out.stderr

@@ -161,3 +161,31 @@ def test_wait_timeout(D):
     with pytest.raises(TimeoutError):
         job.wait(timeout=0.2)
     assert job.wait(timeout=30) == "late"
+
+
+def test_jobs_run_niced_in_a_private_folder_with_a_clean_environment(D):
+    """The child runs at the worker's nice level, in a temporary folder removed afterwards,
+    without the worker's DSAGE_* settings."""
+    nice, env, cwd = D.eval("import os\n(os.nice(0), sorted(k for k in os.environ if k.startswith('DSAGE_') and "
+                            "k != 'DSAGE_JOB_ID'), os.getcwd())").wait(timeout=30)
+    assert nice == 10 and env == []
+    assert "dsage-job" in cwd and not os.path.exists(cwd)
+
+
+def test_async_api(cluster, D):
+    """connect_async gives the same calls as Deferreds."""
+    from dsage.client import connect_async
+    from dsage.client import reactor as rt
+
+    client = rt.call(connect_async, cluster.address, str(cluster.home / "client.pem"), timeout=30)
+    try:
+        job_id = rt.call(client.eval, "6 * 7", timeout=30)
+        assert rt.call(client.result, job_id, timeout=30) == 42
+        ids = rt.call(client.map, abs, [-1, -2], timeout=30)
+        assert [rt.call(client.result, i, timeout=30) for i in ids] == [1, 2]
+        bad = rt.call(client.submit, divmod, 1, 0, timeout=30)
+        with pytest.raises(dsage.JobFailed):
+            rt.call(client.result, bad, timeout=60)
+        assert rt.call(client.status, timeout=30)["workers"] == 1
+    finally:
+        rt.call(client.stop, timeout=10)
