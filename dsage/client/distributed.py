@@ -1,5 +1,13 @@
-"""DistributedFunction: a long computation that keeps workers fed with jobs and processes
-their results as they come back."""
+"""DistributedFunction: a long computation that keeps workers fed with jobs, processes their
+results as they come back, and survives the loss of any process.
+
+Every step of the driver is one checkpoint on the server, in one transaction: the results
+processed since the last step, the function's new pickled state, and the jobs it asked for.
+So after a crash (of the client, the server or a worker) `restore()` resumes from the last
+checkpoint: the jobs it had submitted are known, the results it had processed are not given
+to it again, and every other result is.  Jobs keep running, and results wait on the server,
+while no client is connected.
+"""
 from __future__ import annotations
 
 import queue
@@ -8,9 +16,15 @@ import time
 import uuid
 from typing import Any
 
+import cloudpickle
+
 from dsage import errors
 from dsage.client import reactor as rt
 from dsage.job import FINAL, Job
+
+#: attributes that belong to one process's session, never to the checkpoint.
+_SESSION_ATTRS = ("dsage", "_thread", "_stopping", "_lock", "_events", "outstanding_jobs",
+                  "processed_jobs", "error", "start_time", "end_time")
 
 
 class DistributedFunction:
@@ -22,19 +36,32 @@ class DistributedFunction:
     window: int | None = None
 
     def __init__(self, dsage, name: str | None = None) -> None:
-        self.dsage = dsage
         self.name = name or f"{type(self).__name__}-{uuid.uuid4().hex[:12]}"
         self.done = False
         self.result: Any = None
-        self.outstanding_jobs: list = []
         self.waiting_jobs: list[Job] = []
+        self._started = False
+        self._attach(dsage)
+
+    def _attach(self, dsage) -> None:
+        self.dsage = dsage
+        self.outstanding_jobs: list = []
         self.processed_jobs: list = []
         self.error: BaseException | None = None
         self.start_time: float | None = None
         self.end_time: float | None = None
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._lock = threading.RLock()
+        self._events: queue.SimpleQueue = queue.SimpleQueue()
 
+    def __getstate__(self) -> dict:
+        return {k: v for k, v in self.__dict__.items() if k not in _SESSION_ATTRS}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+    # -- what subclasses write -----------------------------------------------------------
     def next_job(self) -> Job | None:
         """The next job to run, or None if none is ready now (override)."""
         raise NotImplementedError
@@ -43,6 +70,7 @@ class DistributedFunction:
         """Handle one finished job (override)."""
         raise NotImplementedError
 
+    # -- control -------------------------------------------------------------------------
     @property
     def elapsed(self) -> float:
         """Seconds since `start()` (until finished)."""
@@ -51,9 +79,14 @@ class DistributedFunction:
         return (self.end_time or time.monotonic()) - self.start_time
 
     def start(self) -> DistributedFunction:
-        """Start feeding jobs and processing results in a background thread."""
+        """Start (or, after `restore`, resume) feeding jobs and processing results."""
         if self._thread is not None:
             raise errors.DsageError(f"{self.name} is already started")
+        with self._lock:
+            if not self._started:
+                self._started = True
+                rt.call(self.dsage.client.call, "function_start", name=self.name, state=self._pickle(),
+                        timeout=120)
         self.start_time = time.monotonic()
         self._thread = threading.Thread(target=self._drive, name=f"dsage-{self.name}", daemon=True)
         self._thread.start()
@@ -62,7 +95,7 @@ class DistributedFunction:
     def wait(self, timeout: float | None = None) -> Any:
         """Block until done; returns `result` (TimeoutError if `timeout` passes first)."""
         if self._thread is None:
-            raise errors.DsageError(f"{self.name} was not started")
+            raise errors.DsageError(f"{self.name} was not started (call start())")
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"{self.name} not done within {timeout:g} s")
@@ -71,11 +104,46 @@ class DistributedFunction:
         return self.result
 
     def stop(self) -> None:
-        """Stop submitting, kill the outstanding jobs and end the driver thread."""
+        """Stop this client's driver (the checkpoint and the jobs stay on the server)."""
         self._stopping.set()
         if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(30)
-        self._kill_outstanding()
+            self._thread.join(60)
+
+    def save(self) -> None:
+        """Checkpoint now (the driver also does it at every step)."""
+        if not self._started:
+            raise errors.DsageError(f"{self.name} was not started: nothing to save")
+        with self._lock:
+            self._step([], [])
+
+    @classmethod
+    def restore(cls, dsage, name: str) -> DistributedFunction:
+        """The function `name` as of its last checkpoint, ready to `start()` again."""
+        rec = dsage._call("function_get", name=name)
+        try:
+            self = cloudpickle.loads(rec["state"])
+        except Exception as e:
+            raise errors.DsageError(f"cannot unpickle the function {name!r} here: {e!r} "
+                                    f"(is its class importable in this program?)") from None
+        if not isinstance(self, DistributedFunction):
+            raise errors.DsageError(f"{name!r} is not a DistributedFunction")
+        self._attach(dsage)
+        from dsage.client.blocking import JobHandle
+
+        processed = set(rec["processed"])
+        self.processed_jobs = [JobHandle(dsage, i) for i in rec["jobs"] if i in processed]
+        self.outstanding_jobs = [] if rec["done"] else [JobHandle(dsage, i) for i in rec["jobs"]
+                                                        if i not in processed]
+        for handle in self.outstanding_jobs:
+            self._watch(handle.job_id)
+        return self
+
+    # -- the driver ------------------------------------------------------------------------
+    def _pickle(self) -> bytes:
+        try:
+            return cloudpickle.dumps(self)
+        except Exception as e:
+            raise errors.DsageError(f"cannot checkpoint {self.name}: its state does not pickle: {e!r}") from None
 
     def _window(self) -> int:
         if self.window:
@@ -85,53 +153,76 @@ class DistributedFunction:
         except errors.DsageError:
             return 2
 
-    def _fill(self, events: queue.SimpleQueue, window: int) -> bool:
-        """Submit jobs until the window is full; False when next_job had none to give."""
-        while len(self.outstanding_jobs) < window and not self.done and not self._stopping.is_set():
-            job = self.waiting_jobs.pop(0) if self.waiting_jobs else self.next_job()
-            if job is None:
-                return False
-            handle = self.dsage.submit_many([job], function_id=self.name)[0]
-            self.outstanding_jobs.append(handle)
-            rt.call(lambda i=handle.job_id: self.dsage.client.watch(i).addBoth(lambda r: events.put((i, r))))
-        return True
+    def _watch(self, job_id: int) -> None:
+        rt.call(lambda: self.dsage.client.watch(job_id).addBoth(lambda r: self._events.put((job_id, r))))
+
+    def _step(self, processed: list[int], jobs: list[Job]) -> None:
+        """One checkpoint on the server; new jobs become outstanding."""
+        from dsage.client.blocking import JobHandle
+
+        reply = rt.call(self.dsage.client.call, "function_step", name=self.name, state=self._pickle(),
+                        processed=processed, jobs=[j.to_wire() for j in jobs], done=bool(self.done),
+                        timeout=120)
+        for job_id in reply["job_ids"]:
+            self.outstanding_jobs.append(JobHandle(self.dsage, job_id))
+            self._watch(job_id)
+
+    def _next_events(self) -> list:
+        """Finished jobs: wait a moment for the first, then take whatever else is there."""
+        try:
+            got = [self._events.get(timeout=0.25)]
+        except queue.Empty:
+            return []
+        while True:
+            try:
+                got.append(self._events.get_nowait())
+            except queue.Empty:
+                return got
 
     def _drive(self) -> None:
-        events: queue.SimpleQueue = queue.SimpleQueue()
         try:
             window = self._window()
-            while not self.done and not self._stopping.is_set():
-                more = self._fill(events, window)
-                if not self.outstanding_jobs:
-                    if not more:
-                        raise errors.DsageError(f"{self.name}: next_job() gave no job, none is "
-                                                f"outstanding, and done is still False")
-                    continue
-                try:
-                    job_id, rec = events.get(timeout=0.25)
-                except queue.Empty:
-                    continue
-                if not isinstance(rec, dict):
-                    rec.raiseException()
-                handle = next(h for h in self.outstanding_jobs if h.job_id == job_id)
-                self.outstanding_jobs.remove(handle)
-                with self.dsage._lock:
-                    self.dsage._remember(rec)
-                self.processed_jobs.append(handle)
-                self.process_result(handle)
+            starved = False
+            while not self._stopping.is_set():
+                with self._lock:
+                    processed = self._process(self._next_events() if self.outstanding_jobs or starved else [])
+                    new: list[Job] = []
+                    while not self.done and len(self.outstanding_jobs) + len(new) < window:
+                        job = self.waiting_jobs.pop(0) if self.waiting_jobs else self.next_job()
+                        if job is None:
+                            break
+                        new.append(job)
+                    if processed or new or self.done:
+                        self._step(processed, new)
+                    if self.done:
+                        self.outstanding_jobs = []
+                        return
+                    if not self.outstanding_jobs:
+                        if starved:
+                            raise errors.DsageError(f"{self.name}: next_job() gave no job, none is "
+                                                    f"outstanding, and done is still False")
+                        starved = True
+                    else:
+                        starved = False
         except BaseException as e:
             self.error = e
         finally:
             self.end_time = time.monotonic()
-            if self.done:
-                self._kill_outstanding()
 
-    def _kill_outstanding(self) -> None:
-        """Kill the jobs still outstanding (the function no longer needs them)."""
-        handles, self.outstanding_jobs = self.outstanding_jobs, []
-        for handle in handles:
-            try:
-                if handle.dsage.record(handle.job_id)["status"] not in FINAL:
-                    handle.kill()
-            except errors.DsageError:
-                pass
+    def _process(self, events: list) -> list[int]:
+        """Give each finished job to process_result, once; their ids."""
+        done_ids = []
+        for job_id, rec in events:
+            if not isinstance(rec, dict):
+                rec.raiseException()
+            handle = next((h for h in self.outstanding_jobs if h.job_id == job_id), None)
+            if handle is None or rec["status"] not in FINAL:
+                continue
+            self.outstanding_jobs.remove(handle)
+            with self.dsage._lock:
+                self.dsage._remember(rec)
+            if not self.done:
+                self.process_result(handle)
+            self.processed_jobs.append(handle)
+            done_ids.append(job_id)
+        return done_ids

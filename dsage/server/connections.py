@@ -242,6 +242,39 @@ class ServerProtocol(MessageProtocol):
         """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
         return self.hub.status()
 
+    # -- distributed functions ------------------------------------------------------------
+    def function_start(self, args: dict) -> defer.Deferred:
+        """Record a new DistributedFunction with its first checkpoint."""
+        name, state = _function_args(args)
+        return self.hub.store.function_start(self.identity, name, state)
+
+    def function_step(self, args: dict) -> defer.Deferred:
+        """One checkpoint: processed results, the new state and new jobs, atomically."""
+        name, state = _function_args(args)
+        processed, jobs = args.get("processed", []), args.get("jobs", [])
+        if not isinstance(processed, list) or not all(isinstance(i, int) for i in processed):
+            raise ValueError("processed must be a list of job ids")
+        if not isinstance(jobs, list):
+            raise ValueError("jobs must be a list")
+        d = self.hub.store.function_step(self.identity, name, state, processed, jobs, bool(args.get("done")))
+
+        def stepped(out: dict) -> dict:
+            if out["job_ids"]:
+                self.hub.dispatcher.work_arrived()
+            for running in out["running"]:
+                self.hub.stop_running(running)
+            for summary in out["killed"]:
+                self.hub.job_finished(summary)
+            return {"job_ids": out["job_ids"]}
+        return d.addCallback(stepped)
+
+    def function_get(self, args: dict) -> defer.Deferred:
+        """A function's last checkpoint."""
+        name = args.get("name")
+        if not isinstance(name, str) or not name:
+            raise ValueError("a function needs a name")
+        return self.hub.store.function_get(self.identity, self.role, name)
+
     # -- admins ------------------------------------------------------------------------
     def add_identity(self, args: dict) -> defer.Deferred:
         """Issue a bundle for a new user or worker."""
@@ -325,6 +358,15 @@ class ServerProtocol(MessageProtocol):
             lambda lost: {"lost": lost})
 
 
+def _function_args(args: dict) -> tuple[str, bytes]:
+    name, state = args.get("name"), args.get("state")
+    if not isinstance(name, str) or not 0 < len(name) <= 200:
+        raise ValueError("a function needs a name of 1 to 200 characters")
+    if not isinstance(state, bytes):
+        raise ValueError("a function's state must be bytes")
+    return name, state
+
+
 def _job_id(args: dict) -> int:
     job_id = args.get("job_id")
     if not isinstance(job_id, int) or isinstance(job_id, bool):
@@ -353,6 +395,9 @@ HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "rerun": (CLIENT_ROLES, ServerProtocol.rerun),
     "workers": (CLIENT_ROLES, ServerProtocol.workers),
     "status": (CLIENT_ROLES, ServerProtocol.status),
+    "function_start": (CLIENT_ROLES, ServerProtocol.function_start),
+    "function_step": (CLIENT_ROLES, ServerProtocol.function_step),
+    "function_get": (CLIENT_ROLES, ServerProtocol.function_get),
     "add_identity": (ADMIN, ServerProtocol.add_identity),
     "revoke": (ADMIN, ServerProtocol.revoke),
     "identities": (ADMIN, ServerProtocol.identities),

@@ -88,6 +88,22 @@ class JobRecord(Persistent):
         self.seq = 0
 
 
+class FunctionRecord(Persistent):
+    """A DistributedFunction's checkpoint: its pickled state, its jobs, the results processed."""
+
+    done = False
+
+    def __init__(self, owner: str, name: str, state: Persistent, created: float) -> None:
+        self.owner = owner
+        self.name = name
+        self.state = state
+        self.jobs = LLTreeSet()
+        self.processed = LLTreeSet()
+        self.created = created
+        self.updated = created
+        self.steps = 0
+
+
 class Root(Persistent):
     """The dsage application root, under ``root()['dsage']``."""
 
@@ -101,6 +117,7 @@ class Root(Persistent):
         self.by_owner = OOBTree()             # owner -> LLTreeSet of job ids
         self.identities = OOBTree()           # name -> Identity
         self.counts = PersistentMapping()     # status -> number of jobs
+        self.functions = OOBTree()            # (owner, name) -> FunctionRecord
         self.next_job_id = 1
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:

@@ -1,0 +1,91 @@
+"""DistributedFunction: checkpoints on the server, kill -9 of the client, restore."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import dsage
+from tests.e2e.conftest import start_cluster
+from tests.support.functions import SumOfSquares
+
+SCRIPT = os.path.join(os.path.dirname(os.path.dirname(__file__)), "support", "df_client.py")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory):
+    c = start_cluster(tmp_path_factory, workers=1, slots=2)
+    yield c
+    c.stop()
+
+
+def client(cluster, name, mode, n, chunk, delay):
+    return subprocess.Popen([sys.executable, SCRIPT, cluster.address, str(cluster.home / "client.pem"), name,
+                             mode, str(n), str(chunk), str(delay)], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def expected(n):
+    return sum(k * k for k in range(1, n + 1))
+
+
+def test_checkpointed_function_runs_to_the_right_answer(cluster):
+    """A function runs, checkpoints, and knows its jobs; restore after done gives the result."""
+    D = cluster.connect()
+    try:
+        f = SumOfSquares(D, 200, 10, "plain")
+        assert f.start().wait(timeout=120) == expected(200)
+        assert sorted(f.seen) == sorted(set(f.seen)) and len(f.seen) == 20
+        again = dsage.DistributedFunction.restore(D, "plain")
+        assert again.done and again.result == expected(200) and again.outstanding_jobs == []
+        with pytest.raises(dsage.RemoteError, match="no distributed function"):
+            dsage.DistributedFunction.restore(D, "never-made")
+    finally:
+        D.close()
+
+
+def test_restore_of_another_users_function_is_refused(cluster):
+    """A function belongs to its owner."""
+    path = cluster.home / "dave.pem"
+    cluster.run("user", "add", "dave", "--out", str(path))
+    D = cluster.connect()
+    dave = cluster.connect(str(path))
+    try:
+        SumOfSquares(D, 10, 5, "owned").start().wait(timeout=60)
+        with pytest.raises(dsage.AuthError):
+            dsage.DistributedFunction.restore(dave, "owned")
+    finally:
+        D.close()
+        dave.close()
+
+
+def test_kill9_of_the_client_then_restore_processes_every_result_once(cluster):
+    """The client is killed with -9 at random moments; each restore resumes from the last
+    checkpoint; the final answer is right and no result was processed twice."""
+    seed = random.randrange(1 << 30)
+    rng = random.Random(seed)
+    n, chunk, name = 600, 10, f"chaos-{seed}"
+    kills, mode = 0, "start"
+    for _ in range(3):
+        proc = client(cluster, name, mode, n, chunk, 0.02)
+        assert proc.stdout.readline().strip() == "running", f"seed {seed}"
+        time.sleep(rng.uniform(0.2, 1.2))
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            kills += 1
+        proc.wait()
+        mode = "restore"
+    proc = client(cluster, name, "restore", n, chunk, 0.0)
+    out, _ = proc.communicate(timeout=300)
+    lines = out.strip().splitlines()
+    assert lines[0] == "running" and proc.returncode == 0, f"seed {seed}: {out}"
+    final = json.loads(lines[-1])
+    assert final["result"] == expected(n), f"seed {seed}"
+    assert len(final["seen"]) == len(set(final["seen"])) == n // chunk, f"seed {seed}: duplicates or gaps"
+    assert kills >= 1, f"seed {seed}: the client was never killed"
