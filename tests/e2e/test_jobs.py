@@ -117,11 +117,13 @@ def test_rerun(D):
     assert first != second and len(job.attempts) == 2
 
 
-def test_large_payload_and_result_travel_in_chunks(D):
-    """Tens of MB go to a worker and come back intact."""
+def test_large_payload_and_result_travel_in_chunks(D, cluster):
+    """Tens of MB go to a worker and come back intact, stored in blobs beside the database."""
     data = os.urandom(1 << 20) * 12
     job = D.submit(lambda b: b[::-1], data)
     assert job.wait(timeout=120) == data[::-1]
+    assert job.status == "completed"
+    assert (cluster.home / "db" / "dsage.fs").stat().st_size < 4 << 20, "payloads must not bloat the FileStorage"
 
 
 def test_files_are_placed_in_the_working_directory(D):

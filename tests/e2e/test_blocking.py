@@ -1,0 +1,52 @@
+"""The blocking client in the places users run it: a script interrupted with Ctrl-C, and a
+program whose main thread runs an asyncio loop (as a Jupyter kernel does)."""
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+
+def python(cluster, code: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True,
+                            env={"DSAGE_HOME": str(cluster.home), "PATH": "/usr/bin:/bin"})
+
+
+def test_ctrl_c_interrupts_a_wait(cluster, D):
+    """SIGINT during job.wait() raises KeyboardInterrupt at once; the job is untouched."""
+    proc = python(cluster, f"""
+        import dsage
+        D = dsage.connect({cluster.address!r})
+        job = D.eval("import time\\ntime.sleep(30)")
+        print(job.job_id, flush=True)
+        try:
+            job.wait()
+        except KeyboardInterrupt:
+            print("interrupted", flush=True)
+    """)
+    job_id = int(proc.stdout.readline())
+    time.sleep(0.5)
+    start = time.monotonic()
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=20)
+    assert "interrupted" in out, err
+    assert time.monotonic() - start < 5
+    assert D.job(job_id).status in ("new", "processing")
+    D.job(job_id).kill()
+
+
+def test_blocking_calls_inside_a_running_asyncio_loop(cluster, D):
+    """Like a notebook cell: blocking calls made while the main thread runs asyncio."""
+    proc = python(cluster, f"""
+        import asyncio, dsage
+        async def cell():
+            D = dsage.connect({cluster.address!r})
+            print(D.eval("40 + 2").wait(timeout=30), flush=True)
+            print([j.wait(timeout=30) for j in D.map(abs, [-1, -2])], flush=True)
+        asyncio.run(cell())
+    """)
+    out, err = proc.communicate(timeout=60)
+    assert out.split() == ["42", "[1,", "2]"], err
