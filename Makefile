@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find dsage twisted -name '*.py' -o -name '*.pov' 2>/dev/null)
 
-.PHONY: install test unit e2e demo bench clean
+.PHONY: install system test unit e2e demo bench clean
+
+# The examples' engines: GMP-ECM (DistributedFactor) and POV-Ray (DistributedPOVRay).
+SYSTEM_PACKAGES := gmp-ecm povray
 
 $(STAMP): setup.cfg pyproject.toml $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -15,7 +18,16 @@ $(STAMP): setup.cfg pyproject.toml $(SOURCES)
 
 install: $(STAMP)
 
-test: $(STAMP)
+system:
+	@missing=""; command -v ecm >/dev/null || missing="$$missing gmp-ecm"; \
+	command -v povray >/dev/null || missing="$$missing povray"; \
+	if [ -n "$$missing" ]; then \
+	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
+	  else echo "note: install$$missing (Debian packages) for the examples"; fi; \
+	fi
+
+test: system $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests
 
 unit: $(STAMP)
@@ -24,7 +36,7 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
-demo: $(STAMP)
+demo: system $(STAMP)
 	$(BIN)/dsage demo --workers 2
 
 clean:

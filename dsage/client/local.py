@@ -80,8 +80,8 @@ class LocalCluster:
             _end(self.server, sig)
             self.server = None
 
-    def add_worker(self, slots: int = 1, name: str | None = None) -> subprocess.Popen:
-        """Issue a worker bundle (once per name) and start a dsage_worker."""
+    def add_worker(self, slots: int = 1, name: str | None = None, env: dict | None = None) -> subprocess.Popen:
+        """Issue a worker bundle (once per name) and start a dsage_worker (`env` adds settings)."""
         self._worker_count += 1
         name = name or f"worker{self._worker_count}"
         bundle = self.home / f"{name}.pem"
@@ -90,7 +90,8 @@ class LocalCluster:
         log = open(self.home / f"{name}.log", "ab")
         proc = subprocess.Popen(command("dsage_worker") + ["--cert", str(bundle), "--server", self.address,
                                                            "--slots", str(slots)],
-                                env=self.env, stdout=log, stderr=log, start_new_session=True)
+                                env=dict(self.env, **(env or {})), stdout=log, stderr=log,
+                                start_new_session=True)
         self.workers.append(proc)
         return proc
 

@@ -1,12 +1,14 @@
 """`dsage demo` (what `make demo` runs): a local cluster factoring a number with
-DistributedFactor, a live progress bar, the factorization printed, everything cleaned up."""
+DistributedFactor, a live progress bar, the factorization printed, everything cleaned up
+(on Ctrl-C too)."""
 from __future__ import annotations
 
 import time
 
-#: 2**64 + 1 times two 13-digit primes: trial division finds 274177, the rest takes the
-#: cluster a little while.
-DEFAULT_NUMBER = (2**64 + 1) * 1000000000039 * 1000000000061
+#: (2**64 + 1) times primes of 24, 26 and 27 digits: trial division finds 274177, ECM the
+#: rest, in some tens of seconds on two workers.
+DEFAULT_NUMBER = ((2**64 + 1) * 300000000000000000006827 * 50000000000000000000004373
+                  * 200000000000000000000098837)
 
 
 def run_demo(workers: int = 2, number: int | None = None) -> int:
@@ -23,7 +25,9 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
         deadline = time.monotonic() + 30
         while len(D.workers()) < workers and time.monotonic() < deadline:
             time.sleep(0.1)
-        print(f"server at {D.client.address}; factoring {n} with DistributedFactor", flush=True)
+        web = (cluster.home / "server.web").read_text().strip() if (cluster.home / "server.web").exists() else "-"
+        print(f"server at {D.client.address}, dashboard at {web}\nfactoring {n} ({len(str(n))} digits) "
+              f"with DistributedFactor (trial division, then ECM curves on the workers)", flush=True)
         f = DistributedFactor(D, n)
         f.start()
         with tqdm(desc="jobs done", unit="job") as bar:
@@ -37,10 +41,11 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
                 finally:
                     bar.update(f.jobs_run - seen)
                     seen = f.jobs_run
-                    bar.set_postfix(factors=sum(f.factors.values()), outstanding=len(f.outstanding_jobs))
+                    bar.set_postfix(curves=f.curves_run, factors=sum(f.factors.values()),
+                                    left=len(f.composites))
         product = " * ".join(f"{p}^{e}" if e > 1 else str(p) for p, e in f.result.items())
-        print(f"{n} = {product}")
-        print(f"{f.jobs_run} jobs in {f.elapsed:.1f} s on {workers} workers")
+        print(f"{n} =\n  {product}")
+        print(f"{f.jobs_run} jobs, {f.curves_run} ECM curves in {f.elapsed:.1f} s on {workers} workers")
         check = 1
         for p, e in f.result.items():
             check *= p ** e
