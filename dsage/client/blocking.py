@@ -38,6 +38,15 @@ def connect(address: str | None = None, cert: str | None = None, timeout: float 
     return Dsage(rt.call(start, timeout=timeout))
 
 
+def split_item(item: Any) -> tuple[tuple, dict]:
+    """A starmap item as (args, kwargs): ``(tuple, dict)`` pairs carry kwargs, tuples are args."""
+    if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
+        return item[0], item[1]
+    if isinstance(item, tuple):
+        return item, {}
+    return (item,), {}
+
+
 def unpickle_result(summary: dict) -> Any:
     """The Python value of a completed job's result bytes."""
     data = summary.get("result")
@@ -133,6 +142,12 @@ class Dsage:
         """One job per item (like the builtin `map`); the handles come in item order."""
         return self.submit_many(Job(func=func, args=args, timeout=timeout, priority=priority,
                                     max_failures=max_failures) for args in zip(*iterables))
+
+    def starmap(self, func: Callable, items: Iterable, timeout: float = 600, priority: int = 5,
+                max_failures: int = 3) -> list[JobHandle]:
+        """One job per item: an args tuple, or an ``(args, kwargs)`` pair; handles in item order."""
+        return self.submit_many(Job(func=func, args=args, kwargs=kwargs, timeout=timeout, priority=priority,
+                                    max_failures=max_failures) for args, kwargs in map(split_item, items))
 
     # -- looking -----------------------------------------------------------------------
     def job(self, job_id: int) -> JobHandle:

@@ -152,6 +152,13 @@ class AsyncClient:
 
         return self.submit_many([Job(func=func, args=args) for args in zip(*iterables)])
 
+    def starmap(self, func, items) -> defer.Deferred:
+        """One job per args tuple or (args, kwargs) pair; fires with the ids in item order."""
+        from dsage.client.blocking import split_item
+        from dsage.job import Job
+
+        return self.submit_many([Job(func=func, args=a, kwargs=k) for a, k in map(split_item, items)])
+
     def result(self, job_id: int) -> defer.Deferred:
         """Fires with the job's result once finished (or fails with JobFailed / JobKilled)."""
         from dsage.client.blocking import outcome

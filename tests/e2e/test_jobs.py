@@ -191,3 +191,27 @@ def test_async_api(cluster, D):
         assert rt.call(client.status, timeout=30)["workers"] == 1
     finally:
         rt.call(client.stop, timeout=10)
+
+
+def test_scatter_gather_with_args_and_kwargs(D):
+    """starmap takes args tuples or (args, kwargs) pairs; results come back in item order,
+    and new work can be added while earlier results are inspected without blocking."""
+    def f(a, b=0, *, scale=1):
+        return (a + b) * scale
+
+    jobs = D.starmap(f, [(1,), (2, 3), ((4,), {"scale": 10}), ((5, 1), {"scale": 2})])
+    more = []
+    while not all(j.done() for j in jobs):
+        ready = [j for j in jobs if j.done()]
+        if ready and not more:
+            more = D.map(f, [100, 200])
+    assert [j.wait(timeout=30) for j in jobs] == [1, 5, 40, 12]
+    assert [j.wait(timeout=30) for j in (more or D.map(f, [100, 200]))] == [100, 200]
+
+
+def test_scatter_example(D):
+    """The shipped scatter/gather example gathers one mean per drift."""
+    from dsage.examples.scatter import sweep
+
+    out = sweep(D, drifts=(0.0, 0.5), seeds=3)
+    assert set(out) >= {0.0, 0.5} and out[0.5] > out[0.0]
