@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
+import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 from dsage import errors, tls
@@ -14,8 +16,10 @@ from dsage.client import reactor as rt
 from dsage.client.connection import AsyncClient, default_address
 from dsage.job import FINAL, Job
 
-#: seconds a single request may take before TimeoutError (waits for jobs take their own).
+#: seconds a request may take, reconnections included, before TimeoutError.
 CALL_TIMEOUT = 120.0
+#: requests that must not be sent twice (everything else is retried through reconnections).
+NOT_RETRIED = frozenset({"rerun", "add_identity"})
 SUBMIT_BATCH = 1000
 
 
@@ -45,6 +49,21 @@ def split_item(item: Any) -> tuple[tuple, dict]:
     if isinstance(item, tuple):
         return item, {}
     return (item,), {}
+
+
+def retrying(fn: Callable, *args: Any, timeout: float | None = CALL_TIMEOUT,
+             give_up: Callable[[], bool] = lambda: False, **kw: Any) -> Any:
+    """Call `fn` in the reactor thread; while the server is unreachable, try again (the same
+    request: callers make it idempotent) until `timeout`, or until `give_up()` is true."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        left = None if deadline is None else max(0.0, deadline - time.monotonic())
+        try:
+            return rt.call(fn, *args, timeout=left, **kw)
+        except errors.ConnectionLost:
+            if (deadline is not None and time.monotonic() >= deadline) or give_up():
+                raise
+            time.sleep(0.2)
 
 
 def unpickle_result(summary: dict) -> Any:
@@ -88,7 +107,9 @@ class Dsage:
         return self.client.identity
 
     def _call(self, verb: str, timeout: float | None = CALL_TIMEOUT, **args: Any) -> Any:
-        return rt.call(self.client.call, verb, timeout=timeout, **args)
+        if verb in NOT_RETRIED:
+            return rt.call(self.client.call, verb, timeout=timeout, **args)
+        return retrying(self.client.call, verb, timeout=timeout, **args)
 
     def _job_event(self, summary: dict) -> None:
         with self._lock:
@@ -133,7 +154,8 @@ class Dsage:
         handles: list[JobHandle] = []
         jobs = iter(jobs)
         while batch := list(itertools.islice(jobs, SUBMIT_BATCH)):
-            ids = rt.call(self.client.submit_many, batch, function_id, timeout=CALL_TIMEOUT)
+            token = uuid.uuid4().hex
+            ids = retrying(self.client.submit_many, batch, function_id, token)
             handles.extend(JobHandle(self, i) for i in ids)
         return handles
 

@@ -20,10 +20,11 @@ import cloudpickle
 
 from dsage import errors
 from dsage.client import reactor as rt
+from dsage.client.blocking import retrying
 from dsage.job import FINAL, Job
 
 #: attributes that belong to one process's session, never to the checkpoint.
-_SESSION_ATTRS = ("dsage", "_thread", "_stopping", "_lock", "_events", "outstanding_jobs",
+_SESSION_ATTRS = ("dsage", "_thread", "_stopping", "_lock", "_events", "_session", "outstanding_jobs",
                   "processed_jobs", "error", "start_time", "end_time")
 
 
@@ -41,6 +42,7 @@ class DistributedFunction:
         self.result: Any = None
         self.waiting_jobs: list[Job] = []
         self._started = False
+        self._step_no = 0
         self._attach(dsage)
 
     def _attach(self, dsage) -> None:
@@ -54,6 +56,7 @@ class DistributedFunction:
         self._stopping = threading.Event()
         self._lock = threading.RLock()
         self._events: queue.SimpleQueue = queue.SimpleQueue()
+        self._session = uuid.uuid4().hex
 
     def __getstate__(self) -> dict:
         return {k: v for k, v in self.__dict__.items() if k not in _SESSION_ATTRS}
@@ -85,8 +88,8 @@ class DistributedFunction:
         with self._lock:
             if not self._started:
                 self._started = True
-                rt.call(self.dsage.client.call, "function_start", name=self.name, state=self._pickle(),
-                        timeout=120)
+                retrying(self.dsage.client.call, "function_start", name=self.name, state=self._pickle(),
+                         session=self._session)
         self.start_time = time.monotonic()
         self._thread = threading.Thread(target=self._drive, name=f"dsage-{self.name}", daemon=True)
         self._thread.start()
@@ -119,7 +122,8 @@ class DistributedFunction:
     @classmethod
     def restore(cls, dsage, name: str) -> DistributedFunction:
         """The function `name` as of its last checkpoint, ready to `start()` again."""
-        rec = dsage._call("function_get", name=name)
+        session = uuid.uuid4().hex
+        rec = dsage._call("function_get", name=name, session=session)
         try:
             self = cloudpickle.loads(rec["state"])
         except Exception as e:
@@ -128,6 +132,7 @@ class DistributedFunction:
         if not isinstance(self, DistributedFunction):
             raise errors.DsageError(f"{name!r} is not a DistributedFunction")
         self._attach(dsage)
+        self._session = session
         from dsage.client.blocking import JobHandle
 
         processed = set(rec["processed"])
@@ -160,9 +165,11 @@ class DistributedFunction:
         """One checkpoint on the server; new jobs become outstanding."""
         from dsage.client.blocking import JobHandle
 
-        reply = rt.call(self.dsage.client.call, "function_step", name=self.name, state=self._pickle(),
-                        processed=processed, jobs=[j.to_wire() for j in jobs], done=bool(self.done),
-                        timeout=120)
+        self._step_no += 1
+        reply = retrying(self.dsage.client.call, "function_step", name=self.name, session=self._session,
+                         step=self._step_no, state=self._pickle(), processed=processed,
+                         jobs=[j.to_wire() for j in jobs], done=bool(self.done), timeout=None,
+                         give_up=self._stopping.is_set)
         for job_id in reply["job_ids"]:
             self.outstanding_jobs.append(JobHandle(self.dsage, job_id))
             self._watch(job_id)

@@ -196,8 +196,11 @@ class ServerProtocol(MessageProtocol):
         jobs = args.get("jobs")
         if not isinstance(jobs, list) or not jobs:
             raise ValueError("submit needs a non-empty list of jobs")
-        function_id = args.get("function_id")
-        d = self.hub.store.submit(self.identity, jobs, function_id if isinstance(function_id, str) else None)
+        function_id, token = args.get("function_id"), args.get("token")
+        if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
+            raise ValueError("token must be a string of at most 64 characters")
+        d = self.hub.store.submit(self.identity, jobs, function_id if isinstance(function_id, str) else None,
+                                  token)
 
         def stored(ids: list[int]) -> dict:
             self.hub.dispatcher.work_arrived()
@@ -246,7 +249,7 @@ class ServerProtocol(MessageProtocol):
     def function_start(self, args: dict) -> defer.Deferred:
         """Record a new DistributedFunction with its first checkpoint."""
         name, state = _function_args(args)
-        return self.hub.store.function_start(self.identity, name, state)
+        return self.hub.store.function_start(self.identity, name, state, _session(args))
 
     def function_step(self, args: dict) -> defer.Deferred:
         """One checkpoint: processed results, the new state and new jobs, atomically."""
@@ -256,7 +259,11 @@ class ServerProtocol(MessageProtocol):
             raise ValueError("processed must be a list of job ids")
         if not isinstance(jobs, list):
             raise ValueError("jobs must be a list")
-        d = self.hub.store.function_step(self.identity, name, state, processed, jobs, bool(args.get("done")))
+        step = args.get("step")
+        if not isinstance(step, int) or step < 1:
+            raise ValueError("step must be a positive integer")
+        d = self.hub.store.function_step(self.identity, name, _session(args), step, state, processed, jobs,
+                                         bool(args.get("done")))
 
         def stepped(out: dict) -> dict:
             if out["job_ids"]:
@@ -273,7 +280,8 @@ class ServerProtocol(MessageProtocol):
         name = args.get("name")
         if not isinstance(name, str) or not name:
             raise ValueError("a function needs a name")
-        return self.hub.store.function_get(self.identity, self.role, name)
+        attach = _session(args) if args.get("session") is not None else None
+        return self.hub.store.function_get(self.identity, self.role, name, attach)
 
     # -- admins ------------------------------------------------------------------------
     def add_identity(self, args: dict) -> defer.Deferred:
@@ -365,6 +373,13 @@ def _function_args(args: dict) -> tuple[str, bytes]:
     if not isinstance(state, bytes):
         raise ValueError("a function's state must be bytes")
     return name, state
+
+
+def _session(args: dict) -> str:
+    session = args.get("session")
+    if not isinstance(session, str) or not 0 < len(session) <= 64:
+        raise ValueError("a function call needs the client's session id")
+    return session
 
 
 def _job_id(args: dict) -> int:

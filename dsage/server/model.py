@@ -92,6 +92,8 @@ class FunctionRecord(Persistent):
     """A DistributedFunction's checkpoint: its pickled state, its jobs, the results processed."""
 
     done = False
+    session = None
+    last_ids: tuple = ()
 
     def __init__(self, owner: str, name: str, state: Persistent, created: float) -> None:
         self.owner = owner
@@ -109,6 +111,8 @@ class Root(Persistent):
 
     generation = 0
     next_seq = 1
+    tokens = None        # (owner, token) -> (time, job ids): submissions already applied
+    token_times = None   # (time, owner, token) -> None: the same, by age, for expiry
 
     def __init__(self) -> None:
         self.jobs = LOBTree()                 # job id -> JobRecord
@@ -118,6 +122,8 @@ class Root(Persistent):
         self.identities = OOBTree()           # name -> Identity
         self.counts = PersistentMapping()     # status -> number of jobs
         self.functions = OOBTree()            # (owner, name) -> FunctionRecord
+        self.tokens = OOBTree()
+        self.token_times = OOBTree()
         self.next_job_id = 1
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:

@@ -59,6 +59,9 @@ class ServerService(service.MultiService):
         self.log.info("opening database {uri}", uri=self.config.db_uri.split("?")[0])
         self.store = JobStore(self.db or open_db(self.config.db_uri), reactor=self.reactor)
         self.store.start()
+        self.store.grace(self.config.lease_seconds).addCallback(
+            lambda n: n and self.log.info("{n} jobs were running: their workers have {s} s to report",
+                                          n=n, s=self.config.lease_seconds))
         ca = tls.Authority.load(home) if (home / "ca.key").exists() else None
         self.hub = Hub(self.store, self.reactor, lease_seconds=self.config.lease_seconds,
                        heartbeat_seconds=self.config.heartbeat_seconds, ca=ca,

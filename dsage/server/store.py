@@ -24,12 +24,16 @@ from twisted.python.failure import Failure
 from dsage import errors
 from dsage.job import FINAL, KINDS, check_transition
 from dsage.server import scheduler
+from BTrees.OOBTree import OOBTree
+
 from dsage.server.model import FunctionRecord, Identity, JobRecord, Root, load_bytes, store_bytes
 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
 MAX_BATCH = 500
 ROOT_KEY = "dsage"
+#: how long a submission token is remembered (a client retrying after a lost reply).
+TOKEN_TTL = 86400.0
 _STOP = object()
 
 
@@ -186,13 +190,22 @@ class JobStore:
         return ident.role
 
     # -- jobs: clients ---------------------------------------------------------------
-    def submit(self, owner: str, specs: list[dict], function_id: str | None = None) -> defer.Deferred:
-        """Store new jobs; fires with their ids once committed."""
+    def submit(self, owner: str, specs: list[dict], function_id: str | None = None,
+               token: str | None = None) -> defer.Deferred:
+        """Store new jobs; fires with their ids once committed.  A `token` seen before (a
+        retry after a lost reply) returns the ids of that first submission instead."""
         clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run(self._submit, owner, clean, function_id)
+        return self._run(self._submit, owner, clean, function_id, token)
 
-    def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None) -> list[int]:
+    def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
+                token: str | None = None) -> list[int]:
         now = self.now()
+        if token is not None:
+            if root.tokens is None:
+                root.tokens, root.token_times = OOBTree(), OOBTree()
+            seen = root.tokens.get((owner, token))
+            if seen is not None:
+                return list(seen[1])
         ids = []
         for spec in specs:
             job_id = root.next_job_id
@@ -204,6 +217,9 @@ class JobStore:
             root.index(root.by_owner, owner).add(job_id)
             self._enter(root, job, "new", fresh=True)
             ids.append(job_id)
+        if token is not None:
+            root.tokens[(owner, token)] = (now, tuple(ids))
+            root.token_times[(now, owner, token)] = None
         return ids
 
     def get(self, requester: str, role: str, job_id: int, with_result: bool = True) -> defer.Deferred:
@@ -351,6 +367,12 @@ class JobStore:
 
     def _expire(self, root: Root) -> list[dict]:
         now, out = self.now(), []
+        while root.token_times:
+            key = root.token_times.minKey()
+            if key[0] > now - TOKEN_TTL:
+                break
+            del root.token_times[key]
+            root.tokens.pop((key[1], key[2]), None)
         for job_id in list(root.by_status.get("processing", ())):
             job = root.jobs[job_id]
             if job.lease_expires < now:
@@ -358,6 +380,17 @@ class JobStore:
                                       f"(worker lost, or job past its timeout)", "lost")
                 out.append(_summary(job, False))
         return out
+
+    def grace(self, lease: float) -> defer.Deferred:
+        """At start: give running jobs a fresh lease, so that their workers can reconnect and
+        report instead of the jobs being re-run; fires with how many there are."""
+        def extend(root: Root) -> int:
+            ids = list(root.by_status.get("processing", ()))
+            for job_id in ids:
+                job = root.jobs[job_id]
+                job.lease_expires = max(job.lease_expires, self.now() + lease)
+            return len(ids)
+        return self._run(extend)
 
     def release(self, worker: str, held: list[tuple[int, int]]) -> defer.Deferred:
         """Put claimed jobs that never reached their worker back in the queue, uncounted."""
@@ -375,27 +408,41 @@ class JobStore:
         return n
 
     # -- distributed functions ------------------------------------------------------------
-    def function_start(self, owner: str, name: str, state: bytes) -> defer.Deferred:
+    def function_start(self, owner: str, name: str, state: bytes, session: str) -> defer.Deferred:
         """Create a function's first checkpoint (a finished one of that name is replaced)."""
-        return self._run(self._function_start, owner, name, state)
+        return self._run(self._function_start, owner, name, state, session)
 
-    def _function_start(self, root: Root, owner: str, name: str, state: bytes) -> dict:
+    def _function_start(self, root: Root, owner: str, name: str, state: bytes, session: str) -> dict:
         old = root.functions.get((owner, name))
+        if old is not None and old.session == session:
+            return {"name": name}            # a retry of this very start
         if old is not None and not old.done:
             raise errors.RemoteError(f"a function named {name!r} is still running: restore it, "
                                      f"or give the new one another name")
-        root.functions[(owner, name)] = FunctionRecord(owner, name, store_bytes(state, self.blobs), self.now())
+        fn = FunctionRecord(owner, name, store_bytes(state, self.blobs), self.now())
+        fn.session = session
+        root.functions[(owner, name)] = fn
         return {"name": name}
 
-    def function_step(self, owner: str, name: str, state: bytes, processed: list[int], specs: list[dict],
-                      done: bool) -> defer.Deferred:
-        """One atomic checkpoint: results processed, new state, new jobs (and kills when done)."""
-        clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run(self._function_step, owner, name, state, processed, clean, done)
+    def function_step(self, owner: str, name: str, session: str, step: int, state: bytes,
+                      processed: list[int], specs: list[dict], done: bool) -> defer.Deferred:
+        """One atomic checkpoint: results processed, new state, new jobs (and kills when done).
 
-    def _function_step(self, root: Root, owner: str, name: str, state: bytes, processed: list[int],
-                       specs: list[dict], done: bool) -> dict:
+        Steps are numbered: a retry of the last step (its reply was lost) gets that step's
+        reply again; a client whose function was restored elsewhere since is refused."""
+        clean = [scheduler.validate_spec(s) for s in specs]
+        return self._run(self._function_step, owner, name, session, step, state, processed, clean, done)
+
+    def _function_step(self, root: Root, owner: str, name: str, session: str, step: int, state: bytes,
+                       processed: list[int], specs: list[dict], done: bool) -> dict:
         fn = self._function(root, owner, "client", name)
+        if fn.session != session:
+            raise errors.RemoteError(f"function {name!r} was restored by another client since; "
+                                     f"this one must stop")
+        if step == fn.steps and step > 0:
+            return {"job_ids": list(fn.last_ids), "killed": [], "running": []}
+        if step != fn.steps + 1:
+            raise errors.RemoteError(f"function {name!r}: step {step} out of order (last {fn.steps})")
         if fn.done:
             raise errors.RemoteError(f"function {name!r} is already done")
         for job_id in processed:
@@ -403,9 +450,10 @@ class JobStore:
                 fn.processed.add(job_id)
         fn.state = store_bytes(state, self.blobs)
         fn.updated = self.now()
-        fn.steps += 1
+        fn.steps = step
         ids = self._submit(root, owner, specs, name) if specs else []
         fn.jobs.update(ids)
+        fn.last_ids = tuple(ids)
         killed, running = [], []
         if done:
             fn.done = True
@@ -417,12 +465,17 @@ class JobStore:
                         running.append(out["worker"])
         return {"job_ids": ids, "killed": killed, "running": running}
 
-    def function_get(self, owner: str, role: str, name: str) -> defer.Deferred:
-        """A function's last checkpoint: state, its jobs and the ones processed."""
-        return self._run(self._function_get, owner, role, name)
+    def function_get(self, owner: str, role: str, name: str, attach: str | None = None) -> defer.Deferred:
+        """A function's last checkpoint: state, its jobs and the ones processed.  With
+        `attach`, that client session takes the function over (the previous one is fenced)."""
+        return self._run(self._function_get, owner, role, name, attach)
 
-    def _function_get(self, root: Root, owner: str, role: str, name: str) -> dict:
+    def _function_get(self, root: Root, owner: str, role: str, name: str, attach: str | None) -> dict:
         fn = self._function(root, owner, role, name)
+        if attach is not None:
+            if fn.owner != owner:
+                raise errors.AuthError(f"the function {name!r} belongs to another user")
+            fn.session = attach
         return {"name": fn.name, "owner": fn.owner, "state": load_bytes(fn.state), "jobs": list(fn.jobs),
                 "processed": list(fn.processed), "done": fn.done, "created": fn.created,
                 "updated": fn.updated, "steps": fn.steps}

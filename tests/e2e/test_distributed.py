@@ -89,3 +89,38 @@ def test_kill9_of_the_client_then_restore_processes_every_result_once(cluster):
     assert final["result"] == expected(n), f"seed {seed}"
     assert len(final["seen"]) == len(set(final["seen"])) == n // chunk, f"seed {seed}: duplicates or gaps"
     assert kills >= 1, f"seed {seed}: the client was never killed"
+
+
+def test_server_kill9_during_a_function_run(cluster):
+    """The server dies (kill -9) twice while a function runs; it carries on by itself, to the
+    right answer, with every result processed once."""
+    D = cluster.connect()
+    try:
+        f = SumOfSquares(D, 400, 5, "through-crashes", delay=0.01)
+        f.start()
+        for _ in range(2):
+            time.sleep(0.8)
+            cluster.stop_server(signal.SIGKILL)
+            time.sleep(0.5)
+            cluster.start_server()
+        assert f.wait(timeout=180) == expected(400)
+        assert len(f.seen) == len(set(f.seen)) == 80
+    finally:
+        D.close()
+
+
+def test_a_second_client_takes_the_function_over(cluster):
+    """Restoring elsewhere fences the first client: it stops with a clear error."""
+    D1, D2 = cluster.connect(), cluster.connect()
+    try:
+        first = SumOfSquares(D1, 600, 5, "taken-over", delay=0.05).start()
+        time.sleep(0.5)
+        second = dsage.DistributedFunction.restore(D2, "taken-over")
+        with pytest.raises(dsage.RemoteError, match="restored by another client"):
+            first.wait(timeout=60)
+        second.delay = 0.0
+        assert second.start().wait(timeout=120) == expected(600)
+        assert len(second.seen) == len(set(second.seen)) == 120
+    finally:
+        D1.close()
+        D2.close()

@@ -257,3 +257,53 @@ def test_filestorage_survives_reopen(tmp_path):
         assert value(s.submit("a", [spec()])) == [2]
     finally:
         s.stop()
+
+
+def test_submission_token_makes_a_retry_harmless(store, clock):
+    """The same token submitted twice stores the jobs once and returns the same ids."""
+    first = value(store.submit("a", [spec("x"), spec("y")], token="t1"))
+    again = value(store.submit("a", [spec("x"), spec("y")], token="t1"))
+    assert first == again == [1, 2]
+    assert value(store.status()) == {"new": 2}
+    assert value(store.submit("b", [spec("z")], token="t1")) == [3], "tokens are per user"
+    clock.now += 2 * 86400
+    value(store.expire())
+    assert value(store.submit("a", [spec("x")], token="t1")) == [4], "old tokens are forgotten"
+
+
+def test_function_steps_are_numbered_and_fenced(store):
+    """A repeated step replays its reply; an out-of-order step or a fenced session is refused."""
+    value(store.function_start("a", "f", b"s0", "sess1"))
+    out = value(store.function_step("a", "f", "sess1", 1, b"s1", [], [spec("j")], False))
+    assert out["job_ids"] == [1]
+    replay = value(store.function_step("a", "f", "sess1", 1, b"s1", [], [spec("j")], False))
+    assert replay["job_ids"] == [1] and value(store.status()) == {"new": 1}
+    with pytest.raises(errors.RemoteError, match="out of order"):
+        value(store.function_step("a", "f", "sess1", 5, b"s", [], [], False))
+    rec = value(store.function_get("a", "client", "f", attach="sess2"))
+    assert rec["state"] == b"s1" and rec["jobs"] == [1] and rec["steps"] == 1
+    with pytest.raises(errors.RemoteError, match="restored by another client"):
+        value(store.function_step("a", "f", "sess1", 2, b"s2", [1], [], False))
+    value(store.function_step("a", "f", "sess2", 2, b"s2", [1], [], True))
+    rec = value(store.function_get("a", "client", "f"))
+    assert rec["done"] and rec["processed"] == [1]
+
+
+def test_function_done_kills_its_outstanding_jobs(store):
+    """When a function is done its unprocessed jobs are killed, running ones named."""
+    value(store.function_start("a", "f", b"s0", "s"))
+    value(store.function_step("a", "f", "s", 1, b"s1", [], [spec("run"), spec("wait")], False))
+    claim_one(store)
+    out = value(store.function_step("a", "f", "s", 2, b"s2", [], [], True))
+    assert out["running"] == [{"worker": "w1", "job_id": 1, "attempt": 1}]
+    assert sorted(k["job_id"] for k in out["killed"]) == [1, 2]
+    assert value(store.status()) == {"new": 0, "processing": 0, "killed": 2}
+
+
+def test_grace_extends_running_leases(store, clock):
+    """After a restart, running jobs get a fresh lease before the reaper looks at them."""
+    value(store.submit("a", [spec()]))
+    claim_one(store, lease=10.0)
+    clock.now += 100
+    assert value(store.grace(10.0)) == 1
+    assert value(store.expire()) == []
