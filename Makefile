@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find dsage twisted -name '*.py' -o -name '*.pov' 2>/dev/null)
 
-.PHONY: install system test unit e2e demo bench clean
+.PHONY: install system test unit e2e demo bench chaos clean
 
 # The examples' engines: GMP-ECM (DistributedFactor) and POV-Ray (DistributedPOVRay).
 SYSTEM_PACKAGES := gmp-ecm povray
@@ -35,6 +35,9 @@ unit: $(STAMP)
 
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
+
+chaos: system $(STAMP)
+	$(BIN)/python -m tests.support.chaos --rounds $${ROUNDS:-20} $${SEED:+--seed $$SEED}
 
 demo: system $(STAMP)
 	$(BIN)/dsage demo --workers 2

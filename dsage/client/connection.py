@@ -48,7 +48,7 @@ class AsyncClient:
         factory.client = self
         self.service = internet.ClientService(
             endpoint, factory,
-            retryPolicy=internet.backoffPolicy(initialDelay=0.25, maxDelay=5.0, factor=1.7),
+            retryPolicy=internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0, factor=1.5),
             prepareConnection=self._prepare, clock=reactor)
         self._auth_error: Exception | None = None
         self._last_proto: ClientProtocol | None = None

@@ -46,7 +46,7 @@ class WorkerService(service.MultiService):
         factory = Factory.forProtocol(WorkerProtocol)
         factory.worker = self
         self.client = internet.ClientService(endpoint, factory, retryPolicy=internet.backoffPolicy(
-            initialDelay=0.5, maxDelay=10.0, factor=1.6), prepareConnection=self._prepare, clock=reactor)
+            initialDelay=0.2, maxDelay=5.0, factor=1.5), prepareConnection=self._prepare, clock=reactor)
         self.client.setServiceParent(self)
         self.address = address
 

@@ -1,0 +1,141 @@
+"""Chaos rounds: kill -9 the server, workers and a DistributedFunction's client at random
+moments while several hundred jobs run, then check that nothing was lost or applied twice.
+
+    python -m tests.support.chaos --rounds 20 [--seed S] [--seconds 20]     (make chaos)
+
+Each round prints its seed; a failing round can be replayed with --seed."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dsage.client.local import LocalCluster
+
+SCRIPT = str(Path(__file__).with_name("df_client.py"))
+
+
+@dataclass
+class Report:
+    """What one round did and found."""
+
+    seed: int
+    kills: dict = field(default_factory=lambda: {"server": 0, "worker": 0, "client": 0})
+    jobs: int = 0
+    lost: int = 0
+    duplicated: int = 0
+    wrong: int = 0
+    stuck: int = 0
+    longest_recovery: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def ok(self) -> bool:
+        return not (self.lost or self.duplicated or self.wrong or self.stuck)
+
+    def line(self) -> str:
+        k = self.kills
+        return (f"seed {self.seed}: kills server {k['server']} worker {k['worker']} client {k['client']}; "
+                f"jobs {self.jobs}, lost {self.lost}, duplicated {self.duplicated}, wrong {self.wrong}, "
+                f"stuck {self.stuck}; longest recovery {self.longest_recovery:.2f} s; {self.seconds:.1f} s")
+
+
+def _client(cluster: LocalCluster, name: str, mode: str, n: int, chunk: int) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, SCRIPT, cluster.address, str(cluster.home / "client.pem"), name,
+                             mode, str(n), str(chunk), "0.005"], stdout=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, PYTHONPATH=str(Path(SCRIPT).parents[2])))
+
+
+def _kill(proc: subprocess.Popen) -> None:
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    proc.wait()
+
+
+def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chunk: int = 5) -> Report:
+    """One chaos round on a fresh cluster; the report of what happened."""
+    rng = random.Random(seed)
+    report = Report(seed)
+    start = time.monotonic()
+    cluster = LocalCluster(lease_seconds=2)
+    try:
+        cluster.init()
+        cluster.start_server()
+        for _ in range(2):
+            cluster.add_worker(slots=1)
+        D = cluster.connect()
+        name = f"chaos-{seed}"
+        client = _client(cluster, name, "start", n_fn, chunk)
+        client.stdout.readline()
+        jobs = D.map(pow, range(n_map), [2] * n_map)
+        for _ in range(kills):
+            time.sleep(rng.uniform(0.2, 1.2))
+            victim = rng.choice(["server", "worker", "worker", "client"])
+            report.kills[victim] += 1
+            if victim == "server":
+                cluster.stop_server(signal.SIGKILL)
+                time.sleep(rng.uniform(0.0, 1.0))
+                cluster.start_server()
+                t0 = time.monotonic()
+                D.eval("'probe'", priority=0).wait(timeout=120)
+                report.longest_recovery = max(report.longest_recovery, time.monotonic() - t0)
+            elif victim == "worker":
+                proc = rng.choice(cluster.workers)
+                _kill(proc)
+                cluster.workers.remove(proc)
+                cluster.add_worker(slots=1)
+            else:
+                _kill(client)
+                client = _client(cluster, name, "restore", n_fn, chunk)
+                client.stdout.readline()
+        # Let it finish: the function's last client runs to the end.
+        out, _ = client.communicate(timeout=600)
+        final = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"result": None, "seen": []}
+        expected = sum(k * k for k in range(1, n_fn + 1))
+        seen = final["seen"]
+        report.jobs = n_map + n_fn // chunk
+        report.wrong += final["result"] != expected
+        report.duplicated += len(seen) - len(set(seen))
+        report.lost += n_fn // chunk - len(set(seen))
+        values = [j.wait(timeout=600) for j in jobs]
+        report.wrong += sum(v != i * i for i, v in enumerate(values))
+        report.stuck = D.status()["jobs"].get("processing", 0)
+        D.close()
+    finally:
+        cluster.stop()
+    report.seconds = time.monotonic() - start
+    return report
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--seed", type=int, default=None, help="the first round's seed (then seed+1, ...)")
+    parser.add_argument("--kills", type=int, default=12, help="random kills per round")
+    args = parser.parse_args()
+    first = args.seed if args.seed is not None else random.randrange(1 << 30)
+    reports = []
+    for i in range(args.rounds):
+        report = run_round(first + i, kills=args.kills)
+        print(report.line(), "OK" if report.ok else "FAILED", flush=True)
+        reports.append(report)
+    kills = {k: sum(r.kills[k] for r in reports) for k in ("server", "worker", "client")}
+    print(f"{len(reports)} rounds: kills {kills}, jobs {sum(r.jobs for r in reports)}, "
+          f"lost {sum(r.lost for r in reports)}, duplicated {sum(r.duplicated for r in reports)}, "
+          f"wrong {sum(r.wrong for r in reports)}, stuck {sum(r.stuck for r in reports)}, "
+          f"longest recovery {max(r.longest_recovery for r in reports):.2f} s")
+    return 0 if all(r.ok for r in reports) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
