@@ -170,10 +170,23 @@ def cmd_user_revoke(args) -> int:
 
 # -- server and worker ---------------------------------------------------------------------
 def _start_logging(log_file: str | None = None) -> None:
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    """Twisted's log to stderr (or a file), with Python's `logging` (ZODB's) routed into it."""
+    import logging
+
+    from twisted.logger import LogLevel, Logger, globalLogBeginner, textFileLogObserver
 
     stream = open(log_file, "a") if log_file else sys.stderr
     globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+    levels = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info, logging.WARNING: LogLevel.warn,
+              logging.ERROR: LogLevel.error, logging.CRITICAL: LogLevel.critical}
+
+    class ToTwisted(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            level = levels.get(record.levelno, LogLevel.info)
+            Logger(namespace=record.name).emit(level, "{message}", message=record.getMessage())
+
+    logging.getLogger().addHandler(ToTwisted())
+    logging.getLogger().setLevel(logging.INFO)
 
 
 def server_main(argv: list[str] | None = None) -> int:
@@ -207,8 +220,8 @@ def _serve(args) -> int:
 
     from dsage.server.service import ServerService, open_db
 
-    db = open_db(config.db_uri)
     _start_logging(config.log_file or None)
+    db = open_db(config.db_uri)
     service = ServerService(config, reactor, db)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
