@@ -142,6 +142,7 @@ class MessageProtocol(Int32StringReceiver):
 
     # -- receiving -------------------------------------------------------------------
     def stringReceived(self, frame: bytes) -> None:
+        self.heard()
         try:
             message = decode(frame)
             if message[0] == FRAGMENT:
@@ -195,6 +196,9 @@ class MessageProtocol(Int32StringReceiver):
         if failure.check(errors.ProtocolError) or (verb == "hello" and failure.check(errors.AuthError)):
             if getattr(self, "drop_on_refusal", False):
                 self.transport.loseConnection()
+
+    def heard(self) -> None:
+        """A frame arrived (override to note the peer's liveness)."""
 
     def handle_request(self, verb: str, args: dict) -> Any:
         """Answer a request (override)."""

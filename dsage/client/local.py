@@ -50,8 +50,19 @@ class LocalCluster:
         """`dsage init` with a free port chosen by the server."""
         self.run("init", "--port", "0", "--web-port", "0")
         if self.lease_seconds is not None:
-            conf = self.home / "server.conf"
-            conf.write_text(conf.read_text().replace("lease_seconds = 60.0", f"lease_seconds = {self.lease_seconds}"))
+            self.configure(lease_seconds=self.lease_seconds, heartbeat_seconds=min(10.0, self.lease_seconds / 4))
+
+    def configure(self, **settings) -> None:
+        """Change settings of server.conf (before the server starts)."""
+        import configparser
+
+        conf = self.home / "server.conf"
+        parser = configparser.ConfigParser(interpolation=None)
+        parser.read(conf)
+        for key, value in settings.items():
+            parser["server"][key] = str(value)
+        with open(conf, "w") as fh:
+            parser.write(fh)
 
     def start_server(self, timeout: float = 30.0) -> str:
         """Start dsage_server; returns its address once it listens."""

@@ -91,8 +91,20 @@ class Hub:
                     "finished_total": self.finished_total}
         return self.store.status().addCallback(build)
 
+    def drop_silent_workers(self) -> None:
+        """Close worker connections that have been silent longer than a lease (a cut link
+        leaves TCP open for minutes; their pending takes must not get jobs)."""
+        limit = max(self.lease_seconds, 3 * self.heartbeat_seconds)
+        now = self.clock.seconds()
+        for conn in self.worker_connections():
+            if now - conn.last_heard > limit:
+                self.log.warn("worker {name} silent for {s:.0f} s: dropping its connection",
+                              name=conn.identity, s=now - conn.last_heard)
+                conn.transport.abortConnection()
+
     def reap(self) -> defer.Deferred:
         """Return jobs with expired leases to the queue, or fail them."""
+        self.drop_silent_workers()
         def done(summaries: list[dict]) -> None:
             for s in summaries:
                 self.log.warn("job {job_id}: lease expired ({status} now)", job_id=s["job_id"], status=s["status"])
@@ -118,6 +130,10 @@ class ServerProtocol(MessageProtocol):
         self.takes: set[defer.Deferred] = set()
         self.running: set[tuple[int, int]] = set()
         self._hello_timer = None
+        self.last_heard = hub.clock.seconds()
+
+    def heard(self) -> None:
+        self.last_heard = self.hub.clock.seconds()
 
     def connectionMade(self) -> None:
         self._hello_timer = self.hub.clock.callLater(HELLO_TIMEOUT, self._no_hello)

@@ -22,6 +22,10 @@ def host_facts() -> dict:
             "os": platform.platform(), "python": platform.python_version(), "dsage": __version__}
 
 
+#: heartbeats without an answer before the worker gives a connection up.
+MISSED_BEATS = 3
+
+
 class WorkerProtocol(MessageProtocol):
     """The worker's end of a connection; events go to the factory's worker service."""
 
@@ -45,6 +49,7 @@ class WorkerSession:
         self.clock = clock
         self.asking = 0
         self.heartbeat: task.LoopingCall | None = None
+        self.unanswered = 0
 
     async def start(self) -> dict:
         """Say hello, then start heartbeats, flush old reports and ask for work."""
@@ -95,11 +100,18 @@ class WorkerSession:
                 self.log.failure("report of job {job_id} refused", f, job_id=report["job_id"])
         d.addErrback(failed)
 
-    def beat(self) -> defer.Deferred:
-        """Renew the leases of the running jobs; kill those the server no longer gives us."""
+    def beat(self) -> defer.Deferred | None:
+        """Renew the leases of the running jobs; kill those the server no longer gives us.
+        A link whose heartbeats go unanswered (a cut cable keeps TCP open) is dropped."""
+        if self.unanswered >= MISSED_BEATS:
+            self.log.warn("no answer to {n} heartbeats: dropping the connection", n=self.unanswered)
+            self.proto.transport.abortConnection()
+            return None
+        self.unanswered += 1
         d = self.proto.call("heartbeat", held=self.worker.runner.held())
 
         def lost(reply: dict) -> None:
+            self.unanswered = 0
             for job_id, attempt in reply.get("lost", []):
                 if self.worker.runner.kill(job_id, attempt):
                     self.log.info("job {job_id} attempt {attempt} is no longer ours: stopped",
