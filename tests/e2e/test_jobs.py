@@ -93,7 +93,7 @@ def test_kill_a_running_job_within_seconds(D, cluster):
             return True
         return False
     wait_for(gone, timeout=10, what="the job's process to end")
-    assert time.monotonic() - start < 5
+    assert time.monotonic() - start < 2.0, "a kill reaches a running job within 2 seconds"
     assert job.status == "killed"
 
 

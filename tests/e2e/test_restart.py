@@ -117,3 +117,21 @@ def test_commit_torn_by_a_crash_is_recovered_on_start(fresh):
         assert D.eval("'after recovery'").wait(timeout=60) == "after recovery"
     finally:
         D.close()
+
+
+def test_a_killed_job_stays_killed_across_a_restart(fresh, tmp_path):
+    """A kill is durable: after kill -9 and restart of the server the job never runs."""
+    D = fresh.connect()
+    try:
+        marker = tmp_path / "ran"
+        blockers = [D.eval("import time\ntime.sleep(2)") for _ in range(2)]
+        job = D.eval(f"open({str(marker)!r}, 'w')", priority=50)
+        job.kill()
+        fresh.stop_server(signal.SIGKILL)
+        fresh.start_server()
+        for b in blockers:
+            b.wait(timeout=60)
+        assert D.eval("'drained'", priority=99).wait(timeout=60) == "drained"
+        assert D.job(job.job_id).status == "killed" and not marker.exists()
+    finally:
+        D.close()

@@ -1,0 +1,80 @@
+"""The Hub's timers and the per-connection role checks, on a Clock and in-memory parts."""
+from __future__ import annotations
+
+import pytest
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+
+from dsage import errors
+from dsage.server.connections import HANDLERS, Hub, ServerProtocol
+from tests.support.store import FakeTime, memory_store, spec, value
+
+
+@pytest.fixture
+def parts(tmp_path):
+    clock, now = Clock(), FakeTime(0.0)
+    store = memory_store(tmp_path, now)
+    hub = Hub(store, clock, lease_seconds=10.0, heartbeat_seconds=1.0)
+    yield clock, now, store, hub
+    store.stop()
+
+
+def connect(hub, identity, role):
+    proto = ServerProtocol(hub)
+    proto.makeConnection(StringTransport())
+    proto.identity, proto.role = identity, role
+    proto.info = {"name": identity, "slots": 1}
+    hub.attach(proto)
+    return proto
+
+
+def test_reaper_requeues_expired_leases_and_wakes_the_dispatcher(parts):
+    """An expired lease sends the job back to the queue, where a waiting slot gets it."""
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec()]))
+    value(store.claim([("w1", 1)], 10.0))
+    waiting = connect(hub, "w2", "worker")
+    got = []
+    waiting.take({"n": 1}).addCallback(got.append)
+    now.now = clock.seconds() + 11
+    hub.reap()
+    assert got and got[0][0]["job_id"] == 1 and got[0][0]["attempt"] == 2
+
+
+def test_silent_worker_connections_are_dropped(parts):
+    """A worker that says nothing for longer than a lease is disconnected; a chatty one is not."""
+    clock, now, store, hub = parts
+    silent, chatty = connect(hub, "w1", "worker"), connect(hub, "w2", "worker")
+    client = connect(hub, "alice", "client")
+    clock.advance(6)
+    chatty.heard()
+    clock.advance(6)
+    hub.drop_silent_workers()
+    assert silent.transport.disconnecting is True
+    assert not chatty.transport.disconnecting and not client.transport.disconnecting
+
+
+def test_hello_timeout_drops_a_mute_connection(parts):
+    """A connection that never says hello is closed."""
+    clock, now, store, hub = parts
+    proto = ServerProtocol(hub)
+    proto.makeConnection(StringTransport())
+    clock.advance(16)
+    assert proto.transport.disconnecting
+
+
+@pytest.mark.parametrize("verb", sorted(HANDLERS))
+@pytest.mark.parametrize("role", ["client", "admin", "worker"])
+def test_every_request_checks_the_callers_role(parts, verb, role):
+    """Each request is refused (AuthError) for the roles it is not meant for."""
+    clock, now, store, hub = parts
+    proto = connect(hub, "someone", role)
+    allowed, _ = HANDLERS[verb]
+    try:
+        proto.handle_request(verb, {})
+    except errors.AuthError:
+        assert role not in allowed
+    except (ValueError, errors.DsageError, KeyError):
+        assert role in allowed
+    else:
+        assert role in allowed
