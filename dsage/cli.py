@@ -63,8 +63,10 @@ def cmd_init(args) -> int:
         print(f"dsage is already set up in {home} (use --force to make new keys; "
               f"every bundle issued so far would stop working)")
         return 0
-    home.mkdir(parents=True, exist_ok=True)
-    os.chmod(home, 0o700)
+    if home.exists() and home.stat().st_mode & 0o077:
+        raise UserError(f"{home} can be read or entered by other users (mode "
+                        f"{home.stat().st_mode & 0o777:o}): `chmod 700 {home}` first; it will hold private keys")
+    home.mkdir(mode=0o700, parents=True, exist_ok=True)
     host = args.host
     ca = tls.Authority.create()
     ca.save(home)
@@ -242,6 +244,13 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core)")
     parser.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
     parser.add_argument("--name", help="the worker's name; must match its certificate")
+    parser.add_argument("--max-memory", type=float, default=0, metavar="MB",
+                        help="address space of each job in MB (default: no limit)")
+    parser.add_argument("--max-open-files", type=int, default=1024, help="open files of each job (default 1024)")
+    parser.add_argument("--max-file-size", type=float, default=0, metavar="MB",
+                        help="largest file a job may write, in MB (default: no limit)")
+    parser.add_argument("--max-output", type=float, default=1, metavar="MB",
+                        help="stdout and stderr kept per job, in MB (default 1; the middle is cut)")
     parser.add_argument("--log-file", help="log to this file instead of stderr")
 
 
@@ -269,7 +278,13 @@ def _work(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     _start_logging(args.log_file)
-    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice)
+    for flag in ("max_memory", "max_open_files", "max_file_size", "max_output"):
+        if getattr(args, flag) < 0:
+            raise UserError(f"--{flag.replace('_', '-')} must not be negative")
+    limits = {"memory": int(args.max_memory * 2**20), "open_files": args.max_open_files,
+              "file_size": int(args.max_file_size * 2**20)}
+    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice,
+                            max_output=max(1024, int(args.max_output * 2**20)), limits=limits)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     reactor.run()

@@ -26,6 +26,8 @@ class ServerConfig:
     lease_seconds: float = 60.0
     heartbeat_seconds: float = 10.0
     log_file: str = ""
+    max_queued_per_user: int = 1_000_000
+    max_connections: int = 5_000
 
     @property
     def db_uri(self) -> str:

@@ -185,14 +185,45 @@ def make_bundle(ca: Authority, name: str, role: str, server: str, **issue_kw) ->
     return Bundle(name, role, server, cert_pem(ca.cert), cert_pem(cert), key_pem(key)), cert.serial_number
 
 
+#: OpenSSL's certificate verification errors that users meet, by number.
+VERIFY_ERRORS = {9: "certificate not yet valid", 10: "certificate expired", 18: "self-signed certificate",
+                 19: "self-signed certificate in chain", 20: "certificate not signed by the cluster's CA",
+                 21: "certificate not signed by the cluster's CA", 23: "certificate revoked",
+                 24: "invalid CA certificate", 26: "certificate not for this purpose"}
+
+
+def _note_refusal(conn, cert, errno: int, depth: int, ok: int) -> bool:
+    """OpenSSL verify callback: remember why a peer certificate was refused, for the log."""
+    if not ok:
+        try:
+            subject = cert.to_cryptography().subject.rfc4514_string()
+        except Exception:
+            subject = "?"
+        try:
+            proto = conn.get_app_data().wrappedProtocol
+            proto.tls_refusal = f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} ({subject})"
+        except AttributeError:
+            pass
+    return bool(ok)
+
+
 def server_options(ca_pem: bytes, cert_pem_: bytes, key_pem_: bytes):
-    """TLS options of the server: its certificate, client certificates required from the CA."""
+    """TLS options of the server: its certificate, client certificates required from the CA,
+    and the reason of every refused certificate noted on its connection (`tls_refusal`)."""
+    from OpenSSL import SSL
     from twisted.internet import ssl
+
+    class Options(ssl.CertificateOptions):
+        def _makeContext(self, *args, **kw):
+            # Once, when the context is made: a context in use cannot be changed.
+            ctx = super()._makeContext(*args, **kw)
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_refusal)
+            return ctx
 
     ca = ssl.Certificate.loadPEM(ca_pem)
     own = ssl.PrivateCertificate.loadPEM(cert_pem_ + key_pem_)
-    return ssl.CertificateOptions(privateKey=own.privateKey.original, certificate=own.original,
-                                  trustRoot=ca, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
+    return Options(privateKey=own.privateKey.original, certificate=own.original,
+                   trustRoot=ca, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
 
 
 def client_options(bundle: Bundle):

@@ -5,9 +5,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from twisted.application import internet
 from twisted.internet import defer
-from twisted.internet.task import deferLater
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
@@ -15,6 +13,7 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.job import FINAL
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
+from dsage.reconnect import Reconnector
 from dsage.worker.service import split_address
 
 #: consecutive failed connection attempts before a call gives up.
@@ -46,22 +45,17 @@ class AsyncClient:
         endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
         factory = Factory.forProtocol(ClientProtocol)
         factory.client = self
-        self.service = internet.ClientService(
-            endpoint, factory,
-            retryPolicy=internet.backoffPolicy(initialDelay=0.2, maxDelay=2.0, factor=1.5),
-            prepareConnection=self._prepare, clock=reactor)
+        self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=2.0)
         self._auth_error: Exception | None = None
-        self._last_proto: ClientProtocol | None = None
-        self._stopped: defer.Deferred | None = None
 
     async def _hello(self, proto: ClientProtocol) -> None:
-        self._last_proto = proto
         try:
-            welcome = await proto.call("hello", version=list(PROTOCOL_VERSION), role="client")
+            welcome = await proto.call("hello", version=list(PROTOCOL_VERSION), role="client",
+                                       name=self.bundle.name)
         except errors.AuthError as e:
             # Refused identities do not retry: stop reconnecting, fail what waits.
             self._auth_error = e
-            self.reactor.callLater(0, self._give_up)
+            self.reactor.callLater(0, self.link.stop)
             raise
         self.identity, self.role = welcome["identity"], welcome["role"]
         # Jobs may have finished while we were away: look again at every watched job.
@@ -72,11 +66,11 @@ class AsyncClient:
         return defer.Deferred.fromCoroutine(self._hello(proto))
 
     async def _start(self) -> AsyncClient:
-        self.service.startService()
+        self.link.start()
         try:
-            await self.service.whenConnected(failAfterFailures=1)
+            await self.link.when_connected(fail_after=1)
         except Exception as e:
-            await self._give_up()
+            await self.link.stop()
             if self._auth_error is not None:
                 raise self._auth_error from None
             if isinstance(e, errors.DsageError):
@@ -84,35 +78,19 @@ class AsyncClient:
             raise errors.ConnectionLost(f"cannot connect to the dsage server at {self.address}: {e}") from None
         return self
 
-    def _give_up(self) -> defer.Deferred:
-        """Stop reconnecting (once); fires when the service has stopped."""
-        if self._stopped is None:
-            self._stopped = defer.Deferred.fromCoroutine(self._stop_after_close())
-        waiter: defer.Deferred = defer.Deferred()
-        self._stopped.addBoth(lambda r: (waiter.callback(None), r)[1])
-        return waiter
-
-    async def _stop_after_close(self) -> None:
-        # ClientService cannot be stopped while the refused connection is still closing.
-        proto = self._last_proto
-        if proto is not None and not proto.closed:
-            await proto.when_closed
-        await deferLater(self.reactor, 0, lambda: None)
-        await self.service.stopService()
-
     def start(self) -> defer.Deferred:
         """Connect; fires with self, or fails with AuthError or ConnectionLost."""
         return defer.Deferred.fromCoroutine(self._start())
 
     def stop(self) -> defer.Deferred:
         """Disconnect for good."""
-        return defer.maybeDeferred(self.service.stopService)
+        return self.link.stop()
 
     async def _call(self, verb: str, args: dict):
         if self._auth_error is not None:
             raise self._auth_error
         try:
-            proto = await self.service.whenConnected(failAfterFailures=CALL_RETRIES)
+            proto = await self.link.when_connected(fail_after=CALL_RETRIES)
         except errors.DsageError:
             raise
         except Exception as e:

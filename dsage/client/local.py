@@ -91,8 +91,10 @@ class LocalCluster:
             _end(self.server, sig)
             self.server = None
 
-    def add_worker(self, slots: int = 1, name: str | None = None, env: dict | None = None) -> subprocess.Popen:
-        """Issue a worker bundle (once per name) and start a dsage_worker (`env` adds settings)."""
+    def add_worker(self, slots: int = 1, name: str | None = None, env: dict | None = None,
+                   args: tuple[str, ...] = ()) -> subprocess.Popen:
+        """Issue a worker bundle (once per name) and start a dsage_worker (`env` adds settings,
+        `args` more command-line flags)."""
         self._worker_count += 1
         name = name or f"worker{self._worker_count}"
         bundle = self.home / f"{name}.pem"
@@ -100,7 +102,7 @@ class LocalCluster:
             self.run("worker", "add", name, "--out", str(bundle))
         log = open(self.home / f"{name}.log", "ab")
         proc = subprocess.Popen(command("dsage_worker") + ["--cert", str(bundle), "--server", self.address,
-                                                           "--slots", str(slots)],
+                                                           "--slots", str(slots), *args],
                                 env=dict(self.env, **(env or {})), stdout=log, stderr=log,
                                 start_new_session=True)
         self.workers.append(proc)

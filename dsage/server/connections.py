@@ -26,8 +26,12 @@ class Hub:
     log = Logger()
 
     def __init__(self, store, clock, *, lease_seconds: float, heartbeat_seconds: float,
-                 ca: tls.Authority | None = None, address: str = "") -> None:
+                 ca: tls.Authority | None = None, address: str = "", max_queued_per_user: int = 1_000_000,
+                 max_connections: int = 5_000) -> None:
         self.store = store
+        self.max_queued_per_user = max_queued_per_user
+        self.max_connections = max_connections
+        self.open_connections = 0
         self.clock = clock
         self.lease_seconds = lease_seconds
         self.heartbeat_seconds = heartbeat_seconds
@@ -136,6 +140,12 @@ class ServerProtocol(MessageProtocol):
         self.last_heard = self.hub.clock.seconds()
 
     def connectionMade(self) -> None:
+        self.hub.open_connections += 1
+        if self.hub.open_connections > self.hub.max_connections:
+            self.log.warn("refused {peer}: {n} connections already (max_connections)",
+                          peer=self.peer_name(), n=self.hub.open_connections - 1)
+            self.transport.abortConnection()
+            return
         self._hello_timer = self.hub.clock.callLater(HELLO_TIMEOUT, self._no_hello)
 
     def _no_hello(self) -> None:
@@ -143,11 +153,16 @@ class ServerProtocol(MessageProtocol):
         self.protocol_error("no hello in time")
 
     def connectionLost(self, reason=None) -> None:
+        self.hub.open_connections -= 1
         if self._hello_timer is not None and self._hello_timer.active():
             self._hello_timer.cancel()
         if self.identity is not None and self.role is not None:
             self.hub.detach(self)
             self.log.info("{role} {name} disconnected", role=self.role, name=self.identity)
+        elif reason is not None and self.hub.open_connections < self.hub.max_connections:
+            # Refused certificates, plain TCP and garbage end here, before any hello.
+            why = getattr(self, "tls_refusal", None) or _describe_reason(reason)
+            self.log.warn("connection from {peer} closed before hello: {why}", peer=self.peer_name(), why=why)
         for d in list(self.takes):
             d.cancel()
         super().connectionLost(reason)
@@ -180,6 +195,11 @@ class ServerProtocol(MessageProtocol):
         except errors.AuthError as e:
             self.log.warn("refused {peer} ({name}): {why}", peer=self.peer_name(), name=name, why=str(e))
             raise
+        claimed = args.get("name")
+        if claimed is not None and claimed != name:
+            self.log.warn("refused {peer}: says it is {claimed} but its certificate is {name}",
+                          peer=self.peer_name(), claimed=str(claimed)[:64], name=name)
+            raise errors.AuthError(f"the name {claimed!r} is not the certificate's ({name!r})")
         wanted = args.get("role", "client")
         if (wanted == "worker") != (role == "worker"):
             self.log.warn("refused {peer} ({name}): a {role} certificate used as {wanted}",
@@ -216,7 +236,7 @@ class ServerProtocol(MessageProtocol):
         if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
             raise ValueError("token must be a string of at most 64 characters")
         d = self.hub.store.submit(self.identity, jobs, function_id if isinstance(function_id, str) else None,
-                                  token)
+                                  token, self.hub.max_queued_per_user)
 
         def stored(ids: list[int]) -> dict:
             self.hub.dispatcher.work_arrived()
@@ -279,7 +299,7 @@ class ServerProtocol(MessageProtocol):
         if not isinstance(step, int) or step < 1:
             raise ValueError("step must be a positive integer")
         d = self.hub.store.function_step(self.identity, name, _session(args), step, state, processed, jobs,
-                                         bool(args.get("done")))
+                                         bool(args.get("done")), self.hub.max_queued_per_user)
 
         def stepped(out: dict) -> dict:
             if out["job_ids"]:
@@ -389,6 +409,18 @@ def _function_args(args: dict) -> tuple[str, bytes]:
     if not isinstance(state, bytes):
         raise ValueError("a function's state must be bytes")
     return name, state
+
+
+def _describe_reason(reason) -> str:
+    value = getattr(reason, "value", reason)
+    text = str(value)
+    if value.__class__.__name__ == "Error" and getattr(value, "args", None):
+        # pyOpenSSL errors: [[(lib, func, reason)]]
+        try:
+            text = "TLS: " + "; ".join(r[2] for r in value.args[0])
+        except (TypeError, IndexError):
+            pass
+    return text[:300]
 
 
 def _session(args: dict) -> str:

@@ -111,6 +111,7 @@ class Root(Persistent):
 
     generation = 0
     next_seq = 1
+    queued = None        # owner -> number of their jobs in status new
     tokens = None        # (owner, token) -> (time, job ids): submissions already applied
     token_times = None   # (time, owner, token) -> None: the same, by age, for expiry
 
@@ -124,6 +125,7 @@ class Root(Persistent):
         self.functions = OOBTree()            # (owner, name) -> FunctionRecord
         self.tokens = OOBTree()
         self.token_times = OOBTree()
+        self.queued = OOBTree()
         self.next_job_id = 1
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:

@@ -65,7 +65,9 @@ class ServerService(service.MultiService):
         ca = tls.Authority.load(home) if (home / "ca.key").exists() else None
         self.hub = Hub(self.store, self.reactor, lease_seconds=self.config.lease_seconds,
                        heartbeat_seconds=self.config.heartbeat_seconds, ca=ca,
-                       address=f"{self.config.host}:{self.config.port}")
+                       address=f"{self.config.host}:{self.config.port}",
+                       max_queued_per_user=self.config.max_queued_per_user,
+                       max_connections=self.config.max_connections)
         reaper = internet.TimerService(max(0.5, self.config.lease_seconds / 4), self.hub.reap)
         reaper.clock = self.reactor
         reaper.setServiceParent(self)

@@ -191,15 +191,22 @@ class JobStore:
 
     # -- jobs: clients ---------------------------------------------------------------
     def submit(self, owner: str, specs: list[dict], function_id: str | None = None,
-               token: str | None = None) -> defer.Deferred:
+               token: str | None = None, limit: int | None = None) -> defer.Deferred:
         """Store new jobs; fires with their ids once committed.  A `token` seen before (a
-        retry after a lost reply) returns the ids of that first submission instead."""
+        retry after a lost reply) returns the ids of that first submission instead.  With
+        `limit`, a submission that would leave more of the owner's jobs queued is refused."""
         clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run(self._submit, owner, clean, function_id, token)
+        return self._run(self._submit, owner, clean, function_id, token, limit)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
-                token: str | None = None) -> list[int]:
+                token: str | None = None, limit: int | None = None) -> list[int]:
         now = self.now()
+        if root.queued is None:
+            root.queued = OOBTree()
+        queued = root.queued.get(owner, 0)
+        if limit is not None and queued + len(specs) > limit:
+            raise errors.RemoteError(f"queue limit reached: {queued} of your jobs are waiting, "
+                                     f"{len(specs)} more would pass the limit of {limit} (max_queued_per_user)")
         if token is not None:
             if root.tokens is None:
                 root.tokens, root.token_times = OOBTree(), OOBTree()
@@ -425,16 +432,17 @@ class JobStore:
         return {"name": name}
 
     def function_step(self, owner: str, name: str, session: str, step: int, state: bytes,
-                      processed: list[int], specs: list[dict], done: bool) -> defer.Deferred:
+                      processed: list[int], specs: list[dict], done: bool,
+                      limit: int | None = None) -> defer.Deferred:
         """One atomic checkpoint: results processed, new state, new jobs (and kills when done).
 
         Steps are numbered: a retry of the last step (its reply was lost) gets that step's
         reply again; a client whose function was restored elsewhere since is refused."""
         clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run(self._function_step, owner, name, session, step, state, processed, clean, done)
+        return self._run(self._function_step, owner, name, session, step, state, processed, clean, done, limit)
 
     def _function_step(self, root: Root, owner: str, name: str, session: str, step: int, state: bytes,
-                       processed: list[int], specs: list[dict], done: bool) -> dict:
+                       processed: list[int], specs: list[dict], done: bool, limit: int | None = None) -> dict:
         fn = self._function(root, owner, "client", name)
         if fn.session != session:
             raise errors.RemoteError(f"function {name!r} was restored by another client since; "
@@ -451,7 +459,7 @@ class JobStore:
         fn.state = store_bytes(state, self.blobs)
         fn.updated = self.now()
         fn.steps = step
-        ids = self._submit(root, owner, specs, name) if specs else []
+        ids = self._submit(root, owner, specs, name, None, limit) if specs else []
         fn.jobs.update(ids)
         fn.last_ids = tuple(ids)
         killed, running = [], []
@@ -546,13 +554,19 @@ class JobStore:
     def _enter(self, root: Root, job: JobRecord, status: str, unqueue: bool = True,
                fresh: bool = False) -> None:
         """Move a job to `status`, keeping the indexes, counts and the pending queue right."""
+        if root.queued is None:
+            root.queued = OOBTree()
         if not fresh:
             old = job.status
             check_transition(old, status)
             root.index(root.by_status, old).remove(job.job_id)
             root.counts[old] = root.counts.get(old, 1) - 1
-            if old == "new" and unqueue:
-                root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
+            if old == "new":
+                root.queued[job.owner] = root.queued.get(job.owner, 1) - 1
+                if unqueue:
+                    root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
+        if status == "new":
+            root.queued[job.owner] = root.queued.get(job.owner, 0) + 1
         job.status = status
         root.index(root.by_status, status).add(job.job_id)
         root.counts[status] = root.counts.get(status, 0) + 1

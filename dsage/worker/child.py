@@ -40,6 +40,23 @@ def run(job: dict) -> object:
     return run_code(job["payload"].decode("utf-8"), job.get("name") or "<job>")
 
 
+LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
+          "file_size": resource.RLIMIT_FSIZE, "cpu": resource.RLIMIT_CPU}
+
+
+def apply_limits(limits: dict) -> None:
+    """Lower this process's resource limits (address space, open files, file size, CPU s)."""
+    for name, value in (limits or {}).items():
+        if not value or name not in LIMITS:
+            continue
+        kind = LIMITS[name]
+        _, hard = resource.getrlimit(kind)
+        value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
+        # For CPU the soft limit sends SIGXCPU and the hard one, 5 s later, SIGKILL.
+        top = value + 5 if name == "cpu" and (hard == resource.RLIM_INFINITY or value + 5 <= hard) else value
+        resource.setrlimit(kind, (value, top))
+
+
 def _cpu() -> float:
     usage = resource.getrusage(resource.RUSAGE_SELF)
     return usage.ru_utime + usage.ru_stime
@@ -54,6 +71,7 @@ def main() -> None:
     job = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
     if job.get("nice"):
         os.nice(int(job["nice"]))
+    apply_limits(job.get("limits"))
     sys.stdin = open(os.devnull)
     try:
         value = run(job)

@@ -49,9 +49,10 @@ class OutputBuffer:
 class JobProcess(protocol.ProcessProtocol):
     """Talks to one child: sends the job, collects output and the outcome."""
 
-    def __init__(self, job: dict, nice: int, max_output: int) -> None:
+    def __init__(self, job: dict, nice: int, max_output: int, limits: dict) -> None:
         self.job = job
         self.nice = nice
+        self.limits = limits
         self.output = OutputBuffer(max_output)
         self.outcome = bytearray()
         self.done = defer.Deferred()
@@ -59,7 +60,8 @@ class JobProcess(protocol.ProcessProtocol):
 
     def connectionMade(self) -> None:
         message = {"kind": self.job["kind"], "payload": self.job["payload"], "files": self.job.get("files"),
-                   "name": self.job.get("name"), "nice": self.nice}
+                   "name": self.job.get("name"), "nice": self.nice,
+                   "limits": dict(self.limits, cpu=int(self.job["timeout"]) + 1)}
         self.transport.write(msgpack.packb(message, use_bin_type=True))
         self.transport.closeStdin()
 
@@ -78,10 +80,12 @@ class JobRunner:
 
     log = Logger()
 
-    def __init__(self, reactor, *, nice: int = 10, max_output: int = 1 << 20) -> None:
+    def __init__(self, reactor, *, nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None) -> None:
         self.reactor = reactor
         self.nice = nice
         self.max_output = max_output
+        #: resource limits of each job: memory (bytes of address space), open_files, file_size (bytes).
+        self.limits = dict(limits or {})
         self.running: dict[tuple[int, int], tuple[JobProcess, object]] = {}
 
     def run(self, job: dict) -> defer.Deferred:
@@ -93,7 +97,7 @@ class JobRunner:
         workdir = tempfile.mkdtemp(prefix=f"dsage-job{job['job_id']}-")
         env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
         env.update(PYTHONUNBUFFERED="1", TMPDIR=workdir, DSAGE_JOB_ID=str(job["job_id"]))
-        proc = JobProcess(job, self.nice, self.max_output)
+        proc = JobProcess(job, self.nice, self.max_output, self.limits)
         start = time.monotonic()
         transport = self.reactor.spawnProcess(
             proc, sys.executable, [sys.executable, "-m", "dsage.worker.child"], env=env, path=workdir,

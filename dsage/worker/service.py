@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 
-from twisted.application import internet, service
+from twisted.application import service
 from twisted.internet import defer
 from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from dsage import errors, tls
+from dsage.reconnect import Reconnector
 from dsage.worker.runner import JobRunner
 from dsage.worker.session import WorkerProtocol, WorkerSession
 
@@ -32,12 +33,12 @@ class WorkerService(service.MultiService):
     log = Logger()
 
     def __init__(self, bundle: tls.Bundle, address: str, reactor, *, slots: int | None = None,
-                 nice: int = 10, max_output: int = 1 << 20) -> None:
+                 nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None) -> None:
         super().__init__()
         self.bundle = bundle
         self.reactor = reactor
         self.slots = slots or os.cpu_count() or 1
-        self.runner = JobRunner(reactor, nice=nice, max_output=max_output)
+        self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
         self._sessions: list[WorkerSession] = []
@@ -45,9 +46,7 @@ class WorkerService(service.MultiService):
         endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
         factory = Factory.forProtocol(WorkerProtocol)
         factory.worker = self
-        self.client = internet.ClientService(endpoint, factory, retryPolicy=internet.backoffPolicy(
-            initialDelay=0.2, maxDelay=5.0, factor=1.5), prepareConnection=self._prepare, clock=reactor)
-        self.client.setServiceParent(self)
+        self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=5.0)
         self.address = address
 
     def _prepare(self, proto: WorkerProtocol) -> defer.Deferred:
@@ -121,6 +120,10 @@ class WorkerService(service.MultiService):
         reports, self._reports = self._reports, []
         return reports
 
+    def startService(self) -> None:
+        super().startService()
+        self.link.start()
+
     def stopService(self) -> defer.Deferred:
         self.runner.stop_all()
-        return super().stopService()
+        return defer.gatherResults([self.link.stop(), defer.maybeDeferred(super().stopService)])

@@ -54,6 +54,7 @@ class WorkerSession:
     async def start(self) -> dict:
         """Say hello, then start heartbeats, flush old reports and ask for work."""
         welcome = await self.proto.call("hello", version=list(PROTOCOL_VERSION), role="worker",
+                                        name=self.worker.bundle.name,
                                         slots=self.worker.slots, facts=host_facts())
         self.heartbeat = task.LoopingCall(self.beat)
         self.heartbeat.clock = self.clock

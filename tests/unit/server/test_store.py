@@ -307,3 +307,14 @@ def test_grace_extends_running_leases(store, clock):
     clock.now += 100
     assert value(store.grace(10.0)) == 1
     assert value(store.expire()) == []
+
+
+def test_queue_limit_per_user(store):
+    """A user cannot queue more than the limit; running or finished jobs do not count."""
+    value(store.submit("a", [spec(), spec()], limit=3))
+    with pytest.raises(errors.RemoteError, match="queue limit"):
+        value(store.submit("a", [spec(), spec()], limit=3))
+    assert value(store.submit("b", [spec(), spec(), spec()], limit=3)) == [3, 4, 5]
+    claim_one(store)                      # job 1 leaves the queue
+    assert value(store.submit("a", [spec(), spec()], limit=3)) == [6, 7]
+    assert value(store.status())["new"] == 7 - 1
