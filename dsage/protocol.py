@@ -190,6 +190,8 @@ class MessageProtocol(Int32StringReceiver):
             self.handle_event(event, data)
 
     def _reply_error(self, msg_id: int, verb: str, failure: Failure) -> None:
+        if self.closed and failure.check(defer.CancelledError):
+            return  # a long poll whose connection went away: nobody to answer
         if not failure.check(errors.DsageError, ValueError, TypeError, KeyError, LookupError):
             self.log.failure("request {verb} failed", failure, verb=verb)
         self.send_message([REPLY, msg_id, False, error_value(failure)])

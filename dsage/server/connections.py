@@ -163,9 +163,9 @@ class ServerProtocol(MessageProtocol):
             # Refused certificates, plain TCP and garbage end here, before any hello.
             why = getattr(self, "tls_refusal", None) or _describe_reason(reason)
             self.log.warn("connection from {peer} closed before hello: {why}", peer=self.peer_name(), why=why)
+        super().connectionLost(reason)
         for d in list(self.takes):
             d.cancel()
-        super().connectionLost(reason)
 
     def handle_request(self, verb: str, args: dict) -> Any:
         if self.role is None:
@@ -350,8 +350,8 @@ class ServerProtocol(MessageProtocol):
     def pack(self, args: dict) -> defer.Deferred:
         """Pack the database (drop old object revisions)."""
         days = args.get("days", 0)
-        if not isinstance(days, (int, float)) or days < 0:
-            raise ValueError("days must be a number >= 0")
+        if isinstance(days, bool) or not isinstance(days, (int, float)) or not 0 <= days <= 36500:
+            raise ValueError("days must be a number of days from 0 to 36500")
         self.log.info("packing the database (keeping {days} days of history)", days=days)
         return self.hub.store.pack(float(days))
 
