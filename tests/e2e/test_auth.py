@@ -95,3 +95,7 @@ def test_revoked_user_is_dropped_and_refused(cluster, D):
         carol._call("status", timeout=15)
     listed = cluster.run("user", "list").stdout
     assert "carol" in listed and "revoked" in listed
+    cluster.stop_server()
+    cluster.start_server()
+    with pytest.raises(dsage.AuthError):
+        dsage.connect(cluster.address, cert=str(path), timeout=15)

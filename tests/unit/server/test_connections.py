@@ -78,3 +78,48 @@ def test_every_request_checks_the_callers_role(parts, verb, role):
         assert role in allowed
     else:
         assert role in allowed
+
+
+def outcome(d):
+    """'ok', or the name of the error a Deferred (or value) ended with."""
+    out = []
+    if not hasattr(d, "addBoth"):
+        return "ok"
+    d.addBoth(out.append)
+    if not out:
+        return "pending"
+    return type(out[0].value).__name__ if hasattr(out[0], "value") and hasattr(out[0], "check") else "ok"
+
+
+def test_owner_matrix(parts):
+    """Requests on another user's job or function are refused; the owner and admins may."""
+    clock, now, store, hub = parts
+    alice, bob, root = connect(hub, "alice", "client"), connect(hub, "bob", "client"), connect(hub, "root", "admin")
+    for verb in ("get_job", "kill", "rerun"):
+        job_id = value(store.submit("alice", [spec()]))[0]
+        value(store.claim([("w1", 5)], 10.0))
+        if verb == "rerun":
+            value(store.kill("alice", "client", job_id))
+        assert outcome(bob.handle_request(verb, {"job_id": job_id})) == "AuthError", verb
+        assert outcome(alice.handle_request(verb, {"job_id": job_id})) == "ok", verb
+        assert outcome(root.handle_request(verb, {"job_id": job_id})) in ("ok", "RemoteError"), verb
+    value(store.function_start("alice", "fn", b"state", "s1"))
+    assert outcome(bob.handle_request("function_get", {"name": "fn"})) == "AuthError"
+    assert outcome(bob.handle_request("function_get", {"name": "fn", "session": "x"})) == "AuthError"
+    assert outcome(bob.handle_request("function_step", {"name": "fn", "session": "s1", "step": 1,
+                                                        "state": b"", "jobs": []})) == "AuthError"
+    assert outcome(alice.handle_request("function_get", {"name": "fn"})) == "ok"
+    assert outcome(root.handle_request("function_get", {"name": "fn"})) == "ok"
+
+
+def test_workers_report_only_on_their_own_attempts(parts):
+    """A worker's report or heartbeat on another worker's attempt changes nothing."""
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec()]))
+    value(store.claim([("w1", 1)], 10.0))
+    intruder = connect(hub, "w2", "worker")
+    d = intruder.handle_request("report", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"x",
+                                           "output": "", "error": None, "cpu_time": None, "wall_time": None})
+    assert value(d) == {"applied": False}
+    assert value(intruder.handle_request("heartbeat", {"held": [[1, 1]]})) == {"lost": [[1, 1]]}
+    assert value(store.get("alice", "client", 1))["status"] == "processing"
