@@ -118,6 +118,17 @@ class MessageProtocol(Int32StringReceiver):
         self.closed = False
         self.when_closed: defer.Deferred = defer.Deferred()
 
+    def connectionMade(self) -> None:
+        self.tune_transport()
+
+    def tune_transport(self) -> None:
+        """Small frames go out at once (no Nagle delay); dead peers are noticed by TCP too."""
+        for option in ("setTcpNoDelay", "setTcpKeepAlive"):
+            try:
+                getattr(self.transport, option)(True)
+            except (AttributeError, OSError, NotImplementedError):
+                pass
+
     # -- sending ---------------------------------------------------------------------
     def send_message(self, message: list) -> None:
         """Send one message, fragmented when it is larger than a frame."""

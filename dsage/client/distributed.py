@@ -187,6 +187,9 @@ class DistributedFunction:
                 return got
 
     def _drive(self) -> None:
+        if self.done:                       # restored after it finished: nothing left to do
+            self.end_time = time.monotonic()
+            return
         try:
             window = self._window()
             starved = False

@@ -26,7 +26,7 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
         while len(D.workers()) < workers and time.monotonic() < deadline:
             time.sleep(0.1)
         web = (cluster.home / "server.web").read_text().strip() if (cluster.home / "server.web").exists() else "-"
-        print(f"server at {D.client.address}, dashboard at {web}\nfactoring {n} ({len(str(n))} digits) "
+        print(f"server at {D.client.address} (home {cluster.home}), dashboard at {web}\nfactoring {n} ({len(str(n))} digits) "
               f"with DistributedFactor (trial division, then ECM curves on the workers)", flush=True)
         f = DistributedFactor(D, n)
         f.start()

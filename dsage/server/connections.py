@@ -140,6 +140,7 @@ class ServerProtocol(MessageProtocol):
         self.last_heard = self.hub.clock.seconds()
 
     def connectionMade(self) -> None:
+        self.tune_transport()
         self.hub.open_connections += 1
         if self.hub.open_connections > self.hub.max_connections:
             self.log.warn("refused {peer}: {n} connections already (max_connections)",

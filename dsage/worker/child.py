@@ -1,18 +1,26 @@
-"""`python -m dsage.worker.child`: runs one job in a fresh interpreter, without Twisted.
+"""`python -m dsage.worker.child`: a worker slot's job process, without Twisted.
 
-Reads the job (msgpack) from stdin, runs it in its own process group at the requested nice
-level in the current directory (the job's temporary folder), lets stdout and stderr flow to
-the worker, and writes the outcome (msgpack) to file descriptor 3.
+It starts once per slot (in its own session and process group, niced, with the worker's
+resource limits) and then runs jobs one after another: each job arrives on stdin as a
+length-prefixed msgpack message, runs in the job's own temporary folder with the slot's clean
+environment, and its outcome leaves on file descriptor 3 the same way.  stdout and stderr
+flow to the worker; after each job the child writes the job's sentinel (a nonce chosen by the
+worker) to both, so the worker knows which output belongs to which job.  A job that hangs,
+crashes or is killed takes the process with it; the worker starts a fresh one.
 """
 from __future__ import annotations
 
 import ast
 import os
 import resource
+import struct
 import sys
 import traceback
 
 import msgpack
+
+LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
+          "file_size": resource.RLIMIT_FSIZE}
 
 
 def run_code(code: str, filename: str = "<job>") -> object:
@@ -28,7 +36,7 @@ def run_code(code: str, filename: str = "<job>") -> object:
 
 
 def run(job: dict) -> object:
-    """Run one job description and return its value."""
+    """Run one job description (in the current folder) and return its value."""
     for name, data in (msgpack.unpackb(job["files"]) if job.get("files") else {}).items():
         with open(os.path.basename(name), "wb") as fh:
             fh.write(data)
@@ -40,21 +48,15 @@ def run(job: dict) -> object:
     return run_code(job["payload"].decode("utf-8"), job.get("name") or "<job>")
 
 
-LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
-          "file_size": resource.RLIMIT_FSIZE, "cpu": resource.RLIMIT_CPU}
-
-
 def apply_limits(limits: dict) -> None:
-    """Lower this process's resource limits (address space, open files, file size, CPU s)."""
+    """Lower this process's resource limits (address space, open files, file size)."""
     for name, value in (limits or {}).items():
         if not value or name not in LIMITS:
             continue
         kind = LIMITS[name]
         _, hard = resource.getrlimit(kind)
         value = int(value) if hard == resource.RLIM_INFINITY else min(int(value), hard)
-        # For CPU the soft limit sends SIGXCPU and the hard one, 5 s later, SIGKILL.
-        top = value + 5 if name == "cpu" and (hard == resource.RLIM_INFINITY or value + 5 <= hard) else value
-        resource.setrlimit(kind, (value, top))
+        resource.setrlimit(kind, (value, value))
 
 
 def _cpu() -> float:
@@ -62,29 +64,66 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def main() -> None:
-    """Entry point of the child process."""
+def _read(stream, n: int) -> bytes | None:
+    data = b""
+    while len(data) < n:
+        chunk = stream.read(n - len(data))
+        if not chunk:
+            return None
+        data += chunk
+    return data
+
+
+def run_one(job: dict) -> dict:
+    """Run a job in its folder; its outcome (result or traceback, CPU seconds)."""
+    home, env = os.getcwd(), dict(os.environ)
+    cpu = _cpu()
     try:
-        os.setsid()
-    except OSError:
-        pass
-    job = msgpack.unpackb(sys.stdin.buffer.read(), raw=False)
-    if job.get("nice"):
-        os.nice(int(job["nice"]))
-    apply_limits(job.get("limits"))
-    sys.stdin = open(os.devnull)
-    try:
+        os.chdir(job["workdir"])
+        os.environ["TMPDIR"] = job["workdir"]
+        os.environ["DSAGE_JOB_ID"] = str(job.get("job_id", ""))
         value = run(job)
         import cloudpickle
 
         outcome = {"ok": True, "result": cloudpickle.dumps(value)}
     except BaseException:
         outcome = {"ok": False, "error": traceback.format_exc()}
-    sys.stdout.flush()
-    sys.stderr.flush()
-    outcome["cpu_time"] = _cpu()
-    with os.fdopen(3, "wb") as fh:
-        fh.write(msgpack.packb(outcome, use_bin_type=True))
+    finally:
+        os.chdir(home)
+        os.environ.clear()
+        os.environ.update(env)
+    outcome["cpu_time"] = _cpu() - cpu
+    return outcome
+
+
+def main() -> None:
+    """Serve jobs from stdin until it closes."""
+    try:
+        os.setsid()
+    except OSError:
+        pass
+    settings = msgpack.unpackb(_read(sys.stdin.buffer, struct.unpack("!I", _read(sys.stdin.buffer, 4))[0]))
+    if settings.get("nice"):
+        os.nice(int(settings["nice"]))
+    apply_limits(settings.get("limits"))
+    jobs, outcomes = sys.stdin.buffer, os.fdopen(3, "wb", buffering=0)
+    sys.stdin = open(os.devnull)
+    while True:
+        header = _read(jobs, 4)
+        if header is None:
+            break
+        job = msgpack.unpackb(_read(jobs, struct.unpack("!I", header)[0]), raw=False)
+        outcome = run_one(job)
+        try:
+            sys.stdout.flush()
+            sys.stderr.flush()
+        except Exception:
+            pass
+        sentinel = job["sentinel"]
+        os.write(1, sentinel)
+        os.write(2, sentinel)
+        data = msgpack.packb(outcome, use_bin_type=True)
+        outcomes.write(struct.pack("!I", len(data)) + data)
     os._exit(0)
 
 

@@ -1,10 +1,18 @@
-"""JobRunner: each job in its own child process and process group, with a timeout,
-kill escalation (TERM, then KILL), capped output and a temporary working directory."""
+"""JobRunner: runs leased jobs in the slots' long-lived child processes.
+
+Each slot's child (`python -m dsage.worker.child`) runs in its own process group with the
+worker's nice level and resource limits, and runs jobs one after another, each in a
+temporary folder of its own (removed afterwards).  A job's stdout and stderr are kept (head
+and tail, up to a limit) until the child marks the job's end with the job's sentinel.  A
+timeout or a kill stops the child (TERM to its process group, then KILL); a crash ends it;
+either way the next job gets a fresh child."""
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
+import struct
 import sys
 import tempfile
 import time
@@ -15,6 +23,8 @@ from twisted.logger import Logger
 
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
 KILL_GRACE = 2.0
+#: jobs one child runs before it is replaced (bounds what jobs leave behind in it).
+JOBS_PER_CHILD = 1000
 ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV", "USER", "LOGNAME")
 
 
@@ -46,37 +56,92 @@ class OutputBuffer:
         return bytes(self.head + middle + self.tail).decode("utf-8", "replace")
 
 
-class JobProcess(protocol.ProcessProtocol):
-    """Talks to one child: sends the job, collects output and the outcome."""
+class Attempt:
+    """One job running in a child: where its output goes and when it is complete."""
 
-    def __init__(self, job: dict, nice: int, max_output: int, limits: dict) -> None:
+    def __init__(self, job: dict, max_output: int) -> None:
         self.job = job
-        self.nice = nice
-        self.limits = limits
+        self.key = (job["job_id"], job["attempt"])
+        self.sentinel = b"\x00dsage-end-" + secrets.token_hex(8).encode() + b"\x00"
         self.output = OutputBuffer(max_output)
-        self.outcome = bytearray()
-        self.done = defer.Deferred()
+        self.workdir = tempfile.mkdtemp(prefix=f"dsage-job{job['job_id']}-")
+        self.start = time.monotonic()
+        self.ended_streams: set[int] = set()
+        self.outcome: dict | None = None
         self.reason: str | None = None
+        self.timer = None
+        self.done = defer.Deferred()
+
+    def complete(self) -> bool:
+        return self.outcome is not None and self.ended_streams == {1, 2}
+
+
+class Child(protocol.ProcessProtocol):
+    """A slot's long-lived job process."""
+
+    def __init__(self, runner: JobRunner) -> None:
+        self.runner = runner
+        self.attempt: Attempt | None = None
+        self.pending = {1: b"", 2: b""}
+        self.frames = b""
+        self.jobs_run = 0
+        self.alive = True
 
     def connectionMade(self) -> None:
-        message = {"kind": self.job["kind"], "payload": self.job["payload"], "files": self.job.get("files"),
-                   "name": self.job.get("name"), "nice": self.nice,
-                   "limits": dict(self.limits, cpu=int(self.job["timeout"]) + 1)}
-        self.transport.write(msgpack.packb(message, use_bin_type=True))
-        self.transport.closeStdin()
+        self.send({"nice": self.runner.nice, "limits": self.runner.limits})
+
+    def send(self, message: dict) -> None:
+        data = msgpack.packb(message, use_bin_type=True)
+        self.transport.write(struct.pack("!I", len(data)) + data)
+
+    def run(self, attempt: Attempt) -> None:
+        """Hand a job to this child."""
+        self.attempt = attempt
+        self.jobs_run += 1
+        job = attempt.job
+        self.send({"kind": job["kind"], "payload": job["payload"], "files": job.get("files"),
+                   "name": job.get("name"), "job_id": job["job_id"], "workdir": attempt.workdir,
+                   "sentinel": attempt.sentinel})
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
+        attempt = self.attempt
         if fd == 3:
-            self.outcome += data
-        else:
-            self.output.write(data)
+            self.frames += data
+            while len(self.frames) >= 4:
+                (n,) = struct.unpack("!I", self.frames[:4])
+                if len(self.frames) < 4 + n:
+                    break
+                frame, self.frames = self.frames[4:4 + n], self.frames[4 + n:]
+                if attempt is not None:
+                    try:
+                        attempt.outcome = msgpack.unpackb(frame, raw=False)
+                    except Exception:
+                        attempt.outcome = {"ok": False, "error": "dsage: undecodable outcome from the job process"}
+        elif fd in (1, 2):
+            if attempt is None or fd in attempt.ended_streams:
+                return              # output of something the last job left running: dropped
+            buffer = self.pending[fd] + data
+            end = buffer.find(attempt.sentinel)
+            if end >= 0:
+                attempt.output.write(buffer[:end])
+                attempt.ended_streams.add(fd)
+                self.pending[fd] = b""
+            else:
+                keep = len(attempt.sentinel) - 1
+                attempt.output.write(buffer[:-keep] if len(buffer) > keep else b"")
+                self.pending[fd] = buffer[-keep:] if len(buffer) > keep else buffer
+        if attempt is not None and attempt.complete():
+            self.attempt = None
+            self.runner.finished(self, attempt)
 
     def processEnded(self, reason) -> None:
-        self.done.callback(reason.value)
+        self.alive = False
+        attempt, self.attempt = self.attempt, None
+        self.runner.child_ended(self, attempt, reason.value)
 
 
 class JobRunner:
-    """Runs jobs as child processes; `run()` fires with the report for the server."""
+    """Runs jobs in per-slot child processes; `run()` fires with the report for the server."""
 
     log = Logger()
 
@@ -84,63 +149,78 @@ class JobRunner:
         self.reactor = reactor
         self.nice = nice
         self.max_output = max_output
-        #: resource limits of each job: memory (bytes of address space), open_files, file_size (bytes).
+        #: resource limits of the job processes: memory (bytes of address space), open_files, file_size.
         self.limits = dict(limits or {})
-        self.running: dict[tuple[int, int], tuple[JobProcess, object]] = {}
+        self.idle: list[Child] = []
+        self.running: dict[tuple[int, int], tuple[Attempt, Child]] = {}
+
+    def _spawn(self) -> Child:
+        child = Child(self)
+        env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
+        env["PYTHONUNBUFFERED"] = "1"
+        self.reactor.spawnProcess(child, sys.executable, [sys.executable, "-m", "dsage.worker.child"], env=env,
+                                  path=tempfile.gettempdir(), childFDs={0: "w", 1: "r", 2: "r", 3: "r"})
+        return child
 
     def run(self, job: dict) -> defer.Deferred:
         """Run a leased job; fires with a report dict (outcome, result/error, output, times)."""
-        return defer.Deferred.fromCoroutine(self._run(job))
+        attempt = Attempt(job, self.max_output)
+        child = self.idle.pop() if self.idle else self._spawn()
+        self.running[attempt.key] = (attempt, child)
+        attempt.timer = self.reactor.callLater(job["timeout"], self._stop, attempt.key,
+                                               f"timed out after {job['timeout']:g} s")
+        child.run(attempt)
+        return attempt.done
 
-    async def _run(self, job: dict) -> dict:
-        key = (job["job_id"], job["attempt"])
-        workdir = tempfile.mkdtemp(prefix=f"dsage-job{job['job_id']}-")
-        env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
-        env.update(PYTHONUNBUFFERED="1", TMPDIR=workdir, DSAGE_JOB_ID=str(job["job_id"]))
-        proc = JobProcess(job, self.nice, self.max_output, self.limits)
-        start = time.monotonic()
-        transport = self.reactor.spawnProcess(
-            proc, sys.executable, [sys.executable, "-m", "dsage.worker.child"], env=env, path=workdir,
-            childFDs={0: "w", 1: "r", 2: "r", 3: "r"})
-        self.running[key] = (proc, transport)
-        timer = self.reactor.callLater(job["timeout"], self._stop, key,
-                                       f"timed out after {job['timeout']:g} s")
-        try:
-            ended = await proc.done
-        finally:
-            if timer.active():
-                timer.cancel()
-            self.running.pop(key, None)
-            shutil.rmtree(workdir, ignore_errors=True)
-        report = {"job_id": job["job_id"], "attempt": job["attempt"], "output": proc.output.text(),
-                  "wall_time": time.monotonic() - start, "cpu_time": None, "result": None, "error": None}
-        try:
-            outcome = msgpack.unpackb(bytes(proc.outcome), raw=False) if proc.outcome else None
-        except Exception:
-            outcome = None
-        if proc.reason is not None:
-            report.update(outcome="failed", error=f"dsage: the job was stopped: {proc.reason}")
-            report["killed"] = proc.reason == "killed"
+    def finished(self, child: Child, attempt: Attempt) -> None:
+        """A child reported a job's outcome and its output is complete."""
+        ok = isinstance(attempt.outcome, dict) and attempt.outcome.get("ok")
+        if child.alive and attempt.reason is None and ok and child.jobs_run < JOBS_PER_CHILD:
+            # Reused after a success only: a failed job may leave files open or memory fragmented.
+            self.idle.append(child)
+        elif child.alive:
+            child.transport.closeStdin()          # retire it; it exits by itself
+        self._report(attempt, None)
+
+    def child_ended(self, child: Child, attempt: Attempt | None, ended) -> None:
+        """A child process ended (retired, crashed, killed or timed out)."""
+        if child in self.idle:
+            self.idle.remove(child)
+        if attempt is not None:
+            self._report(attempt, ended)
+
+    def _report(self, attempt: Attempt, ended) -> None:
+        if attempt.timer is not None and attempt.timer.active():
+            attempt.timer.cancel()
+        self.running.pop(attempt.key, None)
+        shutil.rmtree(attempt.workdir, ignore_errors=True)
+        job = attempt.job
+        report = {"job_id": job["job_id"], "attempt": job["attempt"], "output": attempt.output.text(),
+                  "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None}
+        outcome = attempt.outcome
+        if attempt.reason is not None:
+            report.update(outcome="failed", error=f"dsage: the job was stopped: {attempt.reason}")
+            report["killed"] = attempt.reason == "killed"
         elif isinstance(outcome, dict) and outcome.get("ok"):
             report.update(outcome="completed", result=outcome["result"], cpu_time=outcome.get("cpu_time"))
         elif isinstance(outcome, dict):
             report.update(outcome="failed", error=outcome.get("error"), cpu_time=outcome.get("cpu_time"))
         else:
             report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}")
-        return report
+        attempt.done.callback(report)
 
     def _stop(self, key: tuple[int, int], reason: str) -> None:
         entry = self.running.get(key)
         if entry is None:
             return
-        proc, transport = entry
-        if proc.reason is None:
-            proc.reason = reason
-        self._signal(transport, signal.SIGTERM)
-        self.reactor.callLater(KILL_GRACE, self._signal, transport, signal.SIGKILL)
+        attempt, child = entry
+        if attempt.reason is None:
+            attempt.reason = reason
+        self._signal(child, signal.SIGTERM)
+        self.reactor.callLater(KILL_GRACE, self._signal, child, signal.SIGKILL)
 
-    def _signal(self, transport, sig: int) -> None:
-        pid = transport.pid
+    def _signal(self, child: Child, sig: int) -> None:
+        pid = child.transport.pid if child.alive else None
         if pid is None:
             return
         try:
@@ -164,9 +244,11 @@ class JobRunner:
         return [list(k) for k in self.running]
 
     def stop_all(self) -> None:
-        """Kill every running job (worker shutdown)."""
+        """Kill every running job and end the idle children (worker shutdown)."""
         for key in list(self.running):
             self._stop(key, "worker shut down")
+        for child in list(self.idle):
+            child.transport.closeStdin()
 
 
 def _describe(ended) -> str:

@@ -70,7 +70,7 @@ def test_kill9_of_the_client_then_restore_processes_every_result_once(cluster):
     checkpoint; the final answer is right and no result was processed twice."""
     seed = random.randrange(1 << 30)
     rng = random.Random(seed)
-    n, chunk, name = 600, 10, f"chaos-{seed}"
+    n, chunk, name = 3000, 10, f"chaos-{seed}"
     kills, mode = 0, "start"
     for _ in range(3):
         proc = client(cluster, name, mode, n, chunk, 0.02)
@@ -83,6 +83,8 @@ def test_kill9_of_the_client_then_restore_processes_every_result_once(cluster):
         mode = "restore"
     proc = client(cluster, name, "restore", n, chunk, 0.0)
     out, _ = proc.communicate(timeout=300)
+    again = dsage.DistributedFunction.restore(cluster.connect(), name)
+    assert again.done and again.start().wait(timeout=10) == expected(n), "restoring a finished function"
     lines = out.strip().splitlines()
     assert lines[0] == "running" and proc.returncode == 0, f"seed {seed}: {out}"
     final = json.loads(lines[-1])

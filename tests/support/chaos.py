@@ -35,6 +35,7 @@ class Report:
     stuck: int = 0
     longest_recovery: float = 0.0
     seconds: float = 0.0
+    detail: str = ""
 
     @property
     def ok(self) -> bool:
@@ -44,12 +45,13 @@ class Report:
         k = self.kills
         return (f"seed {self.seed}: kills server {k['server']} worker {k['worker']} client {k['client']}; "
                 f"jobs {self.jobs}, lost {self.lost}, duplicated {self.duplicated}, wrong {self.wrong}, "
-                f"stuck {self.stuck}; longest recovery {self.longest_recovery:.2f} s; {self.seconds:.1f} s")
+                f"stuck {self.stuck}; longest recovery {self.longest_recovery:.2f} s; {self.seconds:.1f} s"
+                + (f"\n{self.detail}" if self.detail else ""))
 
 
 def _client(cluster: LocalCluster, name: str, mode: str, n: int, chunk: int) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, SCRIPT, cluster.address, str(cluster.home / "client.pem"), name,
-                             mode, str(n), str(chunk), "0.005"], stdout=subprocess.PIPE, text=True,
+                             mode, str(n), str(chunk), "0.005"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True, env=dict(os.environ, PYTHONPATH=str(Path(SCRIPT).parents[2])))
 
 
@@ -99,8 +101,12 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
                 client = _client(cluster, name, "restore", n_fn, chunk)
                 client.stdout.readline()
         # Let it finish: the function's last client runs to the end.
-        out, _ = client.communicate(timeout=600)
-        final = json.loads(out.strip().splitlines()[-1]) if out.strip() else {"result": None, "seen": []}
+        out, err = client.communicate(timeout=600)
+        try:
+            final = json.loads(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            final = {"result": None, "seen": []}
+            report.detail = f"the last client ended with {client.returncode}: {err.strip()[-1500:]}"
         expected = sum(k * k for k in range(1, n_fn + 1))
         seen = final["seen"]
         report.jobs = n_map + n_fn // chunk
