@@ -243,6 +243,8 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--server", help="HOST:PORT of the server (default: the one in the bundle)")
     parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core)")
     parser.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
+    parser.add_argument("--prefetch", type=int, default=None,
+                        help="jobs leased ahead, waiting for a free slot (default 0; helps many tiny jobs)")
     parser.add_argument("--name", help="the worker's name; must match its certificate")
     parser.add_argument("--max-memory", type=float, default=0, metavar="MB",
                         help="address space of each job in MB (default: no limit)")
@@ -283,7 +285,9 @@ def _work(args) -> int:
             raise UserError(f"--{flag.replace('_', '-')} must not be negative")
     limits = {"memory": int(args.max_memory * 2**20), "open_files": args.max_open_files,
               "file_size": int(args.max_file_size * 2**20)}
-    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice,
+    if args.prefetch is not None and args.prefetch < 0:
+        raise UserError("--prefetch must not be negative")
+    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, prefetch=args.prefetch,
                             max_output=max(1024, int(args.max_output * 2**20)), limits=limits)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

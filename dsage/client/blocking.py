@@ -266,7 +266,7 @@ class JobHandle:
 
     def rerun(self) -> JobHandle:
         """Run a finished job again from the start."""
-        rec = self.dsage._call("rerun", job_id=self.job_id)
+        rec = rt.call(self.dsage.client.rerun, self.job_id, timeout=CALL_TIMEOUT)
         with self.dsage._lock:
             self.dsage._records[self.job_id] = rec
         return self

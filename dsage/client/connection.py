@@ -3,6 +3,7 @@ Deferreds, and the push events that tell it when its jobs finish.  Twisted progr
 directly through `connect_async`; everyone else through the blocking façade."""
 from __future__ import annotations
 
+import collections
 from typing import Callable
 
 from twisted.internet import defer
@@ -18,6 +19,8 @@ from dsage.worker.service import split_address
 
 #: consecutive failed connection attempts before a call gives up.
 CALL_RETRIES = 6
+#: finished jobs remembered from the server's pushes (waits on them need no round trip).
+FINISHED_CACHE = 100_000
 
 
 class ClientProtocol(MessageProtocol):
@@ -40,6 +43,7 @@ class AsyncClient:
         self.identity: str | None = None
         self.role: str | None = None
         self.watchers: dict[int, list[defer.Deferred]] = {}
+        self.finished: collections.OrderedDict[int, dict] = collections.OrderedDict()
         self.listeners: list[Callable[[dict], None]] = []
         host, port = split_address(self.address)
         endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
@@ -154,6 +158,11 @@ class AsyncClient:
         """Fires with the records of your jobs (without results)."""
         return self.call("list_jobs", status=status, all=all)
 
+    def rerun(self, job_id: int) -> defer.Deferred:
+        """Run a finished job again; fires with its record."""
+        self.finished.pop(job_id, None)
+        return self.call("rerun", job_id=job_id)
+
     def kill(self, job_id: int) -> defer.Deferred:
         """Kill a job; fires with its record."""
         return self.call("kill", job_id=job_id)
@@ -169,6 +178,9 @@ class AsyncClient:
     # -- finished jobs -----------------------------------------------------------------
     def job_event(self, summary: dict) -> None:
         """A job of ours reached a final status."""
+        self.finished[summary["job_id"]] = summary
+        while len(self.finished) > FINISHED_CACHE:
+            self.finished.popitem(last=False)
         for listener in list(self.listeners):
             listener(summary)
         self._check_final(summary)
@@ -180,6 +192,9 @@ class AsyncClient:
 
     def watch(self, job_id: int) -> defer.Deferred:
         """Fires with the job's final record (result included) when it is finished."""
+        known = self.finished.get(job_id)
+        if known is not None and known.get("status") in FINAL and (known["status"] != "completed" or "result" in known):
+            return defer.succeed(known)
         d = defer.Deferred(lambda d: self._unwatch(job_id, d))
         self.watchers.setdefault(job_id, []).append(d)
 

@@ -378,19 +378,23 @@ class ServerProtocol(MessageProtocol):
     def report(self, args: dict) -> defer.Deferred:
         """Apply the outcome of one of this worker's attempts."""
         rep = _report_args(args)
+        take = args.get("take", 0)
+        if isinstance(take, bool) or not isinstance(take, int) or not 0 <= take <= 1024:
+            raise ValueError("take must be an integer from 0 to 1024")
         self.running.discard((rep["job_id"], rep["attempt"]))
 
         def applied(out: dict) -> dict:
+            self.running.update((j["job_id"], j["attempt"]) for j in out["jobs"])
             if not out["applied"]:
                 self.log.warn("stale report from {worker} for job {job_id} attempt {attempt} refused",
                               worker=self.identity, job_id=rep["job_id"], attempt=rep["attempt"])
-                return {"applied": False}
+                return {"applied": False, "jobs": out["jobs"]}
             if out["final"]:
                 self.hub.job_finished(out["job"])
             else:
                 self.hub.dispatcher.work_arrived()
-            return {"applied": True}
-        return self.hub.store.report(self.identity, rep).addCallback(applied)
+            return {"applied": True, "jobs": out["jobs"]}
+        return self.hub.store.report(self.identity, rep, take, self.hub.lease_seconds).addCallback(applied)
 
     def heartbeat(self, args: dict) -> defer.Deferred:
         """Renew the leases of the attempts this worker holds; replies with those it lost."""

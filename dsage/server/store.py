@@ -331,9 +331,15 @@ class JobStore:
         return self._run(lambda root: min((root.jobs[j].not_before for j in root.pending.values()
                                            if root.jobs[j].not_before > self.now()), default=None))
 
-    def report(self, worker: str, report: dict) -> defer.Deferred:
-        """Apply a worker's report on its attempt; refused (applied False) when stale."""
-        return self._run(self._report, worker, report)
+    def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
+        """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
+        the same transaction, lease it up to `take` next jobs (under "jobs")."""
+        return self._run(self._report_and_take, worker, report, take, lease)
+
+    def _report_and_take(self, root: Root, worker: str, rep: dict, take: int, lease: float) -> dict:
+        out = self._report(root, worker, rep)
+        out["jobs"] = self._claim(root, [(worker, take)], lease)[0] if take > 0 else []
+        return out
 
     def _report(self, root: Root, worker: str, rep: dict) -> dict:
         job = root.jobs.get(rep["job_id"])

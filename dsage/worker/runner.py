@@ -193,7 +193,10 @@ class JobRunner:
         if attempt.timer is not None and attempt.timer.active():
             attempt.timer.cancel()
         self.running.pop(attempt.key, None)
-        shutil.rmtree(attempt.workdir, ignore_errors=True)
+        try:
+            os.rmdir(attempt.workdir)          # most jobs leave their folder empty
+        except OSError:
+            shutil.rmtree(attempt.workdir, ignore_errors=True)
         job = attempt.job
         report = {"job_id": job["job_id"], "attempt": job["attempt"], "output": attempt.output.text(),
                   "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None}

@@ -2,6 +2,7 @@
 whose connections each run a `WorkerSession`, and the `JobRunner` that outlives them."""
 from __future__ import annotations
 
+import collections
 import os
 
 from twisted.application import service
@@ -33,11 +34,16 @@ class WorkerService(service.MultiService):
     log = Logger()
 
     def __init__(self, bundle: tls.Bundle, address: str, reactor, *, slots: int | None = None,
-                 nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None) -> None:
+                 nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None,
+                 prefetch: int | None = None) -> None:
         super().__init__()
         self.bundle = bundle
         self.reactor = reactor
         self.slots = slots or os.cpu_count() or 1
+        #: leased jobs kept waiting here so that a slot never waits for the network (they
+        #: show as processing meanwhile, so none by default).
+        self.prefetch = prefetch or 0
+        self.queue: collections.deque = collections.deque()
         self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
@@ -78,8 +84,8 @@ class WorkerService(service.MultiService):
     def kill(self, data: dict) -> None:
         """The server ordered a kill."""
         job_id, attempt = data.get("job_id"), data.get("attempt")
-        if isinstance(job_id, int) and self.runner.kill(job_id, attempt if isinstance(attempt, int) else None):
-            self.log.info("killing job {job_id}", job_id=job_id)
+        if isinstance(job_id, int) and self.drop(job_id, attempt if isinstance(attempt, int) else None):
+            self.log.info("killed job {job_id}", job_id=job_id)
 
     def _give_up(self) -> None:
         self.exit_code = 2
@@ -88,20 +94,41 @@ class WorkerService(service.MultiService):
 
     exit_code = 0
 
-    def free_slots(self) -> int:
-        """Slots not running a job."""
-        return self.slots - len(self.runner.running)
+    def room(self) -> int:
+        """How many more jobs this worker takes now (free slots plus prefetch room)."""
+        return self.slots + self.prefetch - len(self.runner.running) - len(self.queue)
+
+    def held(self) -> list[list[int]]:
+        """Every (job id, attempt) leased to this worker: running or waiting here."""
+        return self.runner.held() + [[j["job_id"], j["attempt"]] for j in self.queue]
 
     def start_job(self, job: dict) -> None:
-        """Run a leased job and report its outcome."""
-        self.log.info("running job {job_id} ({name}) attempt {attempt}", job_id=job["job_id"],
-                      name=job.get("name"), attempt=job["attempt"])
-        self.runner.run(job).addCallback(self._finished).addErrback(
-            lambda f: self.log.failure("running job {job_id} failed", f, job_id=job["job_id"]))
+        """Take a leased job: run it when a slot is free."""
+        self.queue.append(job)
+        self._pump()
+
+    def _pump(self) -> None:
+        while self.queue and len(self.runner.running) < self.slots:
+            job = self.queue.popleft()
+            self.log.debug("running job {job_id} ({name}) attempt {attempt}", job_id=job["job_id"],
+                           name=job.get("name"), attempt=job["attempt"])
+            self.runner.run(job).addCallback(self._finished).addErrback(
+                lambda f, j=job: self.log.failure("running job {job_id} failed", f, job_id=j["job_id"]))
+
+    def drop(self, job_id: int, attempt: int | None = None) -> bool:
+        """Give up a job (killed, or its lease lost): out of the queue, or stopped if running."""
+        for job in list(self.queue):
+            if job["job_id"] == job_id and (attempt is None or job["attempt"] == attempt):
+                self.queue.remove(job)
+                return True
+        return self.runner.kill(job_id, attempt)
 
     def _finished(self, report: dict) -> None:
-        self.log.info("job {job_id} {outcome} in {wall:.3f} s", job_id=report["job_id"],
-                      outcome="killed" if report.get("killed") else report["outcome"], wall=report["wall_time"])
+        self._pump()
+        if report.get("killed") or report["outcome"] != "completed" or report["wall_time"] > 1.0:
+            self.log.info("job {job_id} {outcome} in {wall:.3f} s", job_id=report["job_id"],
+                          outcome="killed" if report.get("killed") else report["outcome"],
+                          wall=report["wall_time"])
         session = self.session
         if not report.get("killed"):
             if session is not None and not session.proto.closed:

@@ -70,8 +70,8 @@ class WorkerSession:
             self.heartbeat.stop()
 
     def ask(self) -> None:
-        """Ask for as many jobs as there are slots not running and not already asked for."""
-        want = self.worker.free_slots() - self.asking
+        """Ask for as many jobs as the worker has room for and has not already asked for."""
+        want = self.worker.room() - self.asking
         if want <= 0 or self.proto.closed:
             return
         self.asking += want
@@ -90,16 +90,26 @@ class WorkerSession:
             self.log.failure("take failed", failure)
 
     def send_report(self, report: dict) -> None:
-        """Send a report; if the link fails it is kept and sent after reconnecting."""
+        """Send a report, asking in the same round trip for the next jobs there is room for;
+        if the link fails the report is kept and sent after reconnecting."""
+        take = max(0, self.worker.room() - self.asking)
+        self.asking += take
         wire = {k: v for k, v in report.items() if k != "killed"}
-        d = self.proto.call("report", **wire)
+        d = self.proto.call("report", take=take, **wire)
+
+        def sent(reply: dict) -> None:
+            self.asking -= take
+            for job in reply.get("jobs", []):
+                self.worker.start_job(job)
+            self.ask()
 
         def failed(f):
+            self.asking -= take
             if f.check(errors.ConnectionLost):
                 self.worker.keep_report(report)
             else:
                 self.log.failure("report of job {job_id} refused", f, job_id=report["job_id"])
-        d.addErrback(failed)
+        d.addCallbacks(sent, failed)
 
     def beat(self) -> defer.Deferred | None:
         """Renew the leases of the running jobs; kill those the server no longer gives us.
@@ -109,12 +119,12 @@ class WorkerSession:
             self.proto.transport.abortConnection()
             return None
         self.unanswered += 1
-        d = self.proto.call("heartbeat", held=self.worker.runner.held())
+        d = self.proto.call("heartbeat", held=self.worker.held())
 
         def lost(reply: dict) -> None:
             self.unanswered = 0
             for job_id, attempt in reply.get("lost", []):
-                if self.worker.runner.kill(job_id, attempt):
+                if self.worker.drop(job_id, attempt):
                     self.log.info("job {job_id} attempt {attempt} is no longer ours: stopped",
                                   job_id=job_id, attempt=attempt)
         return d.addCallbacks(lost, lambda f: None)

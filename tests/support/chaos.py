@@ -101,7 +101,11 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
                 client = _client(cluster, name, "restore", n_fn, chunk)
                 client.stdout.readline()
         # Let it finish: the function's last client runs to the end.
-        out, err = client.communicate(timeout=600)
+        # Read through the same buffered stream as readline() did (communicate() would skip
+        # what that buffer already holds).
+        out = client.stdout.read()
+        err = client.stderr.read()
+        client.wait(timeout=600)
         try:
             final = json.loads(out.strip().splitlines()[-1])
         except (ValueError, IndexError):

@@ -120,6 +120,6 @@ def test_workers_report_only_on_their_own_attempts(parts):
     intruder = connect(hub, "w2", "worker")
     d = intruder.handle_request("report", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"x",
                                            "output": "", "error": None, "cpu_time": None, "wall_time": None})
-    assert value(d) == {"applied": False}
+    assert value(d) == {"applied": False, "jobs": []}
     assert value(intruder.handle_request("heartbeat", {"held": [[1, 1]]})) == {"lost": [[1, 1]]}
     assert value(store.get("alice", "client", 1))["status"] == "processing"
