@@ -36,6 +36,10 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
+bench: system $(STAMP)
+	$(BIN)/python bench/dsage_bench.py
+	$(BIN)/python bench/apps.py
+
 chaos: system $(STAMP)
 	$(BIN)/python -m tests.support.chaos --rounds $${ROUNDS:-20} $${SEED:+--seed $$SEED}
 
