@@ -500,6 +500,10 @@ def _run(parser: argparse.ArgumentParser, func, argv: list[str] | None) -> int:
 def _guard(thunk, prog: str) -> int:
     try:
         return thunk() or 0
+    except BrokenPipeError:
+        # The reader went away (`dsage jobs | head`): stop quietly, as Unix tools do.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
     except KeyboardInterrupt:
         print(f"{prog}: interrupted", file=sys.stderr)
         return 130

@@ -103,3 +103,13 @@ def test_pack_online_and_offline(cluster, D, tmp_path):
     run(home, "init")
     out = run(home, "pack")
     assert out.returncode == 0 and "packed" in out.stdout, out.stderr
+
+
+def test_output_into_a_closed_pipe_is_quiet(cluster, D):
+    """`dsage jobs | head -1` ends quietly when head stops reading."""
+    D.map(abs, range(30))
+    env = dict(os.environ, DSAGE_HOME=str(cluster.home))
+    out = subprocess.run(" ".join(command("dsage")) + " jobs --limit 1000 | head -1", shell=True, env=env,
+                         capture_output=True, text=True, timeout=60)
+    assert out.stdout.split() == ["id", "status", "owner", "fails", "name"]
+    assert "error" not in out.stderr

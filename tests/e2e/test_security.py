@@ -112,7 +112,12 @@ def test_queue_limit_per_user(strict, SD):
 def test_connection_limit(strict, SD):
     """Past max_connections, new connections are closed at once; the others are unaffected."""
     host, port = strict.address.rsplit(":", 1)
-    socks = [socket.create_connection(("127.0.0.1", int(port)), timeout=5) for _ in range(8)]
+    socks = []
+    for _ in range(8):
+        try:
+            socks.append(socket.create_connection(("127.0.0.1", int(port)), timeout=5))
+        except OSError:
+            pass            # reset at once, even before connect() returned: the limit at work
     try:
         wait_for(lambda: "max_connections" in server_log(strict), what="the connection limit to act")
         assert SD.eval("'served'").wait(timeout=30) == "served"
@@ -156,3 +161,26 @@ def test_init_refuses_a_home_others_can_read(tmp_path):
                          capture_output=True, text=True)
     assert out.returncode == 1 and "chmod 700" in out.stderr
     assert not (home / "ca.key").exists()
+
+
+def test_clients_refuse_a_server_from_another_ca(strict, tmp_path):
+    """A server whose certificate was not made by the cluster's CA is refused by the client,
+    even when it has the right name."""
+    from twisted.internet.endpoints import SSL4ServerEndpoint
+    from twisted.internet.protocol import Factory, Protocol
+
+    from dsage.client import reactor as rt
+
+    rogue = tls.Authority.create()
+    cert, key = rogue.issue("dsage-server", server_hosts=["127.0.0.1"])
+    options = tls.server_options(tls.cert_pem(rogue.cert), tls.cert_pem(cert), tls.key_pem(key))
+
+    def listen():
+        from twisted.internet import reactor
+        return SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+    port = rt.call(listen, timeout=10)
+    try:
+        with pytest.raises(dsage.ConnectionLost):
+            dsage.connect(f"127.0.0.1:{port.getHost().port}", cert=str(strict.home / "client.pem"), timeout=15)
+    finally:
+        rt.call(port.stopListening, timeout=10)
