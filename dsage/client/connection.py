@@ -44,6 +44,8 @@ class AsyncClient:
         self.role: str | None = None
         self.watchers: dict[int, list[defer.Deferred]] = {}
         self.finished: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        #: unfinished jobs submitted on this connection: their end will be pushed to us.
+        self.pushed: set[int] = set()
         self.listeners: list[Callable[[dict], None]] = []
         host, port = split_address(self.address)
         endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
@@ -62,6 +64,7 @@ class AsyncClient:
             self.reactor.callLater(0, self.link.stop)
             raise
         self.identity, self.role = welcome["identity"], welcome["role"]
+        self.pushed.clear()     # pushes may have been missed while away: the watchers look again
         # Jobs may have finished while we were away: look again at every watched job.
         for job_id in list(self.watchers):
             proto.call("get_job", job_id=job_id).addCallbacks(self._check_final, lambda f: None)
@@ -129,7 +132,11 @@ class AsyncClient:
             args["function_id"] = function_id
         if token:
             args["token"] = token
-        return self.call("submit", **args).addCallback(lambda reply: reply["job_ids"])
+
+        def submitted(reply: dict) -> list[int]:
+            self.pushed.update(reply["job_ids"])
+            return reply["job_ids"]
+        return self.call("submit", **args).addCallback(submitted)
 
     def map(self, func, *iterables) -> defer.Deferred:
         """One job per item; fires with the ids in item order."""
@@ -179,6 +186,7 @@ class AsyncClient:
     def job_event(self, summary: dict) -> None:
         """A job of ours reached a final status."""
         self.finished[summary["job_id"]] = summary
+        self.pushed.discard(summary["job_id"])
         while len(self.finished) > FINISHED_CACHE:
             self.finished.popitem(last=False)
         for listener in list(self.listeners):
@@ -197,6 +205,8 @@ class AsyncClient:
             return defer.succeed(known)
         d = defer.Deferred(lambda d: self._unwatch(job_id, d))
         self.watchers.setdefault(job_id, []).append(d)
+        if job_id in self.pushed:
+            return d            # submitted here: its end will be pushed
 
         def fetched(summary: dict) -> None:
             if summary.get("status") in FINAL and not d.called:

@@ -236,12 +236,18 @@ class ServerProtocol(MessageProtocol):
         function_id, token = args.get("function_id"), args.get("token")
         if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
             raise ValueError("token must be a string of at most 64 characters")
-        d = self.hub.store.submit(self.identity, jobs, function_id if isinstance(function_id, str) else None,
-                                  token, self.hub.max_queued_per_user)
+        # The new jobs go straight to the slots that wait for work, in the same transaction.
+        entries, arrivals = self.hub.dispatcher.snapshot()
+        d = self.hub.store.submit_and_claim(
+            self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
+            self.hub.max_queued_per_user, [(w, n) for w, n, _ in entries], self.hub.lease_seconds)
 
-        def stored(ids: list[int]) -> dict:
-            self.hub.dispatcher.work_arrived()
-            return {"job_ids": ids}
+        def stored(out: dict) -> dict:
+            if entries:
+                self.hub.dispatcher.deliver(out["claims"], entries, arrivals)
+            if sum(map(len, out["claims"])) < len(out["ids"]):
+                self.hub.dispatcher.work_arrived()
+            return {"job_ids": out["ids"]}
         return d.addCallback(stored)
 
     def get_job(self, args: dict) -> defer.Deferred:

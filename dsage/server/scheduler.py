@@ -109,11 +109,16 @@ class Dispatcher:
         self._busy = True
         entries = list(self.waiting)
         d = self._claim([(w, n) for w, n, _ in entries])
-        d.addCallback(self._claimed, entries, self._arrivals)
+        d.addCallback(self.deliver, entries, self._arrivals)
         d.addErrback(lambda f: self.log.failure("claim failed", f))
         d.addBoth(self._round_done)
 
-    def _claimed(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
+    def snapshot(self) -> tuple[list, int]:
+        """The waiting slots now (to claim for elsewhere), and the arrival count to hand back."""
+        return list(self.waiting), self._arrivals
+
+    def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
+        """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""
         starved = False
         for entry, jobs in zip(entries, results):
             worker, n, d = entry

@@ -122,12 +122,19 @@ class JobStore:
         """Run a batch of operations in one transaction; returns (deferred, ok, value)."""
         out = []
         self._tm.begin()
+        alone = len(batch) == 1
         for fn, args, d in batch:
-            savepoint = self._tm.savepoint()
+            # A savepoint keeps one failing operation from spoiling its neighbours; alone,
+            # an operation that fails simply aborts the transaction (savepoints cost a file).
+            savepoint = None if alone else self._tm.savepoint()
             try:
                 out.append((d, True, fn(self.root, *args)))
             except Exception:
-                savepoint.rollback()
+                if savepoint is not None:
+                    savepoint.rollback()
+                else:
+                    self._tm.abort()
+                    self._tm.begin()
                 out.append((d, False, Failure()))
         try:
             self._tm.commit()
@@ -197,6 +204,17 @@ class JobStore:
         `limit`, a submission that would leave more of the owner's jobs queued is refused."""
         clean = [scheduler.validate_spec(s) for s in specs]
         return self._run(self._submit, owner, clean, function_id, token, limit)
+
+    def submit_and_claim(self, owner: str, specs: list[dict], function_id: str | None, token: str | None,
+                         limit: int | None, claim_for: list[tuple[str, int]], lease: float) -> defer.Deferred:
+        """Store new jobs and, in the same transaction, lease pending jobs to the worker slots
+        that wait for work; fires with {"ids": [...], "claims": [[job, ...] per slot]}."""
+        clean = [scheduler.validate_spec(s) for s in specs]
+
+        def op(root: Root) -> dict:
+            ids = self._submit(root, owner, clean, function_id, token, limit)
+            return {"ids": ids, "claims": self._claim(root, claim_for, lease) if claim_for else []}
+        return self._run(op)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
                 token: str | None = None, limit: int | None = None) -> list[int]:

@@ -318,3 +318,12 @@ def test_queue_limit_per_user(store):
     claim_one(store)                      # job 1 leaves the queue
     assert value(store.submit("a", [spec(), spec()], limit=3)) == [6, 7]
     assert value(store.status())["new"] == 7 - 1
+
+
+def test_submit_and_claim_pairs_new_jobs_with_waiting_slots(store):
+    """New jobs go to the waiting slots in the submit's own transaction; the rest queue."""
+    out = value(store.submit_and_claim("a", [spec("x"), spec("y"), spec("z")], None, None, None,
+                                       [("w1", 1), ("w2", 1)], 60.0))
+    assert out["ids"] == [1, 2, 3]
+    assert [[j["job_id"] for j in c] for c in out["claims"]] == [[1], [2]]
+    assert value(store.status()) == {"new": 1, "processing": 2}
