@@ -21,6 +21,7 @@ msgpack decodes only plain data (no object graph); payloads are opaque bytes.
 from __future__ import annotations
 
 import itertools
+import struct
 from typing import Any, Callable
 
 import msgpack
@@ -115,6 +116,7 @@ class MessageProtocol(Int32StringReceiver):
         self._pending: dict[int, defer.Deferred] = {}
         self._assembly: list[bytes] = []
         self._assembly_size = 0
+        self._buffer = bytearray()
         self.closed = False
         self.when_closed: defer.Deferred = defer.Deferred()
 
@@ -152,6 +154,26 @@ class MessageProtocol(Int32StringReceiver):
         self.send_message([EVENT, event, data])
 
     # -- receiving -------------------------------------------------------------------
+    def dataReceived(self, data: bytes) -> None:
+        """Split the stream into frames (one growing buffer: large frames cost linear time)."""
+        buffer = self._buffer
+        buffer += data
+        offset = 0
+        while len(buffer) - offset >= 4 and not self.closed:
+            (length,) = struct.unpack_from("!I", buffer, offset)
+            if length > self.MAX_LENGTH:
+                del buffer[:]
+                self.lengthLimitExceeded(length)
+                return
+            if len(buffer) - offset - 4 < length:
+                break
+            frame = bytes(buffer[offset + 4:offset + 4 + length])
+            offset += 4 + length
+            self.stringReceived(frame)
+            if self.transport is None or getattr(self.transport, "disconnecting", False):
+                break
+        del buffer[:offset]
+
     def stringReceived(self, frame: bytes) -> None:
         self.heard()
         try:

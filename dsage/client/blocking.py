@@ -4,7 +4,6 @@ Every call runs on the reactor thread (see `dsage.client.reactor`) and waits wit
 timeout; job records are kept current by the server's push events."""
 from __future__ import annotations
 
-import itertools
 import queue
 import threading
 import time
@@ -21,6 +20,8 @@ CALL_TIMEOUT = 120.0
 #: requests that must not be sent twice (everything else is retried through reconnections).
 NOT_RETRIED = frozenset({"rerun", "add_identity"})
 SUBMIT_BATCH = 1000
+#: payload bytes per submission message (the first jobs start while later ones travel).
+SUBMIT_BYTES = 8 << 20
 
 
 def connect(address: str | None = None, cert: str | None = None, timeout: float = 30.0) -> Dsage:
@@ -152,11 +153,23 @@ class Dsage:
     def submit_many(self, jobs: Iterable[Job], function_id: str | None = None) -> list[JobHandle]:
         """Submit several jobs in few round trips (each batch committed in one transaction)."""
         handles: list[JobHandle] = []
-        jobs = iter(jobs)
-        while batch := list(itertools.islice(jobs, SUBMIT_BATCH)):
-            token = uuid.uuid4().hex
-            ids = retrying(self.client.submit_many, batch, function_id, token)
+        batch: list[dict] = []
+        size = 0
+
+        def send() -> None:
+            ids = retrying(self.client.submit_many, batch, function_id, uuid.uuid4().hex)
             handles.extend(JobHandle(self, i) for i in ids)
+            batch.clear()
+
+        for job in jobs:
+            wire = job.to_wire()            # pickled here, in the caller's thread
+            batch.append(wire)
+            size += len(wire["payload"]) + sum(map(len, wire["files"].values()))
+            if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
+                send()
+                size = 0
+        if batch:
+            send()
         return handles
 
     def map(self, func: Callable, *iterables: Iterable, timeout: float = 600, priority: int = 5,

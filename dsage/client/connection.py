@@ -125,9 +125,10 @@ class AsyncClient:
         return self.submit(Job(code=code, **options))
 
     def submit_many(self, jobs, function_id: str | None = None, token: str | None = None) -> defer.Deferred:
-        """Submit jobs in one transaction; fires with their ids.  Resending the same `token`
-        after a lost reply returns the first submission's ids instead of submitting twice."""
-        args = {"jobs": [j.to_wire() for j in jobs]}
+        """Submit jobs (`dsage.Job`s, or their `to_wire()` maps) in one transaction; fires with
+        their ids.  Resending the same `token` after a lost reply returns the first
+        submission's ids instead of submitting twice."""
+        args = {"jobs": [j if isinstance(j, dict) else j.to_wire() for j in jobs]}
         if function_id:
             args["function_id"] = function_id
         if token:

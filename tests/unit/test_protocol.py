@@ -142,3 +142,20 @@ def test_pending_calls_fail_when_the_connection_is_lost():
     d.addErrback(failures.append)
     assert failures and failures[0].check(errors.ConnectionLost)
     assert proto.call("echo").addErrback(failures.append) is not None and len(failures) == 2
+
+
+def test_frames_split_anywhere_are_reassembled():
+    """A stream cut at arbitrary points yields the same messages, in order."""
+    proto, transport = connect()
+    messages = [[REQUEST, i, "echo", {"n": i, "blob": bytes(i * 997 % 5000)}] for i in range(1, 40)]
+    stream = b"".join(struct.pack("!I", len(f)) + f for m in messages for f in fragments(encode(m)))
+    cut = 0
+    for size in [1, 3, 7, 4096, 13, 65536] * 50:
+        if cut >= len(stream):
+            break
+        proto.dataReceived(stream[cut:cut + size])
+        cut += size
+    proto.dataReceived(stream[cut:])
+    replies = frames(transport.value())
+    assert [r[1] for r in replies] == list(range(1, 40))
+    assert replies[5][3] == messages[5][3]
