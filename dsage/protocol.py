@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import itertools
 import struct
-from typing import Any, Callable
+from typing import Any
 
 import msgpack
 from twisted.internet import defer
@@ -266,5 +266,3 @@ class MessageProtocol(Int32StringReceiver):
         Protocol.connectionLost(self, reason)
         self.when_closed.callback(None)
 
-
-Handler = Callable[[dict], Any]

@@ -206,8 +206,8 @@ class Dsage:
         """Queue depth, jobs by status, workers, slots, busy slots, recent jobs per second."""
         return self._call("status")
 
-    def executor(self) -> "DsageExecutor":
-        """A `concurrent.futures.Executor` that runs calls as dsage jobs."""
+    def executor(self):
+        """A `concurrent.futures.Executor` (a `DsageExecutor`) that runs calls as dsage jobs."""
         from dsage.client.executor import DsageExecutor
 
         return DsageExecutor(self)

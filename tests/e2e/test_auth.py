@@ -8,7 +8,6 @@ import pytest
 
 import dsage
 from dsage import tls
-from tests.e2e.conftest import wait_for
 
 
 def test_users_see_and_kill_only_their_own_jobs(cluster, D, users):
