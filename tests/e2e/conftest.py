@@ -2,6 +2,7 @@
 on 127.0.0.1 with a fresh CA and a real FileStorage in a temporary DSAGE_HOME."""
 from __future__ import annotations
 
+import contextlib
 import time
 
 import pytest
@@ -36,12 +37,21 @@ def cluster(tmp_path_factory):
     c.stop()
 
 
+@contextlib.contextmanager
+def connected(cluster: LocalCluster):
+    """An admin session on `cluster`, once a worker is there."""
+    session = cluster.connect()
+    try:
+        wait_for(lambda: session.workers(), what="a worker")
+        yield session
+    finally:
+        session.close()
+
+
 @pytest.fixture(scope="module")
 def D(cluster):
-    session = cluster.connect()
-    wait_for(lambda: session.workers(), what="a worker")
-    yield session
-    session.close()
+    with connected(cluster) as session:
+        yield session
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import pytest
 
 import dsage
 from dsage import tls
-from tests.e2e.conftest import start_cluster, wait_for
+from tests.e2e.conftest import connected, start_cluster, wait_for
 
 
 @pytest.fixture(scope="module")
@@ -31,10 +31,8 @@ def strict(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def SD(strict):
-    session = strict.connect()
-    wait_for(lambda: session.workers(), what="a worker")
-    yield session
-    session.close()
+    with connected(strict) as session:
+        yield session
 
 
 def server_log(cluster) -> str:
