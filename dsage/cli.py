@@ -272,7 +272,8 @@ def _work(args) -> int:
         raise UserError("--slots must be at least 1")
     from twisted.internet import reactor
 
-    from dsage.worker.service import WorkerService, split_address
+    from dsage.config import split_address
+    from dsage.worker.service import WorkerService
 
     address = args.server or bundle.server
     try:

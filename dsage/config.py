@@ -68,3 +68,14 @@ def load_server_config(path: Path | None = None, dsage_home: Path | None = None)
         except ValueError:
             raise ValueError(f"{path}: {key} must be a number, not {raw!r}") from None
     return ServerConfig(home=dsage_home, **values)
+
+
+def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
+    """'host:port' -> (host, port); ValueError with a clear message when malformed."""
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, default_port
+    try:
+        return host.strip("[]"), int(port)
+    except ValueError:
+        raise ValueError(f"bad server address {address!r}: expected HOST:PORT") from None

@@ -15,7 +15,7 @@ from dsage import errors, tls
 from dsage.job import FINAL
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
 from dsage.reconnect import Reconnector
-from dsage.worker.service import split_address
+from dsage.config import split_address
 
 #: consecutive failed connection attempts before a call gives up.
 CALL_RETRIES = 6

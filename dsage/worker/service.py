@@ -12,20 +12,10 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from dsage import errors, tls
+from dsage.config import split_address
 from dsage.reconnect import Reconnector
 from dsage.worker.runner import JobRunner
 from dsage.worker.session import WorkerProtocol, WorkerSession
-
-
-def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
-    """'host:port' -> (host, port); ValueError with a clear message when malformed."""
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        return address, default_port
-    try:
-        return host.strip("[]"), int(port)
-    except ValueError:
-        raise ValueError(f"bad server address {address!r}: expected HOST:PORT") from None
 
 
 class WorkerService(service.MultiService):

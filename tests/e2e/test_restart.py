@@ -6,7 +6,7 @@ import signal
 import pytest
 
 import dsage
-from tests.e2e.conftest import start_cluster, wait_for
+from tests.e2e.conftest import connected, start_cluster, wait_for
 
 
 @pytest.fixture
@@ -16,58 +16,53 @@ def fresh(tmp_path_factory):
     c.stop()
 
 
-def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh):
+@pytest.fixture
+def D(fresh):
+    """A session on this test's own cluster."""
+    with connected(fresh) as session:
+        yield session
+
+
+def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh, D):
     """After kill -9 of the server and a restart, acknowledged jobs are there and finish;
     the worker and the client reconnect by themselves."""
-    D = fresh.connect()
-    try:
-        done = D.eval("'before'")
-        assert done.wait(timeout=30) == "before"
-        queued = D.map(lambda x: x * 10, range(10))
-        fresh.stop_server(signal.SIGKILL)
-        fresh.start_server()
-        assert [j.wait(timeout=60) for j in queued] == [x * 10 for x in range(10)]
-        assert D.job(done.job_id).result == "before"
-        wait_for(lambda: D.workers(), what="the worker to reconnect")
-        assert D.eval("'after'").wait(timeout=30) == "after"
-    finally:
-        D.close()
+    done = D.eval("'before'")
+    assert done.wait(timeout=30) == "before"
+    queued = D.map(lambda x: x * 10, range(10))
+    fresh.stop_server(signal.SIGKILL)
+    fresh.start_server()
+    assert [j.wait(timeout=60) for j in queued] == [x * 10 for x in range(10)]
+    assert D.job(done.job_id).result == "before"
+    wait_for(lambda: D.workers(), what="the worker to reconnect")
+    assert D.eval("'after'").wait(timeout=30) == "after"
 
 
-def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path):
+def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
     """A job on a worker killed with -9 runs on another worker once its lease expires."""
-    D = fresh.connect()
-    try:
-        marker = tmp_path / "started"
-        job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
-                     f"    open({str(marker)!r}, 'w').close()\n    time.sleep(120)\n'second try'")
-        wait_for(marker.exists, what="the first attempt to start")
-        fresh.workers[0].send_signal(signal.SIGKILL)
-        fresh.workers[0].wait()
-        fresh.add_worker(slots=1)
-        assert job.wait(timeout=60) == "second try"
-        assert job.failures == 1 and "lease" in job.attempts[0].get("error", "")
-    finally:
-        D.close()
+    marker = tmp_path / "started"
+    job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
+                 f"    open({str(marker)!r}, 'w').close()\n    time.sleep(120)\n'second try'")
+    wait_for(marker.exists, what="the first attempt to start")
+    fresh.workers[0].send_signal(signal.SIGKILL)
+    fresh.workers[0].wait()
+    fresh.add_worker(slots=1)
+    assert job.wait(timeout=60) == "second try"
+    assert job.failures == 1 and "lease" in job.attempts[0].get("error", "")
 
 
-def test_distributed_factor_on_a_local_cluster(fresh):
+def test_distributed_factor_on_a_local_cluster(D):
     """DistributedFactor factors a number on real workers."""
     from dsage.examples.factor import DistributedFactor
 
-    D = fresh.connect()
-    try:
-        n = 2**64 + 1
-        f = DistributedFactor(D, n * 1000003 * 1000003)
-        f.start()
-        assert f.wait(timeout=120) == {274177: 1, 1000003: 2, 67280421310721: 1}
-        assert f.done and f.prime_factors == [274177, 1000003, 67280421310721]
-        assert len(f.processed_jobs) >= 2 and not f.outstanding_jobs
-    finally:
-        D.close()
+    n = 2**64 + 1
+    f = DistributedFactor(D, n * 1000003 * 1000003)
+    f.start()
+    assert f.wait(timeout=120) == {274177: 1, 1000003: 2, 67280421310721: 1}
+    assert f.done and f.prime_factors == [274177, 1000003, 67280421310721]
+    assert len(f.processed_jobs) >= 2 and not f.outstanding_jobs
 
 
-def test_distributed_function_that_runs_out_of_work_reports_it(fresh):
+def test_distributed_function_that_runs_out_of_work_reports_it(D):
     """A function whose next_job gives nothing while not done fails clearly, not hangs."""
     class Stuck(dsage.DistributedFunction):
         def next_job(self):
@@ -76,12 +71,8 @@ def test_distributed_function_that_runs_out_of_work_reports_it(fresh):
         def process_result(self, job):
             pass
 
-    D = fresh.connect()
-    try:
-        with pytest.raises(dsage.DsageError, match="next_job"):
-            Stuck(D).start().wait(timeout=30)
-    finally:
-        D.close()
+    with pytest.raises(dsage.DsageError, match="next_job"):
+        Stuck(D).start().wait(timeout=30)
 
 
 TORN_COMMIT = """
@@ -98,40 +89,32 @@ os._exit(0)      # power lost after the vote: the transaction is written but nev
 """
 
 
-def test_commit_torn_by_a_crash_is_recovered_on_start(fresh):
+def test_commit_torn_by_a_crash_is_recovered_on_start(fresh, D):
     """A transaction cut short in the FileStorage is dropped on start with a log line;
     everything committed before it is there and the server works."""
     import subprocess
     import sys
 
-    D = fresh.connect()
-    try:
-        done = [j.wait(timeout=60) for j in D.map(abs, [-1, -2, -3])]
-        fresh.stop_server()
-        path = fresh.home / "db" / "dsage.fs"
-        subprocess.run([sys.executable, "-c", TORN_COMMIT, str(path)], check=True)
-        fresh.start_server()
-        log = (fresh.home / "server.log").read_text()
-        assert "truncated, possibly due to damaged records" in log
-        assert [D.job(j).result for j in (1, 2, 3)] == done == [1, 2, 3]
-        assert D.eval("'after recovery'").wait(timeout=60) == "after recovery"
-    finally:
-        D.close()
+    done = [j.wait(timeout=60) for j in D.map(abs, [-1, -2, -3])]
+    fresh.stop_server()
+    path = fresh.home / "db" / "dsage.fs"
+    subprocess.run([sys.executable, "-c", TORN_COMMIT, str(path)], check=True)
+    fresh.start_server()
+    log = (fresh.home / "server.log").read_text()
+    assert "truncated, possibly due to damaged records" in log
+    assert [D.job(j).result for j in (1, 2, 3)] == done == [1, 2, 3]
+    assert D.eval("'after recovery'").wait(timeout=60) == "after recovery"
 
 
-def test_a_killed_job_stays_killed_across_a_restart(fresh, tmp_path):
+def test_a_killed_job_stays_killed_across_a_restart(fresh, tmp_path, D):
     """A kill is durable: after kill -9 and restart of the server the job never runs."""
-    D = fresh.connect()
-    try:
-        marker = tmp_path / "ran"
-        blockers = [D.eval("import time\ntime.sleep(2)") for _ in range(2)]
-        job = D.eval(f"open({str(marker)!r}, 'w')", priority=50)
-        job.kill()
-        fresh.stop_server(signal.SIGKILL)
-        fresh.start_server()
-        for b in blockers:
-            b.wait(timeout=60)
-        assert D.eval("'drained'", priority=99).wait(timeout=60) == "drained"
-        assert D.job(job.job_id).status == "killed" and not marker.exists()
-    finally:
-        D.close()
+    marker = tmp_path / "ran"
+    blockers = [D.eval("import time\ntime.sleep(2)") for _ in range(2)]
+    job = D.eval(f"open({str(marker)!r}, 'w')", priority=50)
+    job.kill()
+    fresh.stop_server(signal.SIGKILL)
+    fresh.start_server()
+    for b in blockers:
+        b.wait(timeout=60)
+    assert D.eval("'drained'", priority=99).wait(timeout=60) == "drained"
+    assert D.job(job.job_id).status == "killed" and not marker.exists()
