@@ -3,6 +3,7 @@ well-formed requests with random arguments, fragments) thrown at live connection
 role over a real store.  Nothing may escape a handler, and the store must stay consistent."""
 from __future__ import annotations
 
+import os
 import random
 import string
 import struct
@@ -20,6 +21,8 @@ from dsage.server.connections import HANDLERS, Hub, ServerProtocol
 from tests.support.store import FakeTime, memory_store
 
 FRAMES = 100_000
+# A fixed seed keeps CI deterministic; DSAGE_FUZZ_SEED=random (or a number) explores further.
+SEED = os.environ.get("DSAGE_FUZZ_SEED", "978808283")
 KEYS = ["jobs", "job_id", "n", "name", "role", "status", "limit", "all", "attempt", "outcome", "result",
         "output", "error", "held", "session", "step", "state", "processed", "done", "days", "token",
         "function_id", "force", "cpu_time", "wall_time", "version", "result"]
@@ -68,6 +71,13 @@ def random_frame(rng: random.Random) -> bytes:
         else msgpack.packb([REQUEST, rng.randrange(100), rng.choice(VERBS), args], use_bin_type=True)
 
 
+class AnonymousTransport(StringTransport):
+    """A TLS transport whose peer presented no certificate (what a hello must refuse)."""
+
+    def getPeerCertificate(self):
+        return None
+
+
 def check_store(store) -> None:
     """The indexes, counters and queue agree with the jobs themselves."""
     root = store.root
@@ -87,7 +97,7 @@ def check_store(store) -> None:
 
 def test_fuzz_the_protocol_surface(tmp_path):
     """10^5 generated frames at every role: zero crashes, zero inconsistencies."""
-    seed = random.randrange(1 << 30)
+    seed = random.randrange(1 << 30) if SEED == "random" else int(SEED)
     rng = random.Random(seed)
     clock = Clock()
     store = memory_store(tmp_path, FakeTime(0.0))
@@ -101,7 +111,7 @@ def test_fuzz_the_protocol_surface(tmp_path):
 
     def connection(identity, role):
         proto = ServerProtocol(hub)
-        proto.makeConnection(StringTransport())
+        proto.makeConnection(AnonymousTransport())
         if role is not None:
             proto.identity, proto.role, proto.info = identity, role, {"name": identity, "slots": 2}
             hub.attach(proto)
