@@ -28,6 +28,10 @@ class ServerConfig:
     log_file: str = ""
     max_queued_per_user: int = 1_000_000
     max_connections: int = 5_000
+    keep_days: float = 30.0
+    pack_growth: float = 2.0
+    pack_min_mb: float = 64.0
+    maintenance_seconds: float = 600.0
 
     @property
     def db_uri(self) -> str:

@@ -114,6 +114,7 @@ class Root(Persistent):
     queued = None        # owner -> number of their jobs in status new
     tokens = None        # (owner, token) -> (time, job ids): submissions already applied
     token_times = None   # (time, owner, token) -> None: the same, by age, for expiry
+    delayed = None       # (not before, job id) -> job id: jobs in status new backing off
 
     def __init__(self) -> None:
         self.jobs = LOBTree()                 # job id -> JobRecord

@@ -1,5 +1,5 @@
-"""The server's service tree: the store (opened first, closed last), the TLS listener and
-the lease reaper."""
+"""The server's service tree: the store (opened first, closed last), the TLS listener, the
+lease reaper and the database maintenance."""
 from __future__ import annotations
 
 import os
@@ -13,6 +13,7 @@ from twisted.logger import Logger
 from dsage import tls
 from dsage.config import ServerConfig
 from dsage.server.connections import Hub, ServerFactory
+from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
 
 
@@ -71,6 +72,9 @@ class ServerService(service.MultiService):
         reaper = internet.TimerService(max(0.5, self.config.lease_seconds / 4), self.hub.reap)
         reaper.clock = self.reactor
         reaper.setServiceParent(self)
+        Maintenance(self.store, self.reactor, keep_days=self.config.keep_days,
+                    pack_growth=self.config.pack_growth, pack_min_mb=self.config.pack_min_mb,
+                    interval=self.config.maintenance_seconds).setServiceParent(self)
         super().startService()
         d = self._listen()
         d.addErrback(self._listen_failed)

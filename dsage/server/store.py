@@ -32,6 +32,8 @@ from dsage.server.model import Identity, JobRecord, Root, load_bytes, store_byte
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
 MAX_BATCH = 500
+#: finished jobs deleted per transaction by `expire_finished`.
+EXPIRE_BATCH = 5000
 ROOT_KEY = "dsage"
 #: how long a submission token is remembered (a client retrying after a lost reply).
 TOKEN_TTL = 86400.0
@@ -62,6 +64,7 @@ class JobStore(FunctionOps):
         self._thread: threading.Thread | None = None
         self._tm = transaction.TransactionManager(explicit=True)
         self._conn = None
+        self._packing = False
         if not threaded:
             self._open()
 
@@ -319,8 +322,8 @@ class JobStore(FunctionOps):
 
     def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
         now = self.now()
+        self._promote(root, now)
         out: list[list[dict]] = []
-        deferred: list = []
         for worker, n in requests:
             got: list[dict] = []
             while len(got) < n and root.pending:
@@ -328,7 +331,7 @@ class JobStore(FunctionOps):
                 job_id = root.pending.pop(key)
                 job = root.jobs[job_id]
                 if job.not_before > now:
-                    deferred.append(job)
+                    self._delay(root, job)       # queued by a version without the delayed tree
                     continue
                 self._enter(root, job, "processing", unqueue=False)
                 job.attempt += 1
@@ -341,14 +344,26 @@ class JobStore(FunctionOps):
                             "name": job.name, "timeout": job.timeout,
                             "payload": load_bytes(job.payload), "files": load_bytes(job.files)})
             out.append(got)
-        for job in deferred:
-            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
         return out
+
+    def _delay(self, root: Root, job: JobRecord) -> None:
+        if root.delayed is None:
+            root.delayed = OOBTree()
+        root.delayed[(job.not_before, job.job_id)] = job.job_id
+
+    def _promote(self, root: Root, now: float) -> None:
+        """Move backed-off jobs whose time has come into the pending queue (cheap when none)."""
+        delayed = root.delayed
+        while delayed:
+            key = delayed.minKey()
+            if key[0] > now:
+                return
+            job = root.jobs[delayed.pop(key)]
+            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
     def next_retry(self) -> defer.Deferred:
         """The earliest time a backed-off job becomes runnable, or None."""
-        return self._run(lambda root: min((root.jobs[j].not_before for j in root.pending.values()
-                                           if root.jobs[j].not_before > self.now()), default=None))
+        return self._run(lambda root: root.delayed.minKey()[0] if root.delayed else None)
 
     def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
         """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
@@ -440,10 +455,59 @@ class JobStore(FunctionOps):
         return n
 
     # -- maintenance -----------------------------------------------------------------------
+    def expire_finished(self, days: float, limit: int = EXPIRE_BATCH) -> defer.Deferred:
+        """Delete up to `limit` jobs that finished more than `days` ago (their storage is freed
+        by the next pack); fires with how many went.  Jobs of an unfinished DistributedFunction
+        whose results it has not processed yet are kept, as are finished functions' records
+        until they too are `days` old."""
+        return self._run(self._expire_finished, self.now() - days * 86400.0, limit)
+
+    def _expire_finished(self, root: Root, cutoff: float, limit: int) -> int:
+        gone = 0
+        for status in FINAL:
+            ids = root.by_status.get(status)
+            if not ids:
+                continue
+            doomed = []
+            for job_id in ids:               # ascending ids: ascending creation times
+                job = root.jobs[job_id]
+                if job.created >= cutoff or gone + len(doomed) >= limit:
+                    break
+                if job.finished is not None and job.finished < cutoff and self._expendable(root, job):
+                    doomed.append(job)
+            for job in doomed:
+                ids.remove(job.job_id)
+                root.counts[status] = root.counts.get(status, 1) - 1
+                owned = root.by_owner.get(job.owner)
+                if owned is not None:
+                    owned.remove(job.job_id)
+                    if not owned:
+                        del root.by_owner[job.owner]
+                del root.jobs[job.job_id]
+            gone += len(doomed)
+        for key in [k for k, fn in root.functions.items() if fn.done and fn.updated < cutoff][:limit]:
+            fn = root.functions.pop(key)
+            for job_id in fn.jobs:
+                job = root.jobs.get(job_id)
+                if job is not None and job.status in FINAL:
+                    job.function_id = None
+        return gone
+
+    @staticmethod
+    def _expendable(root: Root, job: JobRecord) -> bool:
+        if job.function_id is None:
+            return True
+        fn = root.functions.get((job.owner, job.function_id))
+        return fn is None or fn.done or job.job_id in fn.processed
+
     def pack(self, days: float = 0.0) -> defer.Deferred:
         """Drop object history older than `days` from the storage; fires with sizes in bytes.
 
-        Packing runs in a thread of its own, beside the writer (FileStorage allows it)."""
+        Packing runs in a thread of its own, beside the writer (FileStorage allows it); one
+        pack at a time (a second is refused while one runs)."""
+        if self._packing:
+            return defer.fail(errors.RemoteError("a pack is already running"))
+
         def work() -> dict:
             before = self.db.getSize()
             try:
@@ -456,6 +520,7 @@ class JobStore(FunctionOps):
         if not self.threaded:
             return defer.maybeDeferred(work)
         d: defer.Deferred = defer.Deferred()
+        self._packing = True
 
         def run() -> None:
             try:
@@ -464,8 +529,16 @@ class JobStore(FunctionOps):
                 self.reactor.callFromThread(d.errback, Failure())
             else:
                 self.reactor.callFromThread(d.callback, result)
+
+        def done(result):
+            self._packing = False
+            return result
         threading.Thread(target=run, name="dsage-pack", daemon=True).start()
-        return d
+        return d.addBoth(done)
+
+    def size(self) -> int:
+        """The storage's size in bytes."""
+        return self.db.getSize()
 
     # -- helpers (store thread only) ---------------------------------------------------
     def _own(self, root: Root, requester: str, role: str, job_id: int) -> JobRecord:
@@ -510,6 +583,8 @@ class JobStore(FunctionOps):
                 root.queued[job.owner] = root.queued.get(job.owner, 1) - 1
                 if unqueue:
                     root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
+                    if root.delayed:
+                        root.delayed.pop((job.not_before, job.job_id), None)
         if status == "new":
             root.queued[job.owner] = root.queued.get(job.owner, 0) + 1
         job.status = status
@@ -518,7 +593,10 @@ class JobStore(FunctionOps):
         if status == "new":
             job.seq = root.next_seq
             root.next_seq += 1
-            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+            if job.not_before > self.now():
+                self._delay(root, job)
+            else:
+                root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
 def _summary(job: JobRecord, with_result: bool) -> dict:
     """A job as plain data for the wire."""

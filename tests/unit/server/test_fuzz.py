@@ -88,7 +88,8 @@ def check_store(store) -> None:
             assert root.counts.get(status, 0) == len(ids), status
             assert all(root.jobs[i].status == status for i in ids)
         assert sum(len(v) for v in by_status.values()) == len(root.jobs)
-        assert set(root.pending.values()) == by_status.get("new", set())
+        queued = list(root.pending.values()) + list(root.delayed.values() if root.delayed else ())
+        assert len(queued) == len(set(queued)) and set(queued) == by_status.get("new", set())
         for owner in set(j.owner for j in root.jobs.values()):
             assert root.queued.get(owner, 0) == sum(1 for i in by_status.get("new", ()) if root.jobs[i].owner == owner)
     finally:

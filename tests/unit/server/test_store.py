@@ -327,3 +327,80 @@ def test_submit_and_claim_pairs_new_jobs_with_waiting_slots(store):
     assert out["ids"] == [1, 2, 3]
     assert [[j["job_id"] for j in c] for c in out["claims"]] == [[1], [2]]
     assert value(store.status()) == {"new": 1, "processing": 2}
+
+
+def test_backed_off_jobs_wait_apart_and_keep_their_place(store, clock):
+    """A backed-off job does not block the queue; when due it runs before later jobs."""
+    value(store.submit("a", [spec("retry", max_failures=5)]))
+    for attempt in (1, 2):
+        claim_one(store)
+        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    value(store.submit("a", [spec("later"), spec("last")]))
+    assert claim_one(store)["name"] == "later", "the waiting job is skipped, not in the way"
+    when = value(store.next_retry())
+    assert when > clock.now
+    clock.now = when
+    assert claim_one(store)["name"] == "retry"
+    assert claim_one(store)["name"] == "last"
+    assert value(store.next_retry()) is None
+
+
+def test_killing_a_backed_off_job_takes_it_off_the_queue(store, clock):
+    """A job killed while it waits to retry never runs."""
+    value(store.submit("a", [spec(max_failures=5)]))
+    for attempt in (1, 2):
+        claim_one(store)
+        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    value(store.kill("a", "client", 1))
+    clock.now += 3600
+    assert claim_one(store) is None and value(store.next_retry()) is None
+    assert value(store.status())["killed"] == 1
+
+
+def finish(store, n, outcome="completed"):
+    """Submit, claim and report n jobs; their ids."""
+    ids = value(store.submit("a", [spec(str(i), max_failures=1) for i in range(n)]))
+    for job in value(store.claim([("w1", n)], 60.0))[0]:
+        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": outcome,
+                                  "result": b"R", "error": "e", "output": ""}))
+    return ids
+
+
+def test_finished_jobs_expire_after_keep_days(store, clock):
+    """Jobs finished more than `days` ago are deleted with their indexes and counts; newer,
+    queued and running jobs stay."""
+    old = finish(store, 3) + finish(store, 2, "failed")
+    clock.now += 2 * 86400
+    recent = finish(store, 2)
+    value(store.submit("a", [spec("queued")]))
+    assert value(store.expire_finished(1.0)) == 5
+    for job_id in old:
+        with pytest.raises(errors.RemoteError, match="no job"):
+            value(store.get("a", "client", job_id))
+    assert [j["job_id"] for j in value(store.list("a", "client"))] == [8] + recent[::-1]
+    assert value(store.status()) == {"new": 1, "processing": 0, "completed": 2, "failed": 0}
+    assert value(store.expire_finished(1.0)) == 0
+
+
+def test_expiry_goes_in_batches(store, clock):
+    """At most `limit` jobs go per call."""
+    finish(store, 7)
+    clock.now += 2 * 86400
+    assert [value(store.expire_finished(1.0, limit=3)) for _ in range(4)] == [3, 3, 1, 0]
+
+
+def test_expiry_keeps_results_a_running_function_has_not_processed(store, clock):
+    """A DistributedFunction's unprocessed results outlive keep_days until it is done."""
+    value(store.function_start("a", "f", b"s0", "s"))
+    value(store.function_step("a", "f", "s", 1, b"s1", [], [spec("p"), spec("u")], False))
+    for job in value(store.claim([("w1", 2)], 60.0))[0]:
+        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": "completed", "result": b"R"}))
+    value(store.function_step("a", "f", "s", 2, b"s2", [1], [], False))
+    clock.now += 2 * 86400
+    assert value(store.expire_finished(1.0)) == 1
+    assert value(store.get("a", "client", 2))["result"] == b"R"
+    value(store.function_step("a", "f", "s", 3, b"s3", [2], [], True))
+    clock.now += 2 * 86400
+    assert value(store.expire_finished(1.0)) == 1
+    with pytest.raises(errors.RemoteError, match="no distributed function"):
+        value(store.function_get("a", "client", "f"))
