@@ -240,7 +240,7 @@ class ServerProtocol(MessageProtocol):
         entries, arrivals = self.hub.dispatcher.snapshot()
         d = self.hub.store.submit_and_claim(
             self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
-            self.hub.max_queued_per_user, [(w, n) for w, n, _ in entries], self.hub.lease_seconds)
+            self.hub.max_queued_per_user, [(w, n) for _key, (w, n, _d) in entries], self.hub.lease_seconds)
 
         def stored(out: dict) -> dict:
             if entries:

@@ -6,11 +6,12 @@ from BTrees.LLBTree import LLTreeSet
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from persistent.list import PersistentList
 from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
-#: payloads, files and results up to this size live in a small Persistent; larger in a Blob.
+#: payloads, files and results up to SMALL bytes live in the record that holds them (no
+#: object of their own to write); up to INLINE_LIMIT in a small Persistent; larger in a Blob.
+SMALL = 4096
 INLINE_LIMIT = 64 * 1024
 
 
@@ -21,8 +22,10 @@ class Data(Persistent):
         self.data = data
 
 
-def store_bytes(data: bytes, blobs: bool) -> Persistent:
-    """Wrap bytes for storage: a Blob when large and the storage has blobs."""
+def store_bytes(data: bytes, blobs: bool) -> Persistent | bytes:
+    """Bytes for storage: themselves when small, a Blob when large and the storage has blobs."""
+    if len(data) <= SMALL:
+        return bytes(data)
     if blobs and len(data) > INLINE_LIMIT:
         blob = Blob()
         with blob.open("w") as fh:
@@ -31,10 +34,10 @@ def store_bytes(data: bytes, blobs: bool) -> Persistent:
     return Data(bytes(data))
 
 
-def load_bytes(obj: Persistent | None) -> bytes | None:
+def load_bytes(obj: Persistent | bytes | None) -> bytes | None:
     """Read back what `store_bytes` stored."""
-    if obj is None:
-        return None
+    if obj is None or isinstance(obj, bytes):
+        return obj
     if isinstance(obj, Blob):
         with obj.open("r") as fh:
             return fh.read()
@@ -83,7 +86,7 @@ class JobRecord(Persistent):
         self.status = "new"
         self.failures = 0
         self.attempt = 0
-        self.attempts = PersistentList()
+        self.attempts: tuple = ()          # of dicts; a PersistentList in older databases
         self.created = created
         self.seq = 0
 

@@ -2,7 +2,6 @@
 dispatcher that pairs waiting worker slots with pending jobs.  No I/O of its own."""
 from __future__ import annotations
 
-from collections import deque
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -72,7 +71,9 @@ class Dispatcher:
         self._release = release
         self._next_retry = next_retry
         self.clock = clock
-        self.waiting: deque = deque()
+        #: the slots waiting for work, in arrival order: key -> (worker, n, deferred).
+        self.waiting: dict[int, tuple[str, int, defer.Deferred]] = {}
+        self._serial = 0
         self._busy = False
         self._again = False
         self.maybe_pending = True
@@ -81,17 +82,12 @@ class Dispatcher:
 
     def take(self, worker: str, n: int) -> defer.Deferred:
         """Fires with a non-empty list of leased jobs for `worker` (at most `n`)."""
-        entry = [worker, max(1, n), None]
-        entry[2] = defer.Deferred(lambda _: self._forget(entry))
-        self.waiting.append(entry)
+        self._serial += 1
+        key = self._serial
+        d = defer.Deferred(lambda _: self.waiting.pop(key, None))
+        self.waiting[key] = (worker, max(1, n), d)
         self.kick()
-        return entry[2]
-
-    def _forget(self, entry: list) -> None:
-        try:
-            self.waiting.remove(entry)
-        except ValueError:
-            pass
+        return d
 
     def work_arrived(self) -> None:
         """New or returned jobs may be pending: try the waiting slots again."""
@@ -107,28 +103,26 @@ class Dispatcher:
             self._again = True
             return
         self._busy = True
-        entries = list(self.waiting)
-        d = self._claim([(w, n) for w, n, _ in entries])
+        entries = list(self.waiting.items())
+        d = self._claim([(w, n) for _key, (w, n, _d) in entries])
         d.addCallback(self.deliver, entries, self._arrivals)
         d.addErrback(lambda f: self.log.failure("claim failed", f))
         d.addBoth(self._round_done)
 
     def snapshot(self) -> tuple[list, int]:
         """The waiting slots now (to claim for elsewhere), and the arrival count to hand back."""
-        return list(self.waiting), self._arrivals
+        return list(self.waiting.items()), self._arrivals
 
     def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
         """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""
         starved = False
-        for entry, jobs in zip(entries, results):
-            worker, n, d = entry
+        for (key, (worker, n, d)), jobs in zip(entries, results):
             if not jobs:
                 starved = True
                 continue
             if len(jobs) < n:
                 starved = True
-            if entry in self.waiting:
-                self.waiting.remove(entry)
+            if self.waiting.pop(key, None) is not None:
                 d.callback(jobs)
             else:
                 # The slot went away (its connection closed) while the claim committed.

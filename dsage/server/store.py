@@ -338,8 +338,8 @@ class JobStore(FunctionOps):
                 job.lease_worker = worker
                 job.lease_expires = now + lease
                 job.started = now
-                job.attempts.append({"attempt": job.attempt, "worker": worker, "start": now,
-                                     "end": None, "outcome": None})
+                job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
+                                                "end": None, "outcome": None})
                 got.append({"job_id": job_id, "attempt": job.attempt, "kind": job.kind,
                             "name": job.name, "timeout": job.timeout,
                             "payload": load_bytes(job.payload), "files": load_bytes(job.files)})
@@ -566,7 +566,7 @@ class JobStore(FunctionOps):
             last.update(end=self.now(), outcome=outcome)
             if error:
                 last["error"] = error.strip().splitlines()[-1][:500] if error.strip() else ""
-            job.attempts[-1] = last
+            job.attempts = (*job.attempts[:-1], last)
         job.lease_worker = None
 
     def _enter(self, root: Root, job: JobRecord, status: str, unqueue: bool = True,
