@@ -1,0 +1,193 @@
+"""dsage at scale: a database of 1,000,000 jobs, and 1,000 connected worker slots.
+
+- queue:   throughput of 5,000 no-op jobs (priority 0, 2 slots) with an empty queue and with
+           N jobs queued behind them (priority 9): dispatch cost flat in queue length; the
+           server's resident memory after each run.
+- restart: with N jobs stored, seconds from starting dsage_server to listening and to the
+           first job's result, after a clean stop (SIGTERM) and after kill -9.
+- slots:   1,000 simulated worker slots (connections in 4 processes; each takes jobs and
+           reports them at once) heartbeating every 2 s while a client runs 10,000 jobs:
+           heartbeat round trips (p50, p99) and jobs/s.
+
+    .venv/bin/python bench/scale.py                       # every cell, N = 1,000,000
+    .venv/bin/python bench/scale.py --cell queue --jobs 100000
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from dsage import Job  # noqa: E402
+from dsage.client.local import LocalCluster  # noqa: E402
+
+CELLS = ["queue", "restart", "slots"]
+FILL_BATCH = 10_000
+
+
+def fill(cluster: LocalCluster, n: int) -> float:
+    """Store n queued no-op jobs (priority 9, owner "filler") in the stopped server's
+    database; seconds taken."""
+    from dsage.config import load_server_config
+    from dsage.server.service import open_db
+    from dsage.server.store import JobStore
+
+    store = JobStore(open_db(load_server_config(dsage_home=cluster.home).db_uri), threaded=False)
+    spec = {"kind": "code", "payload": b"None", "name": "filler", "priority": 9, "max_failures": 1}
+    t0 = time.perf_counter()
+    try:
+        for start in range(0, n, FILL_BATCH):
+            failures = []
+            store.submit("filler", [spec] * min(FILL_BATCH, n - start)).addErrback(failures.append)
+            if failures:
+                failures[0].raiseException()
+    finally:
+        store.stop()
+    return time.perf_counter() - t0
+
+
+def rss_mib(pid: int) -> float:
+    """Resident memory of a process in MiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def connect(cluster: LocalCluster):
+    D = cluster.connect()
+    while not D.workers():
+        time.sleep(0.05)
+    return D
+
+
+def run_jobs(D, n: int) -> float:
+    """jobs/s of n no-op jobs at priority 0."""
+    t0 = time.perf_counter()
+    jobs = D.map(abs, range(n), priority=0)
+    values = [j.wait(timeout=600) for j in jobs]
+    assert values == list(range(n))
+    return n / (time.perf_counter() - t0)
+
+
+def cell_queue(n: int, jobs: int, repeats: int) -> list[tuple[str, str]]:
+    rows = []
+    for queued in (0, n):
+        with LocalCluster() as cluster:
+            cluster.init()
+            filled = fill(cluster, queued) if queued else 0.0
+            cluster.start_server()
+            cluster.add_worker(slots=2)
+            D = connect(cluster)
+            run_jobs(D, 200)                                    # warm up
+            rates = [run_jobs(D, jobs) for _ in range(repeats)]
+            rss = rss_mib(cluster.server.pid)
+            D.close()
+            size = sum(f.stat().st_size for f in (cluster.home / "db").glob("*.fs"))
+        label = f"{queued:,} queued"
+        if queued:
+            rows.append((f"fill {label}", f"{filled:.1f} s ({queued / filled:,.0f} jobs/s), file {size / 2**20:,.0f} MiB"))
+        rows.append((f"throughput, {label}", f"{statistics.median(rates):,.0f} jobs/s "
+                                             f"({min(rates):,.0f}..{max(rates):,.0f})"))
+        rows.append((f"server memory, {label}", f"{rss:,.0f} MiB resident"))
+    return rows
+
+
+def timed_start(cluster: LocalCluster) -> tuple[float, float]:
+    """Seconds to listening, and to the first job's result."""
+    t0 = time.perf_counter()
+    cluster.start_server(timeout=600)
+    listening = time.perf_counter() - t0
+    D = cluster.connect()
+    assert D.submit(Job(func=abs, args=(-1,), priority=-5)).wait(timeout=600) == 1
+    first = time.perf_counter() - t0
+    D.close()
+    return listening, first
+
+
+def cell_restart(n: int) -> list[tuple[str, str]]:
+    rows = []
+    with LocalCluster() as cluster:
+        cluster.init()
+        fill(cluster, n)
+        t0 = time.perf_counter()
+        cluster.start_server(timeout=600)
+        rows.append((f"first start, {n:,} jobs stored", f"{time.perf_counter() - t0:.2f} s to listening"))
+        cluster.add_worker(slots=2)
+        for how, sig in (("clean stop (SIGTERM)", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
+            cluster.stop_server(sig)
+            listening, first = timed_start(cluster)
+            rows.append((f"restart after {how}", f"{listening:.2f} s to listening, {first:.2f} s to a first result"))
+    return rows
+
+
+def cell_slots(slots: int, procs: int, jobs: int, heartbeat: float) -> list[tuple[str, str]]:
+    with LocalCluster() as cluster:
+        cluster.init()
+        cluster.configure(heartbeat_seconds=heartbeat, lease_seconds=max(60.0, 6 * heartbeat))
+        cluster.start_server()
+        D = cluster.connect()
+        names = [f"sim{i}" for i in range(slots)]
+        bundles = cluster.home / "sim"
+        bundles.mkdir()
+        t0 = time.perf_counter()
+        for name in names:
+            reply = D._call("add_identity", name=name, role="worker", force=False)
+            (bundles / f"{name}.pem").write_bytes(reply["bundle"])
+        issued = time.perf_counter() - t0
+        per = [names[i::procs] for i in range(procs)]
+        sims = [subprocess.Popen([sys.executable, str(Path(__file__).with_name("simworkers.py")), cluster.address,
+                                  str(bundles), *group], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+                for group in per]
+        deadline = time.monotonic() + 120
+        while len(D.workers()) < slots and time.monotonic() < deadline:
+            time.sleep(0.2)
+        connected = len(D.workers())
+        time.sleep(2 * heartbeat)                     # heartbeats with every slot idle
+        rate = run_jobs(D, jobs) if connected else 0.0
+        rss = rss_mib(cluster.server.pid)
+        results = [json.loads(p.communicate("")[0]) for p in sims]
+        D.close()
+    rtts = sorted(x for r in results for x in r["rtt_ms"])
+    done = sum(r["jobs"] for r in results)
+    return [("worker slots connected", f"{connected:,} (1 slot each, {procs} processes; {slots:,} bundles issued in {issued:.1f} s)"),
+            (f"heartbeats every {heartbeat:g} s", f"{len(rtts):,} answered, round trip p50 {rtts[len(rtts) // 2]:.1f} ms, "
+                                                 f"p99 {rtts[int(0.99 * (len(rtts) - 1))]:.1f} ms, max {rtts[-1]:.1f} ms"),
+            (f"throughput with {connected:,} slots", f"{rate:,.0f} jobs/s ({done:,} jobs run by the simulated slots)"),
+            ("server memory", f"{rss:,.0f} MiB resident")]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cell", choices=CELLS, action="append")
+    ap.add_argument("--jobs", type=int, default=1_000_000, help="jobs in the database (queue, restart)")
+    ap.add_argument("--run", type=int, default=5000, help="jobs per throughput run")
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--slots", type=int, default=1000)
+    ap.add_argument("--procs", type=int, default=4)
+    ap.add_argument("--heartbeat", type=float, default=2.0)
+    args = ap.parse_args()
+    rows: list[tuple[str, str]] = []
+    for cell in args.cell or CELLS:
+        if cell == "queue":
+            rows += cell_queue(args.jobs, args.run, args.repeats)
+        elif cell == "restart":
+            rows += cell_restart(args.jobs)
+        else:
+            rows += cell_slots(args.slots, args.procs, args.run * 2, args.heartbeat)
+        for label, value in rows:
+            print(f"{label:42} {value}", flush=True)
+        rows = []
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
