@@ -175,10 +175,16 @@ def _start_logging(log_file: str | None = None) -> None:
     """Twisted's log to stderr (or a file), with Python's `logging` (ZODB's) routed into it."""
     import logging
 
-    from twisted.logger import LogLevel, Logger, globalLogBeginner, textFileLogObserver
+    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
+                                globalLogBeginner, textFileLogObserver)
 
     stream = open(log_file, "a") if log_file else sys.stderr
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(stream)], redirectStandardIO=False)
+    try:
+        level = LogLevel.levelWithName(os.environ.get("DSAGE_LOG_LEVEL", "info").lower())
+    except Exception:
+        level = LogLevel.info
+    observer = FilteringLogObserver(textFileLogObserver(stream), [LogLevelFilterPredicate(level)])
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     levels = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info, logging.WARNING: LogLevel.warn,
               logging.ERROR: LogLevel.error, logging.CRITICAL: LogLevel.critical}
 

@@ -2,9 +2,9 @@
 
 Threading model: one dedicated thread owns the server's only ZODB connection, opened with
 an explicit transaction manager.  The reactor thread hands operations to it through a queue
-(`JobStore._run` returns a Deferred).  The thread drains the queue, runs each operation
-under a savepoint (one failing operation does not spoil its neighbours), commits the batch
-once (group commit: one fsync for many operations) and only then fires the Deferreds on the
+(`JobStore._run` returns a Deferred).  The thread drains the queue, runs the operations
+(when one fails, the batch runs again with a savepoint around each, so that one failing
+operation does not spoil its neighbours), commits the batch once (group commit: one fsync for many operations) and only then fires the Deferreds on the
 reactor thread with `callFromThread`.  So nothing is acknowledged before it is durable, the
 reactor never waits for the disk, and no persistent object ever leaves the store's thread:
 operations return plain dicts, lists and bytes.
@@ -124,22 +124,11 @@ class JobStore(FunctionOps):
 
     def _execute(self, batch: list) -> list:
         """Run a batch of operations in one transaction; returns (deferred, ok, value)."""
-        out = []
-        self._tm.begin()
-        alone = len(batch) == 1
-        for fn, args, d in batch:
-            # A savepoint keeps one failing operation from spoiling its neighbours; alone,
-            # an operation that fails simply aborts the transaction (savepoints cost a file).
-            savepoint = None if alone else self._tm.savepoint()
-            try:
-                out.append((d, True, fn(self.root, *args)))
-            except Exception:
-                if savepoint is not None:
-                    savepoint.rollback()
-                else:
-                    self._tm.abort()
-                    self._tm.begin()
-                out.append((d, False, Failure()))
+        out = self._apply(batch, guarded=False)
+        if out is None:
+            # An operation failed, perhaps half-way: start again with a savepoint around each
+            # one, so that it alone is undone and its neighbours still commit.
+            out = self._apply(batch, guarded=True)
         try:
             self._tm.commit()
         except Exception:
@@ -147,6 +136,27 @@ class JobStore(FunctionOps):
             self.log.failure("commit failed; {n} operations refused", failure, n=len(batch))
             self._tm.abort()
             out = [(d, False, failure) for d, _, _ in out]
+        return out
+
+    def _apply(self, batch: list, guarded: bool) -> list | None:
+        """Apply the operations in a new transaction; unguarded, None as soon as one fails
+        (the transaction aborted), since savepoints cost a temporary file each."""
+        out = []
+        self._tm.begin()
+        for fn, args, d in batch:
+            savepoint = self._tm.savepoint() if guarded else None
+            try:
+                out.append((d, True, fn(self.root, *args)))
+            except Exception:
+                if savepoint is None and len(batch) > 1:
+                    self._tm.abort()
+                    return None
+                if savepoint is not None:
+                    savepoint.rollback()
+                else:
+                    self._tm.abort()
+                    self._tm.begin()
+                out.append((d, False, Failure()))
         return out
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:

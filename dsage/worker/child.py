@@ -2,8 +2,8 @@
 
 It starts once per slot (in its own session and process group, niced, with the worker's
 resource limits) and then runs jobs one after another: each job arrives on stdin as a
-length-prefixed msgpack message, runs in the job's own temporary folder with the slot's clean
-environment, and its outcome leaves on file descriptor 3 the same way.  stdout and stderr
+length-prefixed msgpack message, runs in the slot's temporary folder (emptied after each job)
+with the slot's clean environment, and its outcome leaves on file descriptor 3 the same way.  stdout and stderr
 flow to the worker; after each job the child writes the job's sentinel (a nonce chosen by the
 worker) to both, so the worker knows which output belongs to which job.  A job that hangs,
 crashes or is killed takes the process with it; the worker starts a fresh one.
@@ -13,6 +13,7 @@ from __future__ import annotations
 import ast
 import os
 import resource
+import shutil
 import struct
 import sys
 import traceback
@@ -74,8 +75,23 @@ def _read(stream, n: int) -> bytes | None:
     return data
 
 
+def empty(folder: str) -> bool:
+    """Remove everything in `folder`; False if something could not be removed."""
+    clean = True
+    for entry in os.scandir(folder):
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            clean = False
+    return clean
+
+
 def run_one(job: dict) -> dict:
-    """Run a job in its folder; its outcome (result or traceback, CPU seconds)."""
+    """Run a job in its folder, emptied afterwards; its outcome (result or traceback, CPU
+    seconds, and whether the folder could be emptied)."""
     home, env = os.getcwd(), dict(os.environ)
     cpu = _cpu()
     try:
@@ -93,6 +109,10 @@ def run_one(job: dict) -> dict:
         os.environ.clear()
         os.environ.update(env)
     outcome["cpu_time"] = _cpu() - cpu
+    try:
+        outcome["clean"] = empty(job["workdir"])
+    except OSError:
+        outcome["clean"] = False
     return outcome
 
 

@@ -1,8 +1,9 @@
 """JobRunner: runs leased jobs in the slots' long-lived child processes.
 
 Each slot's child (`python -m dsage.worker.child`) runs in its own process group with the
-worker's nice level and resource limits, and runs jobs one after another, each in a
-temporary folder of its own (removed afterwards).  A job's stdout and stderr are kept (head
+worker's nice level and resource limits, and runs jobs one after another in a temporary
+folder of its own, which the child empties after each job and the runner removes when the
+child ends.  A job's stdout and stderr are kept (head
 and tail, up to a limit) until the child marks the job's end with the job's sentinel.  A
 timeout or a kill stops the child (TERM to its process group, then KILL); a crash ends it;
 either way the next job gets a fresh child."""
@@ -64,7 +65,6 @@ class Attempt:
         self.key = (job["job_id"], job["attempt"])
         self.sentinel = b"\x00dsage-end-" + secrets.token_hex(8).encode() + b"\x00"
         self.output = OutputBuffer(max_output)
-        self.workdir = tempfile.mkdtemp(prefix=f"dsage-job{job['job_id']}-")
         self.start = time.monotonic()
         self.ended_streams: set[int] = set()
         self.outcome: dict | None = None
@@ -86,6 +86,7 @@ class Child(protocol.ProcessProtocol):
         self.frames = b""
         self.jobs_run = 0
         self.alive = True
+        self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
 
     def connectionMade(self) -> None:
         self.send({"nice": self.runner.nice, "limits": self.runner.limits})
@@ -100,7 +101,7 @@ class Child(protocol.ProcessProtocol):
         self.jobs_run += 1
         job = attempt.job
         self.send({"kind": job["kind"], "payload": job["payload"], "files": job.get("files"),
-                   "name": job.get("name"), "job_id": job["job_id"], "workdir": attempt.workdir,
+                   "name": job.get("name"), "job_id": job["job_id"], "workdir": self.workdir,
                    "sentinel": attempt.sentinel})
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
@@ -174,7 +175,7 @@ class JobRunner:
 
     def finished(self, child: Child, attempt: Attempt) -> None:
         """A child reported a job's outcome and its output is complete."""
-        ok = isinstance(attempt.outcome, dict) and attempt.outcome.get("ok")
+        ok = isinstance(attempt.outcome, dict) and attempt.outcome.get("ok") and attempt.outcome.get("clean")
         if child.alive and attempt.reason is None and ok and child.jobs_run < JOBS_PER_CHILD:
             # Reused after a success only: a failed job may leave files open or memory fragmented.
             self.idle.append(child)
@@ -186,6 +187,7 @@ class JobRunner:
         """A child process ended (retired, crashed, killed or timed out)."""
         if child in self.idle:
             self.idle.remove(child)
+        shutil.rmtree(child.workdir, ignore_errors=True)
         if attempt is not None:
             self._report(attempt, ended)
 
@@ -193,10 +195,6 @@ class JobRunner:
         if attempt.timer is not None and attempt.timer.active():
             attempt.timer.cancel()
         self.running.pop(attempt.key, None)
-        try:
-            os.rmdir(attempt.workdir)          # most jobs leave their folder empty
-        except OSError:
-            shutil.rmtree(attempt.workdir, ignore_errors=True)
         job = attempt.job
         report = {"job_id": job["job_id"], "attempt": job["attempt"], "output": attempt.output.text(),
                   "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None}

@@ -165,12 +165,18 @@ def test_wait_timeout(D):
 
 
 def test_jobs_run_niced_in_a_private_folder_with_a_clean_environment(D):
-    """The child runs at the worker's nice level, in a temporary folder removed afterwards,
-    without the worker's DSAGE_* settings."""
-    nice, env, cwd = D.eval("import os\n(os.nice(0), sorted(k for k in os.environ if k.startswith('DSAGE_') and "
-                            "k != 'DSAGE_JOB_ID'), os.getcwd())").wait(timeout=30)
-    assert nice == 10 and env == []
-    assert "dsage-job" in cwd and not os.path.exists(cwd)
+    """The child runs at the worker's nice level, in a private temporary folder that is
+    empty when a job starts (what earlier jobs wrote there is gone), without the worker's
+    DSAGE_* settings."""
+    writes = "import os\nos.makedirs('sub')\nopen('sub/f', 'w').write('x')\nopen('g', 'w').write('y')\nos.getcwd()"
+    written = [D.eval(writes) for _ in range(4)]
+    cwds = [j.wait(timeout=30) for j in written]
+    assert all("dsage-job" in cwd for cwd in cwds)
+    nice, env, cwd, files = D.eval("import os\n(os.nice(0), sorted(k for k in os.environ if k.startswith('DSAGE_') "
+                                   "and k != 'DSAGE_JOB_ID'), os.getcwd(), os.listdir())").wait(timeout=30)
+    assert nice == 10 and env == [] and files == []
+    for folder in cwds:
+        assert not os.path.exists(folder) or os.listdir(folder) == []
 
 
 def test_async_api(cluster, D):

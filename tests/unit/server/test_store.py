@@ -404,3 +404,29 @@ def test_expiry_keeps_results_a_running_function_has_not_processed(store, clock)
     assert value(store.expire_finished(1.0)) == 1
     with pytest.raises(errors.RemoteError, match="no distributed function"):
         value(store.function_get("a", "client", "f"))
+
+
+def test_a_failing_operation_does_not_spoil_its_batch(store):
+    """In one group commit, an operation that fails half-way is undone alone; the others
+    commit and their callers get their results."""
+    from twisted.internet import defer
+
+    def half_way(root):
+        root.next_job_id += 100
+        raise ValueError("boom")
+
+    def early(root):
+        raise KeyError("nothing changed")
+
+    ops = [(store._submit, ("a", [store_spec("x")], None)), (half_way, ()), (early, ()),
+           (store._submit, ("a", [store_spec("y")], None))]
+    batch = [(fn, args, defer.Deferred()) for fn, args in ops]
+    results = store._execute(batch)
+    assert [ok for _, ok, _ in results] == [True, False, False, True]
+    assert results[0][2] == [1] and results[3][2] == [2]
+    assert value(store.submit("a", [spec("z")])) == [3], "the failed operation's change was undone"
+
+
+def store_spec(code):
+    from dsage.server import scheduler
+    return scheduler.validate_spec(spec(code))
