@@ -81,13 +81,13 @@ def cpu(D, n: int = 16) -> dict:
     return {"value": serial / (2 * wall) * 100, "unit": "% efficiency", "better": "higher"}
 
 
-def run_dsage(workloads: list[str], repeats: int, prefetch: int) -> dict[str, list[dict]]:
+def run_dsage(workloads: list[str], repeats: int, prefetch: int | None) -> dict[str, list[dict]]:
     cluster = LocalCluster()
     out: dict[str, list[dict]] = {w: [] for w in workloads}
     try:
         cluster.init()
         cluster.start_server()
-        cluster.add_worker(slots=2, args=("--prefetch", str(prefetch)))
+        cluster.add_worker(slots=2, args=("--prefetch", str(prefetch)) if prefetch is not None else ())
         D = cluster.connect()
         while not D.workers():
             time.sleep(0.05)
@@ -136,7 +136,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--workload", choices=WORKLOADS, action="append")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--prefetch", type=int, default=0, help="the worker's --prefetch")
+    ap.add_argument("--prefetch", type=int, default=None, help="the worker's --prefetch (default: automatic)")
     ap.add_argument("--run-peers", action="store_true", help="run the peer harness first (long)")
     args = ap.parse_args()
     workloads = args.workload or WORKLOADS

@@ -404,13 +404,30 @@ class ServerProtocol(MessageProtocol):
 
     def heartbeat(self, args: dict) -> defer.Deferred:
         """Renew the leases of the attempts this worker holds; replies with those it lost."""
-        held = args.get("held", [])
-        if not isinstance(held, list) or not all(isinstance(h, list) and len(h) == 2 and
-                                                 all(isinstance(x, int) for x in h) for h in held):
-            raise ValueError("heartbeat needs held: [[job_id, attempt], ...]")
+        held = _held(args)
         self.running = {tuple(h) for h in held}
         return self.hub.store.renew(self.identity, held, self.hub.lease_seconds).addCallback(
             lambda lost: {"lost": lost})
+
+    def release(self, args: dict) -> defer.Deferred:
+        """Give back leased jobs this worker has not started: queued again in their old
+        place, no failure counted; replies with how many were given back."""
+        held = _held(args)
+        self.running.difference_update(tuple(h) for h in held)
+
+        def released(n: int) -> dict:
+            if n:
+                self.hub.dispatcher.work_arrived()
+            return {"released": n}
+        return self.hub.store.release(self.identity, held).addCallback(released)
+
+
+def _held(args: dict) -> list[list[int]]:
+    held = args.get("held", [])
+    if not isinstance(held, list) or not all(isinstance(h, list) and len(h) == 2 and
+                                             all(isinstance(x, int) for x in h) for h in held):
+        raise ValueError("held must be [[job_id, attempt], ...]")
+    return held
 
 
 def _function_args(args: dict) -> tuple[str, bytes]:
@@ -479,6 +496,7 @@ HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "take": (WORKER, ServerProtocol.take),
     "report": (WORKER, ServerProtocol.report),
     "heartbeat": (WORKER, ServerProtocol.heartbeat),
+    "release": (WORKER, ServerProtocol.release),
 }
 
 

@@ -460,7 +460,7 @@ class JobStore(FunctionOps):
             if job is not None and job.status == "processing" and job.attempt == attempt and job.lease_worker == worker:
                 self._close_attempt(job, "undelivered")
                 job.started = None
-                self._enter(root, job, "new")
+                self._enter(root, job, "new", keep_place=True)
                 n += 1
         return n
 
@@ -580,8 +580,9 @@ class JobStore(FunctionOps):
         job.lease_worker = None
 
     def _enter(self, root: Root, job: JobRecord, status: str, unqueue: bool = True,
-               fresh: bool = False) -> None:
-        """Move a job to `status`, keeping the indexes, counts and the pending queue right."""
+               fresh: bool = False, keep_place: bool = False) -> None:
+        """Move a job to `status`, keeping the indexes, counts and the pending queue right
+        (back to new: at the end of its priority's queue, or where it was with `keep_place`)."""
         if root.queued is None:
             root.queued = OOBTree()
         if not fresh:
@@ -601,8 +602,9 @@ class JobStore(FunctionOps):
         root.index(root.by_status, status).add(job.job_id)
         root.counts[status] = root.counts.get(status, 0) + 1
         if status == "new":
-            job.seq = root.next_seq
-            root.next_seq += 1
+            if not keep_place:
+                job.seq = root.next_seq
+                root.next_seq += 1
             if job.not_before > self.now():
                 self._delay(root, job)
             else:

@@ -17,6 +17,11 @@ from dsage.reconnect import Reconnector
 from dsage.worker.runner import JobRunner
 from dsage.worker.session import WorkerProtocol, WorkerSession
 
+#: jobs shorter than this (seconds) make an automatic prefetch worthwhile.
+SHORT_JOB = 0.1
+#: how long a job fetched ahead may wait here for a slot before it is given back.
+HOLD_LIMIT = 0.5
+
 
 class WorkerService(service.MultiService):
     """dsage_worker: connects (and reconnects) to the server and runs jobs in its slots."""
@@ -31,9 +36,12 @@ class WorkerService(service.MultiService):
         self.reactor = reactor
         self.slots = slots or os.cpu_count() or 1
         #: leased jobs kept waiting here so that a slot never waits for the network (they
-        #: show as processing meanwhile, so none by default).
-        self.prefetch = prefetch or 0
+        #: show as processing meanwhile).  None: automatic, one per slot while the recent
+        #: jobs were short, and given back to the server when they wait too long here.
+        self.prefetch = prefetch
+        self.recent: collections.deque = collections.deque(maxlen=2 * self.slots)
         self.queue: collections.deque = collections.deque()
+        self._hold_check = None
         self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
@@ -84,9 +92,16 @@ class WorkerService(service.MultiService):
 
     exit_code = 0
 
+    def ahead(self) -> int:
+        """How many leased jobs may wait here beyond the slots."""
+        if self.prefetch is not None:
+            return self.prefetch
+        short = len(self.recent) == self.recent.maxlen and max(self.recent) < SHORT_JOB
+        return self.slots if short else 0
+
     def room(self) -> int:
         """How many more jobs this worker takes now (free slots plus prefetch room)."""
-        return self.slots + self.prefetch - len(self.runner.running) - len(self.queue)
+        return self.slots + self.ahead() - len(self.runner.running) - len(self.queue)
 
     def held(self) -> list[list[int]]:
         """Every (job id, attempt) leased to this worker: running or waiting here."""
@@ -94,8 +109,39 @@ class WorkerService(service.MultiService):
 
     def start_job(self, job: dict) -> None:
         """Take a leased job: run it when a slot is free."""
+        job["queued_at"] = self.reactor.seconds()
         self.queue.append(job)
         self._pump()
+        self._watch_queue()
+
+    def _watch_queue(self) -> None:
+        if self.queue and self.prefetch is None and self._hold_check is None:
+            due = self.queue[0]["queued_at"] + HOLD_LIMIT - self.reactor.seconds()
+            self._hold_check = self.reactor.callLater(max(0.0, due), self._give_back)
+
+    def _give_back(self) -> None:
+        """Jobs fetched ahead waited too long behind long ones: hand them back to the server
+        (to run elsewhere, in their place) and fetch no more ahead until jobs are short again."""
+        self._hold_check = None
+        session = self.session
+        limit = self.reactor.seconds() - HOLD_LIMIT
+        stale = [j for j in self.queue if j["queued_at"] <= limit]
+        if stale and (session is None or session.proto.closed):
+            # Offline: nobody to give them to; look again later.
+            self._hold_check = self.reactor.callLater(HOLD_LIMIT, self._give_back)
+            return
+        if stale:
+            for job in stale:
+                self.queue.remove(job)
+            self.recent.clear()
+            d = session.proto.call("release", held=[[j["job_id"], j["attempt"]] for j in stale])
+
+            def failed(f) -> None:
+                self.queue.extendleft(reversed(stale))       # still ours: they run here after all
+                self._pump()
+            d.addCallbacks(lambda reply: self.log.info("gave {n} waiting jobs back to the server",
+                                                       n=reply["released"]), failed)
+        self._watch_queue()
 
     def _pump(self) -> None:
         while self.queue and len(self.runner.running) < self.slots:
@@ -114,6 +160,8 @@ class WorkerService(service.MultiService):
         return self.runner.kill(job_id, attempt)
 
     def _finished(self, report: dict) -> None:
+        if report["outcome"] == "completed":
+            self.recent.append(report["wall_time"])
         self._pump()
         if report.get("killed") or report["outcome"] != "completed" or report["wall_time"] > 1.0:
             self.log.info("job {job_id} {outcome} in {wall:.3f} s", job_id=report["job_id"],

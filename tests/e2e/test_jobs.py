@@ -98,7 +98,8 @@ def test_kill_a_running_job_within_seconds(D, cluster):
 
 def test_kill_a_queued_job(D):
     """A queued job can be killed before it runs, and then never runs."""
-    blockers = [D.eval("import time\ntime.sleep(3)") for _ in range(2)]
+    # Two slots, and at most one job per slot leased ahead: the fifth job is in the queue.
+    blockers = [D.eval("import time\ntime.sleep(2)") for _ in range(4)]
     job = D.eval("open('ran', 'w')\n'ran'", priority=100)
     assert job.status == "new"
     job.kill()

@@ -192,12 +192,15 @@ def test_renewal_never_passes_the_timeout(store, clock):
 
 
 def test_release_returns_undelivered_jobs_without_a_failure(store):
-    """Jobs claimed for a slot that vanished go back uncounted."""
-    value(store.submit("a", [spec()]))
+    """Jobs claimed for a slot that vanished (or given back by a worker) go back uncounted,
+    in their old place in the queue; someone else's lease cannot be given back."""
+    value(store.submit("a", [spec("first"), spec("second")]))
     claim_one(store)
+    assert value(store.release("w2", [(1, 1)])) == 0
     assert value(store.release("w1", [(1, 1)])) == 1
     rec = value(store.get("a", "client", 1))
     assert rec["status"] == "new" and rec["failures"] == 0
+    assert claim_one(store)["name"] == "first"
 
 
 def test_output_is_capped_with_a_marker(store):
