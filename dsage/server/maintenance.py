@@ -1,5 +1,6 @@
 """Keeping the database bounded under steady load: finished jobs expire after `keep_days`,
-and the storage is packed when it has grown `pack_growth` times since the last pack."""
+and the storage is packed when it has grown `pack_growth` times since the last pack (or
+since the server started)."""
 from __future__ import annotations
 
 from twisted.application import service
@@ -63,7 +64,7 @@ class Maintenance(service.Service):
                               n=expired, days=self.keep_days)
         size = self.store.size()
         if self.packed_size is None:
-            self.packed_size = size / self.pack_growth if self.pack_growth > 0 else size
+            self.packed_size = size          # the size at start counts as packed: no pack at once
         packed = None
         if self.pack_growth > 0 and size >= max(self.pack_min, self.pack_growth * self.packed_size) and self.running:
             self.log.info("packing the database ({mb:.0f} MiB)", mb=size / MIB)

@@ -6,7 +6,6 @@ from BTrees.LLBTree import LLTreeSet
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
-from persistent.mapping import PersistentMapping
 from ZODB.blob import Blob
 
 #: payloads, files and results up to SMALL bytes live in the record that holds them (no
@@ -114,7 +113,7 @@ class Root(Persistent):
 
     generation = 0
     next_seq = 1
-    queued = None        # owner -> number of their jobs in status new
+    queued = None
     tokens = None        # (owner, token) -> (time, job ids): submissions already applied
     token_times = None   # (time, owner, token) -> None: the same, by age, for expiry
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
@@ -125,12 +124,36 @@ class Root(Persistent):
         self.by_status = OOBTree()            # status -> LLTreeSet of job ids
         self.by_owner = OOBTree()             # owner -> LLTreeSet of job ids
         self.identities = OOBTree()           # name -> Identity
-        self.counts = PersistentMapping()     # status -> number of jobs
+        self.counts: dict = {}                # status -> number of jobs
         self.functions = OOBTree()            # (owner, name) -> FunctionRecord
         self.tokens = OOBTree()
         self.token_times = OOBTree()
-        self.queued = OOBTree()
+        self.queued: dict = {}                # owner -> number of their jobs in status new
         self.next_job_id = 1
+
+    def upgrade(self) -> bool:
+        """Bring a root written by an older version up to date; True if it changed.  The
+        counters are plain dicts in the root (one object written per transaction, not three)."""
+        changed = False
+        if not isinstance(self.counts, dict):
+            self.counts, changed = dict(self.counts), True
+        if not isinstance(self.queued, dict):
+            self.queued, changed = dict(self.queued.items()) if self.queued is not None else {}, True
+        return changed
+
+    def count(self, status: str, delta: int) -> None:
+        """Change the number of jobs in a status."""
+        self.counts[status] = self.counts.get(status, 0) + delta
+        self._p_changed = True
+
+    def count_queued(self, owner: str, delta: int) -> None:
+        """Change the number of an owner's jobs in status new."""
+        n = self.queued.get(owner, 0) + delta
+        if n:
+            self.queued[owner] = n
+        else:
+            self.queued.pop(owner, None)
+        self._p_changed = True
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:
         """The id set under `key` of an index tree, created on first use."""

@@ -76,6 +76,8 @@ class JobStore(FunctionOps):
             if ROOT_KEY not in zroot:
                 zroot[ROOT_KEY] = Root()
                 self._tm.get().note("dsage: create root")
+            elif zroot[ROOT_KEY].upgrade():
+                self._tm.get().note("dsage: upgrade root")
         self._tm.begin()
         self.root: Root = self._conn.root()[ROOT_KEY]
         self._tm.abort()
@@ -233,8 +235,6 @@ class JobStore(FunctionOps):
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
                 token: str | None = None, limit: int | None = None) -> list[int]:
         now = self.now()
-        if root.queued is None:
-            root.queued = OOBTree()
         queued = root.queued.get(owner, 0)
         if limit is not None and queued + len(specs) > limit:
             raise errors.RemoteError(f"queue limit reached: {queued} of your jobs are waiting, "
@@ -487,7 +487,7 @@ class JobStore(FunctionOps):
                     doomed.append(job)
             for job in doomed:
                 ids.remove(job.job_id)
-                root.counts[status] = root.counts.get(status, 1) - 1
+                root.count(status, -1)
                 owned = root.by_owner.get(job.owner)
                 if owned is not None:
                     owned.remove(job.job_id)
@@ -583,24 +583,22 @@ class JobStore(FunctionOps):
                fresh: bool = False, keep_place: bool = False) -> None:
         """Move a job to `status`, keeping the indexes, counts and the pending queue right
         (back to new: at the end of its priority's queue, or where it was with `keep_place`)."""
-        if root.queued is None:
-            root.queued = OOBTree()
         if not fresh:
             old = job.status
             check_transition(old, status)
             root.index(root.by_status, old).remove(job.job_id)
-            root.counts[old] = root.counts.get(old, 1) - 1
+            root.count(old, -1)
             if old == "new":
-                root.queued[job.owner] = root.queued.get(job.owner, 1) - 1
+                root.count_queued(job.owner, -1)
                 if unqueue:
                     root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
                     if root.delayed:
                         root.delayed.pop((job.not_before, job.job_id), None)
         if status == "new":
-            root.queued[job.owner] = root.queued.get(job.owner, 0) + 1
+            root.count_queued(job.owner, 1)
         job.status = status
         root.index(root.by_status, status).add(job.job_id)
-        root.counts[status] = root.counts.get(status, 0) + 1
+        root.count(status, 1)
         if status == "new":
             if not keep_place:
                 job.seq = root.next_seq

@@ -433,3 +433,32 @@ def test_a_failing_operation_does_not_spoil_its_batch(store):
 def store_spec(code):
     from dsage.server import scheduler
     return scheduler.validate_spec(spec(code))
+
+
+def test_a_database_of_the_previous_layout_is_upgraded_on_open(tmp_path):
+    """Counters kept in their own objects by earlier versions become plain dicts in the
+    root, with their values, the first time the store opens the file."""
+    import transaction
+    from BTrees.OOBTree import OOBTree
+    from persistent.mapping import PersistentMapping
+
+    path = str(tmp_path / "d.fs")
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    value(s.submit("a", [spec(), spec()]))
+    s.stop()
+    db = ZODB.DB(FileStorage(path))
+    with transaction.manager:
+        root = db.open().root()["dsage"]
+        root.counts = PersistentMapping(root.counts)
+        root.queued = OOBTree(root.queued)
+    db.close()
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    try:
+        assert isinstance(s.root.counts, dict) and isinstance(s.root.queued, dict)
+        assert value(s.status()) == {"new": 2}
+        with pytest.raises(errors.RemoteError, match="queue limit"):
+            value(s.submit("a", [spec()], limit=2))
+        claim_one(s)
+        assert value(s.status()) == {"new": 1, "processing": 1}
+    finally:
+        s.stop()
