@@ -250,8 +250,8 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core)")
     parser.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
     parser.add_argument("--prefetch", type=int, default=None,
-                        help="jobs leased ahead, waiting for a free slot (default: automatic, one per "
-                             "slot while jobs are shorter than 0.1 s, given back if they wait 0.5 s)")
+                        help="jobs leased ahead, waiting for a free slot (default: automatic, about 50 ms of "
+                             "work per slot while jobs are shorter than 0.1 s, given back if they wait 0.5 s)")
     parser.add_argument("--name", help="the worker's name; must match its certificate")
     parser.add_argument("--max-memory", type=float, default=0, metavar="MB",
                         help="address space of each job in MB (default: no limit)")

@@ -411,9 +411,12 @@ class ServerProtocol(MessageProtocol):
 
     def release(self, args: dict) -> defer.Deferred:
         """Give back leased jobs this worker has not started: queued again in their old
-        place, no failure counted; replies with how many were given back."""
+        place, no failure counted; replies with how many were given back.  The worker's
+        waiting takes are answered empty first, so that the jobs go to other workers."""
         held = _held(args)
         self.running.difference_update(tuple(h) for h in held)
+        for d in list(self.takes):
+            self.hub.dispatcher.withdraw(d)
 
         def released(n: int) -> dict:
             if n:

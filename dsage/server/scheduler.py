@@ -89,6 +89,14 @@ class Dispatcher:
         self.kick()
         return d
 
+    def withdraw(self, d: defer.Deferred) -> None:
+        """Answer a waiting take with no jobs (its worker no longer wants them)."""
+        for key, (_, _, waiting) in list(self.waiting.items()):
+            if waiting is d:
+                del self.waiting[key]
+                d.callback([])
+                return
+
     def work_arrived(self) -> None:
         """New or returned jobs may be pending: try the waiting slots again."""
         self.maybe_pending = True

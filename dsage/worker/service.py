@@ -19,6 +19,10 @@ from dsage.worker.session import WorkerProtocol, WorkerSession
 
 #: jobs shorter than this (seconds) make an automatic prefetch worthwhile.
 SHORT_JOB = 0.1
+#: automatic prefetch: about this many seconds of (recent-sized) jobs wait per slot ...
+AHEAD_SECONDS = 0.05
+#: ... but no more than this many jobs per slot.
+MAX_AHEAD = 64
 #: how long a job fetched ahead may wait here for a slot before it is given back.
 HOLD_LIMIT = 0.5
 
@@ -36,8 +40,8 @@ class WorkerService(service.MultiService):
         self.reactor = reactor
         self.slots = slots or os.cpu_count() or 1
         #: leased jobs kept waiting here so that a slot never waits for the network (they
-        #: show as processing meanwhile).  None: automatic, one per slot while the recent
-        #: jobs were short, and given back to the server when they wait too long here.
+        #: show as processing meanwhile).  None: automatic, about 50 ms of work per slot
+        #: while the recent jobs were short, given back to the server if they wait too long.
         self.prefetch = prefetch
         self.recent: collections.deque = collections.deque(maxlen=2 * self.slots)
         self.queue: collections.deque = collections.deque()
@@ -96,8 +100,12 @@ class WorkerService(service.MultiService):
         """How many leased jobs may wait here beyond the slots."""
         if self.prefetch is not None:
             return self.prefetch
-        short = len(self.recent) == self.recent.maxlen and max(self.recent) < SHORT_JOB
-        return self.slots if short else 0
+        if len(self.recent) < self.recent.maxlen:
+            return 0
+        longest = max(self.recent)
+        if longest >= SHORT_JOB:
+            return 0
+        return self.slots * max(1, min(MAX_AHEAD, int(AHEAD_SECONDS / max(longest, 1e-6))))
 
     def room(self) -> int:
         """How many more jobs this worker takes now (free slots plus prefetch room)."""

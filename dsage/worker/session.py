@@ -24,6 +24,8 @@ def host_facts() -> dict:
 
 #: heartbeats without an answer before the worker gives a connection up.
 MISSED_BEATS = 3
+#: the most jobs one take (or report) asks for (the server's limit).
+MAX_TAKE = 1024
 
 
 class WorkerProtocol(MessageProtocol):
@@ -71,7 +73,7 @@ class WorkerSession:
 
     def ask(self) -> None:
         """Ask for as many jobs as the worker has room for and has not already asked for."""
-        want = self.worker.room() - self.asking
+        want = min(MAX_TAKE, self.worker.room() - self.asking)
         if want <= 0 or self.proto.closed:
             return
         self.asking += want
@@ -92,7 +94,7 @@ class WorkerSession:
     def send_report(self, report: dict) -> None:
         """Send a report, asking in the same round trip for the next jobs there is room for;
         if the link fails the report is kept and sent after reconnecting."""
-        take = max(0, self.worker.room() - self.asking)
+        take = max(0, min(MAX_TAKE, self.worker.room() - self.asking))
         self.asking += take
         wire = {k: v for k, v in report.items() if k != "killed"}
         d = self.proto.call("report", take=take, **wire)

@@ -99,3 +99,18 @@ def test_retry_delay_grows_and_is_capped():
     assert retry_delay(1) == 0.0
     assert retry_delay(2) < retry_delay(3) < retry_delay(4)
     assert retry_delay(50) == 60.0
+
+
+def test_a_withdrawn_take_is_answered_empty_and_leaves_the_line():
+    """A worker giving jobs back has its waiting take answered with nothing; the next
+    claim round serves the other slots only."""
+    claims, clock, disp = make()
+    first = disp.take("w1", 5)
+    claims.rounds[0][1].callback([[]])
+    disp.take("w2", 1)
+    got = []
+    first.addCallback(got.append)
+    disp.withdraw(first)
+    assert got == [[]] and len(disp.waiting) == 1
+    disp.work_arrived()
+    assert claims.rounds[-1][0] == [("w2", 1)]
