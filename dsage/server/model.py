@@ -2,6 +2,9 @@
 class-level default, never reuse a name with a new meaning."""
 from __future__ import annotations
 
+import os
+import tempfile
+
 from BTrees.LLBTree import LLTreeSet
 from BTrees.LOBTree import LOBTree
 from BTrees.OOBTree import OOBTree
@@ -9,9 +12,11 @@ from persistent import Persistent
 from ZODB.blob import Blob
 
 #: payloads, files and results up to SMALL bytes live in the record that holds them (no
-#: object of their own to write); up to INLINE_LIMIT in a small Persistent; larger in a Blob.
+#: object of their own to write); up to INLINE_LIMIT in a Persistent of their own; larger
+#: in a Blob, its file made durable by an fsync of its own before the commit (measured:
+#: 1 MiB payloads inline in the FileStorage went slower, its commit copies in 8 KiB steps).
 SMALL = 4096
-INLINE_LIMIT = 64 * 1024
+INLINE_LIMIT = 64 << 10
 
 
 class Data(Persistent):
@@ -21,14 +26,41 @@ class Data(Persistent):
         self.data = data
 
 
-def store_bytes(data: bytes, blobs: bool) -> Persistent | bytes:
+class Staged:
+    """Large bytes already written, and made durable, in a file of the blob storage's
+    temporary folder (outside the store's thread); `store_bytes` makes the file a Blob."""
+
+    __slots__ = ("path",)
+
+    def __init__(self, data: bytes, folder: str) -> None:
+        fd, self.path = tempfile.mkstemp(dir=folder, prefix="staged-")
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())       # ZODB renames blob files into place without an fsync
+
+    def discard(self) -> None:
+        """Remove the file if no Blob took it."""
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+
+def store_bytes(data: bytes | Staged, blobs: bool) -> Persistent | bytes:
     """Bytes for storage: themselves when small, a Blob when large and the storage has blobs."""
+    if isinstance(data, Staged):
+        blob = Blob()
+        blob.consumeFile(data.path)
+        return blob
     if len(data) <= SMALL:
         return bytes(data)
     if blobs and len(data) > INLINE_LIMIT:
         blob = Blob()
         with blob.open("w") as fh:
             fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())       # ZODB renames blob files into place without an fsync
         return blob
     return Data(bytes(data))
 

@@ -33,6 +33,8 @@ def open_db(uri: str):
     except Exception as e:
         raise ValueError(f"bad database URI {uri!r}: {e}") from None
     dbkw.setdefault("cache_size", 100_000)
+    # Payloads and results make objects of up to 64 KiB: bound the cache by size too.
+    dbkw.setdefault("cache_size_bytes", 256 << 20)
     try:
         return ZODB.DB(storage_factory(), **dbkw)
     except LockError:

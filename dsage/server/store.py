@@ -17,7 +17,7 @@ import time
 from typing import Any, Callable
 
 import transaction
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -27,7 +27,7 @@ from dsage.server import scheduler
 from dsage.server.functions import FunctionOps
 from BTrees.OOBTree import OOBTree
 
-from dsage.server.model import Identity, JobRecord, Root, load_bytes, store_bytes
+from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, load_bytes, store_bytes
 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
@@ -169,6 +169,31 @@ class JobStore(FunctionOps):
             _fire(self._execute([(fn, args, d)]))
         return d
 
+    def _run_staged(self, fields: list[tuple[dict, str]], fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+        """`_run`, after writing the large values among `fields` (dict, key) to durable
+        files in a thread pool, so that the store's thread only renames them into blobs."""
+        if not fields or not self.blobs:
+            return self._run(fn, *args)
+        folder = self.db.storage.temporaryDirectory()
+
+        def stage() -> list[Staged]:
+            staged = []
+            for holder, key in fields:
+                holder[key] = Staged(holder[key], folder)
+                staged.append(holder[key])
+            return staged
+
+        def discard(result: Any, staged: list[Staged]) -> Any:
+            for s in staged:
+                s.discard()
+            return result
+
+        def run(staged: list[Staged]) -> defer.Deferred:
+            return self._run(fn, *args).addBoth(discard, staged)
+        if not self.threaded:
+            return run(stage())
+        return threads.deferToThreadPool(self.reactor, self.reactor.getThreadPool(), stage).addCallback(run)
+
     # -- identities ------------------------------------------------------------------
     def add_identity(self, name: str, role: str, serial: int, force: bool = False) -> defer.Deferred:
         """Record an identity (a re-issue with `force`, or of a revoked one, replaces it)."""
@@ -219,7 +244,7 @@ class JobStore(FunctionOps):
         retry after a lost reply) returns the ids of that first submission instead.  With
         `limit`, a submission that would leave more of the owner's jobs queued is refused."""
         clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run(self._submit, owner, clean, function_id, token, limit)
+        return self._run_staged(_large_fields(clean), self._submit, owner, clean, function_id, token, limit)
 
     def submit_and_claim(self, owner: str, specs: list[dict], function_id: str | None, token: str | None,
                          limit: int | None, claim_for: list[tuple[str, int]], lease: float) -> defer.Deferred:
@@ -230,7 +255,7 @@ class JobStore(FunctionOps):
         def op(root: Root) -> dict:
             ids = self._submit(root, owner, clean, function_id, token, limit)
             return {"ids": ids, "claims": self._claim(root, claim_for, lease) if claim_for else []}
-        return self._run(op)
+        return self._run_staged(_large_fields(clean), op)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
                 token: str | None = None, limit: int | None = None) -> list[int]:
@@ -378,7 +403,7 @@ class JobStore(FunctionOps):
     def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
         """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
         the same transaction, lease it up to `take` next jobs (under "jobs")."""
-        return self._run(self._report_and_take, worker, report, take, lease)
+        return self._run_staged(_large_fields([report], ("result",)), self._report_and_take, worker, report, take, lease)
 
     def _report_and_take(self, root: Root, worker: str, rep: dict, take: int, lease: float) -> dict:
         out = self._report(root, worker, rep)
@@ -619,6 +644,12 @@ def _summary(job: JobRecord, with_result: bool) -> dict:
     if with_result:
         out["result"] = load_bytes(job.result)
     return out
+
+
+def _large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "files")) -> list[tuple[dict, str]]:
+    """The (record, key) pairs whose bytes are too large to keep out of a blob."""
+    return [(r, k) for r in records for k in keys
+            if isinstance(r.get(k), bytes) and len(r[k]) > INLINE_LIMIT]
 
 
 def _fire(results: list) -> None:

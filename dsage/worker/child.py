@@ -14,6 +14,7 @@ import ast
 import os
 import resource
 import shutil
+import signal
 import struct
 import sys
 import traceback
@@ -116,12 +117,28 @@ def run_one(job: dict) -> dict:
     return outcome
 
 
+def die_with(parent: int) -> None:
+    """Be killed when the worker dies, even by kill -9 (Linux): a job nobody will report
+    must not go on using the machine (its lease expires and it runs elsewhere)."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)        # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:                # the worker died before prctl took effect
+        os._exit(1)
+
+
 def main() -> None:
     """Serve jobs from stdin until it closes."""
+    parent = os.getppid()
     try:
         os.setsid()
     except OSError:
         pass
+    die_with(parent)
     settings = msgpack.unpackb(_read(sys.stdin.buffer, struct.unpack("!I", _read(sys.stdin.buffer, 4))[0]))
     if settings.get("nice"):
         os.nice(int(settings["nice"]))
@@ -144,6 +161,8 @@ def main() -> None:
         os.write(2, sentinel)
         data = msgpack.packb(outcome, use_bin_type=True)
         outcomes.write(struct.pack("!I", len(data)) + data)
+    if settings.get("workdir"):
+        shutil.rmtree(settings["workdir"], ignore_errors=True)
     os._exit(0)
 
 

@@ -9,6 +9,7 @@ timeout or a kill stops the child (TERM to its process group, then KILL); a cras
 either way the next job gets a fresh child."""
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import shutil
@@ -89,7 +90,7 @@ class Child(protocol.ProcessProtocol):
         self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
 
     def connectionMade(self) -> None:
-        self.send({"nice": self.runner.nice, "limits": self.runner.limits})
+        self.send({"nice": self.runner.nice, "limits": self.runner.limits, "workdir": self.workdir})
 
     def send(self, message: dict) -> None:
         data = msgpack.packb(message, use_bin_type=True)
@@ -159,8 +160,11 @@ class JobRunner:
         child = Child(self)
         env = {k: v for k, v in os.environ.items() if k in ENV_KEEP}
         env["PYTHONUNBUFFERED"] = "1"
-        self.reactor.spawnProcess(child, sys.executable, [sys.executable, "-m", "dsage.worker.child"], env=env,
-                                  path=tempfile.gettempdir(), childFDs={0: "w", 1: "r", 2: "r", 3: "r"})
+        process = self.reactor.spawnProcess(child, sys.executable, [sys.executable, "-m", "dsage.worker.child"],
+                                            env=env, path=tempfile.gettempdir(),
+                                            childFDs={0: "w", 1: "r", 2: "r", 3: "r"})
+        for pipe in (process.pipes.get(0), process.pipes.get(3)):
+            _widen(pipe)
         return child
 
     def run(self, job: dict) -> defer.Deferred:
@@ -245,11 +249,27 @@ class JobRunner:
         return [list(k) for k in self.running]
 
     def stop_all(self) -> None:
-        """Kill every running job and end the idle children (worker shutdown)."""
-        for key in list(self.running):
+        """Kill every running job and end the idle children (worker shutdown); their
+        folders go now, since the reactor may stop before the children end."""
+        for key, (_, child) in list(self.running.items()):
             self._stop(key, "worker shut down")
+            shutil.rmtree(child.workdir, ignore_errors=True)
         for child in list(self.idle):
             child.transport.closeStdin()
+            shutil.rmtree(child.workdir, ignore_errors=True)
+
+
+F_SETPIPE_SZ = 1031
+PIPE_SIZE = 1 << 20
+
+
+def _widen(pipe) -> None:
+    """Let a pipe to or from a child hold 1 MiB (Linux): a large job goes across in a few
+    writes instead of hundreds of 64 KiB ones, each waking the other side."""
+    try:
+        fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
+    except (AttributeError, OSError):
+        pass
 
 
 def _describe(ended) -> str:

@@ -120,7 +120,7 @@ def test_rerun(D):
 
 def test_large_payload_and_result_travel_in_chunks(D, cluster):
     """Tens of MB go to a worker and come back intact, stored in blobs beside the database."""
-    data = os.urandom(1 << 20) * 12
+    data = os.urandom(1 << 20) * 20
     job = D.submit(lambda b: b[::-1], data)
     assert job.wait(timeout=120) == data[::-1]
     assert job.status == "completed"
@@ -222,3 +222,25 @@ def test_scatter_example(D):
 
     out = sweep(D, drifts=(0.0, 0.5), seeds=3)
     assert set(out) >= {0.0, 0.5} and out[0.5] > out[0.0]
+
+
+def test_a_stopped_worker_leaves_no_job_folders(tmp_path_factory):
+    """dsage_worker stopped (SIGTERM) with one job running and one slot idle removes both
+    slots' folders."""
+    from tests.e2e.conftest import connected, start_cluster
+
+    cluster = start_cluster(tmp_path_factory, workers=1, slots=2)
+    try:
+        with connected(cluster) as D:
+            idle = D.eval("import os\nos.getcwd()").wait(timeout=30)
+            marker = cluster.home / "busy-folder"
+            D.eval(f"import os, time\nopen({str(marker)!r}, 'w').write(os.getcwd())\ntime.sleep(60)")
+            wait_for(lambda: marker.exists() and marker.read_text(), timeout=30, what="the long job's folder")
+            folders = {idle, marker.read_text()}
+            assert all(os.path.isdir(f) for f in folders)
+            for proc in cluster.workers:
+                proc.terminate()
+                proc.wait(30)
+            assert not any(os.path.exists(f) for f in folders), folders
+    finally:
+        cluster.stop()

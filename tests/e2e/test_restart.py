@@ -38,13 +38,16 @@ def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh, D):
 
 
 def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
-    """A job on a worker killed with -9 runs on another worker once its lease expires."""
+    """A job on a worker killed with -9 dies with it (no orphan goes on using the machine)
+    and runs on another worker once its lease expires."""
     marker = tmp_path / "started"
     job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
-                 f"    open({str(marker)!r}, 'w').close()\n    time.sleep(120)\n'second try'")
-    wait_for(marker.exists, what="the first attempt to start")
+                 f"    open({str(marker)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n'second try'")
+    wait_for(lambda: marker.exists() and marker.read_text(), what="the first attempt to start")
+    first = int(marker.read_text())
     fresh.workers[0].send_signal(signal.SIGKILL)
     fresh.workers[0].wait()
+    wait_for(lambda: not _alive(first), timeout=10, what="the orphaned job process to die")
     fresh.add_worker(slots=1)
     assert job.wait(timeout=60) == "second try"
     assert job.failures == 1 and "lease" in job.attempts[0].get("error", "")
@@ -118,3 +121,12 @@ def test_a_killed_job_stays_killed_across_a_restart(fresh, tmp_path, D):
         b.wait(timeout=60)
     assert D.eval("'drained'", priority=99).wait(timeout=60) == "drained"
     assert D.job(job.job_id).status == "killed" and not marker.exists()
+
+
+def _alive(pid: int) -> bool:
+    """True while a process exists and is not a zombie."""
+    try:
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except FileNotFoundError:
+        return False

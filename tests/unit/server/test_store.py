@@ -213,11 +213,18 @@ def test_output_is_capped_with_a_marker(store):
     assert OUTPUT_MARKER in out and out.endswith("TAIL") and len(out) < MAX_OUTPUT + 100
 
 
-def test_large_payload_goes_to_a_blob(store):
-    """Payloads above the inline limit are stored in blobs and come back intact."""
-    payload = bytes(range(256)) * 4096
-    value(store.submit("a", [spec(payload=payload)]))
-    assert claim_one(store)["payload"] == payload
+def test_payloads_by_size_inline_in_the_record_in_the_file_or_in_a_blob(store):
+    """Small payloads live in the job record, medium ones in an object of their own, those
+    above the inline limit in blobs; all come back intact."""
+    from ZODB.blob import Blob
+
+    from dsage.server.model import INLINE_LIMIT, Data
+
+    payloads = [b"tiny", bytes(range(256)) * 40, bytes(range(256)) * (INLINE_LIMIT // 256 + 1)]
+    value(store.submit("a", [spec(payload=p) for p in payloads]))
+    kinds = [type(store.root.jobs[i].payload) for i in (1, 2, 3)]
+    assert kinds == [bytes, Data, Blob]
+    assert [j["payload"] for j in value(store.claim([("w", 3)], 60.0))[0]] == payloads
 
 
 def test_identities(store):
