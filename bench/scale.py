@@ -8,6 +8,8 @@
 - slots:   1,000 simulated worker slots (connections in 4 processes; each takes jobs and
            reports them at once) heartbeating every 2 s while a client runs 10,000 jobs:
            heartbeat round trips (p50, p99) and jobs/s.
+- steady:  rounds of 5,000 jobs with finished jobs kept 10 s (keep_days) and automatic
+           packs: the database file's size after each round levels off.
 
     .venv/bin/python bench/scale.py                       # every cell, N = 1,000,000
     .venv/bin/python bench/scale.py --cell queue --jobs 100000
@@ -29,7 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from dsage import Job  # noqa: E402
 from dsage.client.local import LocalCluster  # noqa: E402
 
-CELLS = ["queue", "restart", "slots"]
+CELLS = ["queue", "restart", "slots", "steady"]
 FILL_BATCH = 10_000
 
 
@@ -122,8 +124,13 @@ def cell_restart(n: int) -> list[tuple[str, str]]:
         cluster.start_server(timeout=600)
         rows.append((f"first start, {n:,} jobs stored", f"{time.perf_counter() - t0:.2f} s to listening"))
         cluster.add_worker(slots=2)
-        for how, sig in (("clean stop (SIGTERM)", signal.SIGTERM), ("kill -9", signal.SIGKILL)):
+        cases = (("clean stop (SIGTERM)", signal.SIGTERM, False), ("kill -9", signal.SIGKILL, False),
+                 ("kill -9, no index file (rebuilt from the whole file)", signal.SIGKILL, True))
+        for how, sig, lose_index in cases:
             cluster.stop_server(sig)
+            if lose_index:
+                for index in (cluster.home / "db").glob("*.fs.index"):
+                    index.unlink()
             listening, first = timed_start(cluster)
             rows.append((f"restart after {how}", f"{listening:.2f} s to listening, {first:.2f} s to a first result"))
     return rows
@@ -165,6 +172,31 @@ def cell_slots(slots: int, procs: int, jobs: int, heartbeat: float) -> list[tupl
             ("server memory", f"{rss:,.0f} MiB resident")]
 
 
+def cell_steady(rounds: int, jobs: int) -> list[tuple[str, str]]:
+    """Steady load with finished jobs kept 10 s: the database file levels off."""
+    rows = []
+    with LocalCluster() as cluster:
+        cluster.init()
+        cluster.configure(keep_days=10 / 86400, maintenance_seconds=2, pack_min_mb=1, pack_growth=2.0)
+        cluster.start_server()
+        cluster.add_worker(slots=2)
+        D = connect(cluster)
+        fs = cluster.home / "db" / "dsage.fs"
+        sizes = []
+        t0 = time.perf_counter()
+        for _ in range(rounds):
+            values = [j.wait(timeout=600) for j in D.map(len, [bytes(1000)] * jobs)]
+            assert values == [1000] * jobs
+            sizes.append(fs.stat().st_size / 2**20)
+        elapsed = time.perf_counter() - t0
+        done = D.status()
+        D.close()
+    rows.append((f"steady load, {rounds * jobs:,} jobs of 1 kB in {elapsed:.0f} s",
+                 f"file after each round (MiB): {' '.join(f'{x:.0f}' for x in sizes)}"))
+    rows.append(("jobs kept at the end (keep_days = 10 s)", f"{sum(done['jobs'].values()):,}"))
+    return rows
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cell", choices=CELLS, action="append")
@@ -174,6 +206,7 @@ def main() -> int:
     ap.add_argument("--slots", type=int, default=1000)
     ap.add_argument("--procs", type=int, default=4)
     ap.add_argument("--heartbeat", type=float, default=2.0)
+    ap.add_argument("--rounds", type=int, default=20, help="rounds of --run jobs (steady)")
     args = ap.parse_args()
     rows: list[tuple[str, str]] = []
     for cell in args.cell or CELLS:
@@ -181,10 +214,12 @@ def main() -> int:
             rows += cell_queue(args.jobs, args.run, args.repeats)
         elif cell == "restart":
             rows += cell_restart(args.jobs)
-        else:
+        elif cell == "slots":
             rows += cell_slots(args.slots, args.procs, args.run * 2, args.heartbeat)
+        else:
+            rows += cell_steady(args.rounds, args.run)
         for label, value in rows:
-            print(f"{label:42} {value}", flush=True)
+            print(f"{label:55} {value}", flush=True)
         rows = []
     return 0
 
