@@ -1,5 +1,6 @@
-"""dsage_worker's service tree: a reconnecting TLS client (`ClientService` with back-off)
-whose connections each run a `WorkerSession`, and the `JobRunner` that outlives them."""
+"""dsage_worker's service tree: a reconnecting TLS client (`Reconnector`, with back-off)
+whose connections each run a `WorkerSession`, the `JobRunner` that outlives them, and the
+queue of jobs leased ahead of the slots (automatic prefetch, given back when held up)."""
 from __future__ import annotations
 
 import collections
@@ -25,6 +26,17 @@ AHEAD_SECONDS = 0.05
 MAX_AHEAD = 64
 #: how long a job fetched ahead may wait here for a slot before it is given back.
 HOLD_LIMIT = 0.5
+
+
+def automatic_ahead(slots: int, recent) -> int:
+    """Jobs to lease ahead of `slots` given the wall times of the recent jobs: none until
+    there are some, or if any was long; else about AHEAD_SECONDS of them per slot."""
+    if not recent:
+        return 0
+    longest = max(recent)
+    if longest >= SHORT_JOB:
+        return 0
+    return slots * max(1, min(MAX_AHEAD, int(AHEAD_SECONDS / max(longest, 1e-6))))
 
 
 class WorkerService(service.MultiService):
@@ -100,12 +112,7 @@ class WorkerService(service.MultiService):
         """How many leased jobs may wait here beyond the slots."""
         if self.prefetch is not None:
             return self.prefetch
-        if len(self.recent) < self.recent.maxlen:
-            return 0
-        longest = max(self.recent)
-        if longest >= SHORT_JOB:
-            return 0
-        return self.slots * max(1, min(MAX_AHEAD, int(AHEAD_SECONDS / max(longest, 1e-6))))
+        return automatic_ahead(self.slots, self.recent if len(self.recent) == self.recent.maxlen else ())
 
     def room(self) -> int:
         """How many more jobs this worker takes now (free slots plus prefetch room)."""
@@ -198,5 +205,7 @@ class WorkerService(service.MultiService):
         self.link.start()
 
     def stopService(self) -> defer.Deferred:
+        if self._hold_check is not None and self._hold_check.active():
+            self._hold_check.cancel()
         self.runner.stop_all()
         return defer.gatherResults([self.link.stop(), defer.maybeDeferred(super().stopService)])

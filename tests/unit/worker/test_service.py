@@ -1,0 +1,17 @@
+"""The automatic prefetch's sizing."""
+from __future__ import annotations
+
+from dsage.worker.service import MAX_AHEAD, automatic_ahead
+
+
+def test_no_prefetch_without_history_or_after_a_long_job():
+    """Nothing is leased ahead before jobs were seen, or when one of them took 0.1 s or more."""
+    assert automatic_ahead(2, []) == 0
+    assert automatic_ahead(2, [0.001, 0.2, 0.001, 0.001]) == 0
+
+
+def test_about_fifty_milliseconds_of_work_per_slot():
+    """Short jobs: ~50 ms of them per slot, at least one and at most MAX_AHEAD per slot."""
+    assert automatic_ahead(2, [0.01, 0.005, 0.01, 0.008]) == 2 * 5
+    assert automatic_ahead(4, [0.09] * 8) == 4 * 1
+    assert automatic_ahead(2, [0.0001] * 4) == 2 * MAX_AHEAD
