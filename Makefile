@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 SOURCES := $(shell find dsage twisted -name '*.py' -o -name '*.pov' 2>/dev/null)
 
-.PHONY: install system test unit e2e demo bench chaos clean
+.PHONY: install system test unit e2e demo bench bench-dsage bench-scale chaos clean
 
 # The examples' engines: GMP-ECM (DistributedFactor) and POV-Ray (DistributedPOVRay).
 SYSTEM_PACKAGES := gmp-ecm povray
@@ -36,9 +36,18 @@ unit: $(STAMP)
 e2e: $(STAMP)
 	$(BIN)/python -m pytest -q -p no:cacheprovider tests/e2e
 
+# The peers' harness (../shared/bench/peers) runs in the same run where it is present.
 bench: system $(STAMP)
-	$(BIN)/python bench/dsage_bench.py
+	$(BIN)/python bench/dsage_bench.py --run-peers
 	$(BIN)/python bench/apps.py
+
+# dsage alone, beside the peers' last recorded figures (a few minutes).
+bench-dsage: $(STAMP)
+	$(BIN)/python bench/dsage_bench.py
+
+# 1,000,000 jobs in the database, 1,000 worker slots, restarts, steady load.
+bench-scale: $(STAMP)
+	$(BIN)/python bench/scale.py
 
 chaos: system $(STAMP)
 	$(BIN)/python -m tests.support.chaos --rounds $${ROUNDS:-20} $${SEED:+--seed $$SEED}

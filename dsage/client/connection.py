@@ -27,8 +27,10 @@ class ClientProtocol(MessageProtocol):
     """The client's end of a connection; job events go to the factory's `AsyncClient`."""
 
     def handle_event(self, event: str, data: dict) -> None:
-        if event == "job_done" and isinstance(data, dict) and isinstance(data.get("job_id"), int):
-            self.factory.client.job_event(data)
+        done = data.get("jobs") if event == "jobs_done" else [data] if event == "job_done" else None
+        for summary in done if isinstance(done, list) else ():
+            if isinstance(summary, dict) and isinstance(summary.get("job_id"), int):
+                self.factory.client.job_event(summary)
 
 
 class AsyncClient:

@@ -61,7 +61,7 @@ class Hub:
         self.finished_total += 1
         for conn in list(self.connections.get(summary["owner"], ())):
             if conn.role in CLIENT_ROLES:
-                conn.send_event("job_done", summary)
+                conn.push_done(summary)
 
     def stop_running(self, running: dict | None) -> None:
         """Order the worker that runs an attempt to kill it."""
@@ -135,6 +135,7 @@ class ServerProtocol(MessageProtocol):
         self.running: set[tuple[int, int]] = set()
         self._hello_timer = None
         self.last_heard = hub.clock.seconds()
+        self._done: list[dict] = []
 
     def heard(self) -> None:
         self.last_heard = self.hub.clock.seconds()
@@ -148,6 +149,17 @@ class ServerProtocol(MessageProtocol):
             self.transport.abortConnection()
             return
         self._hello_timer = self.hub.clock.callLater(HELLO_TIMEOUT, self._no_hello)
+
+    def push_done(self, summary: dict) -> None:
+        """Tell this client that one of its jobs finished; the jobs that finish in the same
+        turn of the reactor (one commit's) go in one event."""
+        if not self._done:
+            self.hub.clock.callLater(0, self._flush_done)
+        self._done.append(summary)
+
+    def _flush_done(self) -> None:
+        done, self._done = self._done, []
+        self.send_event("jobs_done", {"jobs": done})
 
     def _no_hello(self) -> None:
         self._hello_timer = None
@@ -382,25 +394,38 @@ class ServerProtocol(MessageProtocol):
         return d.addCallbacks(taken, gone)
 
     def report(self, args: dict) -> defer.Deferred:
-        """Apply the outcome of one of this worker's attempts."""
-        rep = _report_args(args)
-        take = args.get("take", 0)
-        if isinstance(take, bool) or not isinstance(take, int) or not 0 <= take <= 1024:
-            raise ValueError("take must be an integer from 0 to 1024")
-        self.running.discard((rep["job_id"], rep["attempt"]))
+        """Apply the outcome of one of this worker's attempts (and lease it `take` more)."""
+        d = self._apply_reports([_report_args(args)], _take(args))
+        return d.addCallback(lambda out: {"applied": out["applied"][0], "jobs": out["jobs"]})
+
+    def reports(self, args: dict) -> defer.Deferred:
+        """Apply several outcomes in one transaction (and lease the worker `take` more);
+        replies with whether each was applied, and the jobs leased."""
+        reports = args.get("reports")
+        if not isinstance(reports, list) or not 0 < len(reports) <= 1024 or \
+                not all(isinstance(r, dict) for r in reports):
+            raise ValueError("reports must be a list of 1 to 1024 reports")
+        return self._apply_reports([_report_args(r) for r in reports], _take(args))
+
+    def _apply_reports(self, reps: list[dict], take: int) -> defer.Deferred:
+        for rep in reps:
+            self.running.discard((rep["job_id"], rep["attempt"]))
 
         def applied(out: dict) -> dict:
             self.running.update((j["job_id"], j["attempt"]) for j in out["jobs"])
-            if not out["applied"]:
-                self.log.warn("stale report from {worker} for job {job_id} attempt {attempt} refused",
-                              worker=self.identity, job_id=rep["job_id"], attempt=rep["attempt"])
-                return {"applied": False, "jobs": out["jobs"]}
-            if out["final"]:
-                self.hub.job_finished(out["job"])
-            else:
+            requeued = False
+            for rep, result in zip(reps, out["results"]):
+                if not result["applied"]:
+                    self.log.warn("stale report from {worker} for job {job_id} attempt {attempt} refused",
+                                  worker=self.identity, job_id=rep["job_id"], attempt=rep["attempt"])
+                elif result["final"]:
+                    self.hub.job_finished(result["job"])
+                else:
+                    requeued = True
+            if requeued:
                 self.hub.dispatcher.work_arrived()
-            return {"applied": True, "jobs": out["jobs"]}
-        return self.hub.store.report(self.identity, rep, take, self.hub.lease_seconds).addCallback(applied)
+            return {"applied": [r["applied"] for r in out["results"]], "jobs": out["jobs"]}
+        return self.hub.store.report_many(self.identity, reps, take, self.hub.lease_seconds).addCallback(applied)
 
     def heartbeat(self, args: dict) -> defer.Deferred:
         """Renew the leases of the attempts this worker holds; replies with those it lost."""
@@ -468,6 +493,13 @@ def _job_id(args: dict) -> int:
     return job_id
 
 
+def _take(args: dict) -> int:
+    take = args.get("take", 0)
+    if isinstance(take, bool) or not isinstance(take, int) or not 0 <= take <= 1024:
+        raise ValueError("take must be an integer from 0 to 1024")
+    return take
+
+
 def _report_args(args: dict) -> dict:
     rep = {"job_id": _job_id(args), "attempt": args.get("attempt"), "outcome": args.get("outcome")}
     if not isinstance(rep["attempt"], int) or rep["outcome"] not in ("completed", "failed"):
@@ -498,6 +530,7 @@ HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "pack": (ADMIN, ServerProtocol.pack),
     "take": (WORKER, ServerProtocol.take),
     "report": (WORKER, ServerProtocol.report),
+    "reports": (WORKER, ServerProtocol.reports),
     "heartbeat": (WORKER, ServerProtocol.heartbeat),
     "release": (WORKER, ServerProtocol.release),
 }

@@ -403,12 +403,19 @@ class JobStore(FunctionOps):
     def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
         """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
         the same transaction, lease it up to `take` next jobs (under "jobs")."""
-        return self._run_staged(_large_fields([report], ("result",)), self._report_and_take, worker, report, take, lease)
+        def one(out: dict) -> dict:
+            return dict(out["results"][0], jobs=out["jobs"])
+        return self.report_many(worker, [report], take, lease).addCallback(one)
 
-    def _report_and_take(self, root: Root, worker: str, rep: dict, take: int, lease: float) -> dict:
-        out = self._report(root, worker, rep)
-        out["jobs"] = self._claim(root, [(worker, take)], lease)[0] if take > 0 else []
-        return out
+    def report_many(self, worker: str, reports: list[dict], take: int = 0, lease: float = 60.0) -> defer.Deferred:
+        """Apply several reports of a worker, then lease it up to `take` next jobs, in one
+        transaction; fires with {"results": [per report], "jobs": [...]}."""
+        return self._run_staged(_large_fields(reports, ("result",)), self._report_and_take, worker, reports,
+                                take, lease)
+
+    def _report_and_take(self, root: Root, worker: str, reps: list[dict], take: int, lease: float) -> dict:
+        results = [self._report(root, worker, rep) for rep in reps]
+        return {"results": results, "jobs": self._claim(root, [(worker, take)], lease)[0] if take > 0 else []}
 
     def _report(self, root: Root, worker: str, rep: dict) -> dict:
         job = root.jobs.get(rep["job_id"])

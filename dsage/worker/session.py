@@ -52,6 +52,8 @@ class WorkerSession:
         self.asking = 0
         self.heartbeat: task.LoopingCall | None = None
         self.unanswered = 0
+        self.outbox: list[dict] = []
+        self.reporting = False
 
     async def start(self) -> dict:
         """Say hello, then start heartbeats, flush old reports and ask for work."""
@@ -92,25 +94,45 @@ class WorkerSession:
             self.log.failure("take failed", failure)
 
     def send_report(self, report: dict) -> None:
-        """Send a report, asking in the same round trip for the next jobs there is room for;
-        if the link fails the report is kept and sent after reconnecting."""
+        """Send a report, asking in the same round trip for the next jobs there is room for.
+        One report request is in flight at a time: reports of jobs that finish meanwhile go
+        together in the next one (one transaction on the server).  If the link fails the
+        reports are kept and sent after reconnecting."""
+        self.outbox.append({k: v for k, v in report.items() if k != "killed"})
+        if not self.reporting:
+            self._flush_reports()
+
+    def _flush_reports(self) -> None:
+        reports, self.outbox = self.outbox[:MAX_TAKE], self.outbox[MAX_TAKE:]
         take = max(0, min(MAX_TAKE, self.worker.room() - self.asking))
         self.asking += take
-        wire = {k: v for k, v in report.items() if k != "killed"}
-        d = self.proto.call("report", take=take, **wire)
+        self.reporting = True
+        d = self.proto.call("reports", reports=reports, take=take)
 
         def sent(reply: dict) -> None:
             self.asking -= take
+            self.reporting = False
+            for report, applied in zip(reports, reply.get("applied", [])):
+                if not applied:
+                    self.log.info("the server refused the report of job {job_id} attempt {attempt}: "
+                                  "no longer this worker's", job_id=report["job_id"], attempt=report["attempt"])
             for job in reply.get("jobs", []):
                 self.worker.start_job(job)
+            if self.outbox:
+                self._flush_reports()
             self.ask()
 
-        def failed(f):
+        def failed(f) -> None:
             self.asking -= take
+            self.reporting = False
             if f.check(errors.ConnectionLost):
-                self.worker.keep_report(report)
+                for report in reports + self.outbox:
+                    self.worker.keep_report(report)
+                self.outbox = []
             else:
-                self.log.failure("report of job {job_id} refused", f, job_id=report["job_id"])
+                self.log.failure("reports of jobs {ids} refused", f, ids=[r["job_id"] for r in reports])
+                if self.outbox:
+                    self._flush_reports()
         d.addCallbacks(sent, failed)
 
     def beat(self) -> defer.Deferred | None:

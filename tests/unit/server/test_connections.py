@@ -123,3 +123,29 @@ def test_workers_report_only_on_their_own_attempts(parts):
     assert value(d) == {"applied": False, "jobs": []}
     assert value(intruder.handle_request("heartbeat", {"held": [[1, 1]]})) == {"lost": [[1, 1]]}
     assert value(store.get("alice", "client", 1))["status"] == "processing"
+
+
+def test_batched_reports_apply_each_and_tell_the_owner_once_per_turn(parts):
+    """A worker's batch of reports: each applied or refused on its own, the next jobs leased
+    in the same transaction, and the owner's client told of all finished jobs in one event."""
+    from dsage.protocol import EVENT, decode
+
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec(str(i), max_failures=1) for i in range(4)]))
+    value(store.claim([("w1", 2)], 10.0))
+    alice, worker = connect(hub, "alice", "client"), connect(hub, "w1", "worker")
+    done = {"outcome": "completed", "result": b"R", "output": "", "error": None, "cpu_time": None, "wall_time": 0.1}
+    reply = value(worker.handle_request("reports", {"reports": [dict(done, job_id=1, attempt=1),
+                                                                dict(done, job_id=2, attempt=7),
+                                                                dict(done, job_id=2, attempt=1)], "take": 2}))
+    assert reply["applied"] == [True, False, True]
+    assert [j["job_id"] for j in reply["jobs"]] == [3, 4]
+    assert alice.transport.value() == b"", "events wait for the end of the reactor's turn"
+    clock.advance(0)
+    frames = alice.transport.value()
+    assert len(frames) == 4 + int.from_bytes(frames[:4], "big"), "one event"
+    kind, event, data = decode(frames[4:])
+    assert (kind, event) == (EVENT, "jobs_done") and [s["job_id"] for s in data["jobs"]] == [1, 2]
+    for bad in ({"reports": []}, {"reports": "x"}, {"reports": [{"job_id": 1}]}, {"reports": [done], "take": -1}):
+        with pytest.raises(ValueError):
+            value(worker.handle_request("reports", bad))
