@@ -34,10 +34,14 @@ class Staged:
 
     def __init__(self, data: bytes, folder: str) -> None:
         fd, self.path = tempfile.mkstemp(dir=folder, prefix="staged-")
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())       # ZODB renames blob files into place without an fsync
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())   # ZODB renames blob files into place without an fsync
+        except OSError:
+            self.discard()
+            raise
 
     def discard(self) -> None:
         """Remove the file if no Blob took it."""

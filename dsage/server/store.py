@@ -4,8 +4,9 @@ Threading model: one dedicated thread owns the server's only ZODB connection, op
 an explicit transaction manager.  The reactor thread hands operations to it through a queue
 (`JobStore._run` returns a Deferred).  The thread drains the queue, runs the operations
 (when one fails, the batch runs again with a savepoint around each, so that one failing
-operation does not spoil its neighbours), commits the batch once (group commit: one fsync for many operations) and only then fires the Deferreds on the
-reactor thread with `callFromThread`.  So nothing is acknowledged before it is durable, the
+operation does not spoil its neighbours), commits the batch once (group commit: one fsync
+for many operations) and only then fires the Deferreds on the reactor thread with
+`callFromThread`.  So nothing is acknowledged before it is durable, the
 reactor never waits for the disk, and no persistent object ever leaves the store's thread:
 operations return plain dicts, lists and bytes.
 """
@@ -177,10 +178,14 @@ class JobStore(FunctionOps):
         folder = self.db.storage.temporaryDirectory()
 
         def stage() -> list[Staged]:
-            staged = []
-            for holder, key in fields:
-                holder[key] = Staged(holder[key], folder)
-                staged.append(holder[key])
+            staged: list[Staged] = []
+            try:
+                for holder, key in fields:
+                    holder[key] = Staged(holder[key], folder)
+                    staged.append(holder[key])
+            except OSError:
+                discard(None, staged)           # a full disk: nothing half-written is left
+                raise
             return staged
 
         def discard(result: Any, staged: list[Staged]) -> Any:
