@@ -134,10 +134,12 @@ class JobStore(FunctionOps):
             out = self._apply(batch, guarded=True)
         try:
             self._tm.commit()
-        except Exception:
+        except Exception as e:
             failure = Failure()
             self.log.failure("commit failed; {n} operations refused", failure, n=len(batch))
             self._tm.abort()
+            if isinstance(e, OSError):
+                failure = Failure(_storage_error(e))
             out = [(d, False, failure) for d, _, _ in out]
         return out
 
@@ -183,9 +185,9 @@ class JobStore(FunctionOps):
                 for holder, key in fields:
                     holder[key] = Staged(holder[key], folder)
                     staged.append(holder[key])
-            except OSError:
+            except OSError as e:
                 discard(None, staged)           # a full disk: nothing half-written is left
-                raise
+                raise _storage_error(e) from None
             return staged
 
         def discard(result: Any, staged: list[Staged]) -> Any:
@@ -656,6 +658,12 @@ def _summary(job: JobRecord, with_result: bool) -> dict:
     if with_result:
         out["result"] = load_bytes(job.result)
     return out
+
+
+def _storage_error(e: OSError) -> errors.RemoteError:
+    """What the requester is told when the server's disk refused a write."""
+    return errors.RemoteError(f"the server could not store this request: {e.strerror or e} "
+                              f"(nothing of it was stored; tell the server's administrator)")
 
 
 def _large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "files")) -> list[tuple[dict, str]]:
