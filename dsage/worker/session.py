@@ -26,6 +26,12 @@ def host_facts() -> dict:
 MISSED_BEATS = 3
 #: the most jobs one take (or report) asks for (the server's limit).
 MAX_TAKE = 1024
+#: reports batched in one request up to this many bytes of results and output (at least one).
+REPORTS_BYTES = 8 << 20
+
+
+def _size(report: dict) -> int:
+    return len(report.get("result") or b"") + len(report.get("output") or "")
 
 
 class WorkerProtocol(MessageProtocol):
@@ -103,7 +109,11 @@ class WorkerSession:
             self._flush_reports()
 
     def _flush_reports(self) -> None:
-        reports, self.outbox = self.outbox[:MAX_TAKE], self.outbox[MAX_TAKE:]
+        n, size = 0, 0
+        while n < min(len(self.outbox), MAX_TAKE) and (n == 0 or size + _size(self.outbox[n]) <= REPORTS_BYTES):
+            size += _size(self.outbox[n])
+            n += 1
+        reports, self.outbox = self.outbox[:n], self.outbox[n:]
         take = max(0, min(MAX_TAKE, self.worker.room() - self.asking))
         self.asking += take
         self.reporting = True
