@@ -7,7 +7,8 @@ from twisted.application import service
 from twisted.internet import defer, task
 from twisted.logger import Logger
 
-from dsage.server.store import EXPIRE_BATCH, JobStore
+from dsage.server.retention import EXPIRE_BATCH
+from dsage.server.store import JobStore
 
 MIB = 1 << 20
 

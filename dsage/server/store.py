@@ -26,6 +26,7 @@ from dsage import errors
 from dsage.job import FINAL, check_transition
 from dsage.server import scheduler
 from dsage.server.functions import FunctionOps
+from dsage.server.retention import RetentionOps
 from BTrees.OOBTree import OOBTree
 
 from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, load_bytes, store_bytes
@@ -33,8 +34,6 @@ from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
 MAX_BATCH = 500
-#: finished jobs deleted per transaction by `expire_finished`.
-EXPIRE_BATCH = 5000
 ROOT_KEY = "dsage"
 #: how long a submission token is remembered (a client retrying after a lost reply).
 TOKEN_TTL = 86400.0
@@ -48,7 +47,7 @@ def _cap_output(text: str) -> str:
     return text[:half] + OUTPUT_MARKER + text[-half:]
 
 
-class JobStore(FunctionOps):
+class JobStore(FunctionOps, RetentionOps):
     """Jobs, identities and functions in ZODB, behind one writer thread."""
 
     log = Logger()
@@ -502,92 +501,6 @@ class JobStore(FunctionOps):
                 self._enter(root, job, "new", keep_place=True)
                 n += 1
         return n
-
-    # -- maintenance -----------------------------------------------------------------------
-    def expire_finished(self, days: float, limit: int = EXPIRE_BATCH) -> defer.Deferred:
-        """Delete up to `limit` jobs that finished more than `days` ago (their storage is freed
-        by the next pack); fires with how many went.  Jobs of an unfinished DistributedFunction
-        whose results it has not processed yet are kept, as are finished functions' records
-        until they too are `days` old."""
-        return self._run(self._expire_finished, self.now() - days * 86400.0, limit)
-
-    def _expire_finished(self, root: Root, cutoff: float, limit: int) -> int:
-        gone = 0
-        for status in FINAL:
-            ids = root.by_status.get(status)
-            if not ids:
-                continue
-            doomed = []
-            for job_id in ids:               # ascending ids: ascending creation times
-                job = root.jobs[job_id]
-                if job.created >= cutoff or gone + len(doomed) >= limit:
-                    break
-                if job.finished is not None and job.finished < cutoff and self._expendable(root, job):
-                    doomed.append(job)
-            for job in doomed:
-                ids.remove(job.job_id)
-                root.count(status, -1)
-                owned = root.by_owner.get(job.owner)
-                if owned is not None:
-                    owned.remove(job.job_id)
-                    if not owned:
-                        del root.by_owner[job.owner]
-                del root.jobs[job.job_id]
-            gone += len(doomed)
-        for key in [k for k, fn in root.functions.items() if fn.done and fn.updated < cutoff][:limit]:
-            fn = root.functions.pop(key)
-            for job_id in fn.jobs:
-                job = root.jobs.get(job_id)
-                if job is not None and job.status in FINAL:
-                    job.function_id = None
-        return gone
-
-    @staticmethod
-    def _expendable(root: Root, job: JobRecord) -> bool:
-        if job.function_id is None:
-            return True
-        fn = root.functions.get((job.owner, job.function_id))
-        return fn is None or fn.done or job.job_id in fn.processed
-
-    def pack(self, days: float = 0.0) -> defer.Deferred:
-        """Drop object history older than `days` from the storage; fires with sizes in bytes.
-
-        Packing runs in a thread of its own, beside the writer (FileStorage allows it); one
-        pack at a time (a second is refused while one runs)."""
-        if self._packing:
-            return defer.fail(errors.RemoteError("a pack is already running"))
-
-        def work() -> dict:
-            before = self.db.getSize()
-            try:
-                self.db.pack(days=days)
-            except ValueError as e:
-                if "Already packed" not in str(e):
-                    raise
-                # A later pack already dropped this history: nothing more to do.
-            return {"before": before, "after": self.db.getSize()}
-        if not self.threaded:
-            return defer.maybeDeferred(work)
-        d: defer.Deferred = defer.Deferred()
-        self._packing = True
-
-        def run() -> None:
-            try:
-                result = work()
-            except Exception:
-                self.reactor.callFromThread(d.errback, Failure())
-            else:
-                self.reactor.callFromThread(d.callback, result)
-
-        def done(result):
-            self._packing = False
-            return result
-        threading.Thread(target=run, name="dsage-pack", daemon=True).start()
-        return d.addBoth(done)
-
-    def size(self) -> int:
-        """The storage's size in bytes."""
-        return self.db.getSize()
 
     # -- helpers (store thread only) ---------------------------------------------------
     def _own(self, root: Root, requester: str, role: str, job_id: int) -> JobRecord:
