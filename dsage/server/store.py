@@ -139,6 +139,7 @@ class JobStore(FunctionOps, RetentionOps):
             self._tm.abort()
             if isinstance(e, OSError):
                 failure = Failure(_storage_error(e))
+                self._release_temp_space()
             out = [(d, False, failure) for d, _, _ in out]
         return out
 
@@ -162,6 +163,18 @@ class JobStore(FunctionOps, RetentionOps):
                     self._tm.begin()
                 out.append((d, False, Failure()))
         return out
+
+    def _release_temp_space(self) -> None:
+        """After a write failed (a full disk), give back the space of FileStorage's
+        transaction buffer (``.fs.tmp``): it keeps the size of the largest transaction it
+        ever held, so a large refused one would leave no room for the small ones after."""
+        tfile = getattr(self.db.storage, "_tfile", None)
+        if tfile is not None:
+            try:
+                tfile.seek(0)
+                tfile.truncate()
+            except OSError:
+                pass
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         d = defer.Deferred()

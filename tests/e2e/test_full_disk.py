@@ -29,8 +29,8 @@ def tmpfs_usable(probe: str) -> str | None:
 
 
 def test_a_full_disk_refuses_the_submission_and_loses_nothing(tmp_path):
-    """24 MiB of database space: a 20 MiB job, or a batch of 24 MB, that does not fit is
-    refused with the disk's error; the jobs before keep their results, across a restart, and
+    """24 MiB of database space, 6 free: a 20 MiB job, or a 7.8 MB batch, that does not fit
+    is refused with the disk's error; the jobs before keep their results, across a restart, and
     small jobs still run."""
     why = tmpfs_usable(str(tmp_path / "probe"))
     if why:
@@ -48,17 +48,19 @@ def test_a_full_disk_refuses_the_submission_and_loses_nothing(tmp_path):
             cluster.start_server()
             cluster.add_worker(slots=2)
             with connected(cluster) as D:
-                kept = [D.submit(bytes.__len__, bytes(3 << 20)) for _ in range(2)]
-                assert [j.wait(timeout=60) for j in kept] == [3 << 20] * 2
+                # 17.5 MiB of the 24 in blobs: about 6 MiB stay free.
+                kept = [D.submit(bytes.__len__, bytes(7 << 19)) for _ in range(5)]
+                assert [j.wait(timeout=60) for j in kept] == [7 << 19] * 5
                 with pytest.raises(errors.RemoteError, match="could not store this request: No space left"):
                     D.submit(bytes.__len__, os.urandom(20 << 20))         # a blob: refused while staged
                 with pytest.raises(errors.RemoteError, match="could not store this request: No space left"):
-                    D.map(len, [os.urandom(60_000) for _ in range(400)])  # 24 MB in the FileStorage's commit
+                    # 7.8 MB in one request (under the client's 8 MiB batches): the commit fails
+                    D.map(len, [os.urandom(60_000) for _ in range(130)])
                 assert D.eval("6 * 7").wait(timeout=60) == 42
             cluster.stop_server()
             cluster.start_server()
             with connected(cluster) as D:
-                assert [D.job(j.job_id).result for j in kept] == [3 << 20] * 2
+                assert [D.job(j.job_id).result for j in kept] == [7 << 19] * 5
                 assert D.eval("6 * 8").wait(timeout=60) == 48
     finally:
         subprocess.run(["umount", "-l", str(disk)], check=False)
