@@ -12,6 +12,7 @@ operations return plain dicts, lists and bytes.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -165,16 +166,12 @@ class JobStore(FunctionOps, RetentionOps):
         return out
 
     def _release_temp_space(self) -> None:
-        """After a write failed (a full disk), give back the space of FileStorage's
-        transaction buffer (``.fs.tmp``): it keeps the size of the largest transaction it
-        ever held, so a large refused one would leave no room for the small ones after."""
+        """After a full disk, shrink FileStorage's transaction buffer (``.fs.tmp`` keeps the
+        size of the largest transaction, which left no room for small ones after a large)."""
         tfile = getattr(self.db.storage, "_tfile", None)
-        if tfile is not None:
-            try:
-                tfile.seek(0)
-                tfile.truncate()
-            except OSError:
-                pass
+        with contextlib.suppress(OSError, AttributeError):
+            tfile.seek(0)
+            tfile.truncate()
 
     def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         d = defer.Deferred()
