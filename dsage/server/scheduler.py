@@ -133,9 +133,10 @@ class Dispatcher:
             if self.waiting.pop(key, None) is not None:
                 d.callback(jobs)
             else:
-                # The slot went away (its connection closed) while the claim committed.
-                self._release(worker, [(j["job_id"], j["attempt"]) for j in jobs])
-                self.maybe_pending = True
+                # The slot went away (closed, or withdrawn) while the claim committed: the
+                # jobs go back, and the slots still waiting are tried again once they are.
+                self._release(worker, [(j["job_id"], j["attempt"]) for j in jobs]).addCallbacks(
+                    lambda _: self.work_arrived(), lambda f: self.log.failure("release failed", f))
         if starved and arrivals == self._arrivals:
             # Nothing arrived while this round ran, so the queue really is empty (or waiting).
             self.maybe_pending = False

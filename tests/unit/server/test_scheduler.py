@@ -14,6 +14,8 @@ class FakeClaims:
         self.rounds: list[tuple[list, defer.Deferred]] = []
         self.released: list = []
         self.retry_at = None
+        #: what release returns: committed at once unless a test sets a Deferred here.
+        self.release_done: defer.Deferred | None = None
 
     def claim(self, requests):
         d = defer.Deferred()
@@ -22,7 +24,7 @@ class FakeClaims:
 
     def release(self, worker, held):
         self.released.append((worker, held))
-        return defer.succeed(len(held))
+        return self.release_done or defer.succeed(len(held))
 
     def next_retry(self):
         return defer.succeed(self.retry_at)
@@ -80,6 +82,24 @@ def test_jobs_claimed_for_a_vanished_slot_are_released():
     assert not disp.waiting
     claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1}]])
     assert claims.released == [("w1", [(3, 1)])]
+
+
+def test_jobs_released_from_a_vanished_slot_reach_the_slots_still_waiting():
+    """The release of a vanished slot's jobs commits after the next round found the queue
+    empty: once it commits, the slots still waiting are tried again (else the jobs sit
+    queued with idle workers until something else arrives)."""
+    claims, clock, disp = make()
+    later = claims.release_done = defer.Deferred()
+    gone = disp.take("w1", 1)
+    gone.addErrback(lambda f: None)
+    disp.take("w2", 1)                 # joins while round 1 runs
+    gone.cancel()
+    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1}]])
+    assert claims.released == [("w1", [(3, 1)])]
+    claims.rounds[1][1].callback([[]])     # the release has not committed yet: nothing pending
+    assert len(claims.rounds) == 2
+    later.callback(1)
+    assert len(claims.rounds) == 3 and claims.rounds[2][0] == [("w2", 1)]
 
 
 def test_backed_off_jobs_wake_the_dispatcher_when_due():
