@@ -260,7 +260,11 @@ class ServerProtocol(MessageProtocol):
             if sum(map(len, out["claims"])) < len(out["ids"]):
                 self.hub.dispatcher.work_arrived()
             return {"job_ids": out["ids"]}
-        return d.addCallback(stored)
+
+        def refused(f):
+            self.hub.dispatcher.unclaim(f, entries)
+            return f
+        return d.addCallbacks(stored, refused)
 
     def get_job(self, args: dict) -> defer.Deferred:
         """One job, with its result unless ``result`` is false."""

@@ -7,6 +7,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 from twisted.logger import Logger
 
+from dsage import errors
 from dsage.job import KINDS
 from dsage.protocol import encode
 
@@ -73,6 +74,9 @@ class Dispatcher:
         self.clock = clock
         #: the slots waiting for work, in arrival order: key -> (worker, n, deferred).
         self.waiting: dict[int, tuple[str, int, defer.Deferred]] = {}
+        #: the waiting slots a claim (a round's or a submission's) is in flight for: no
+        #: other claim is made for them meanwhile.
+        self.claiming: set[int] = set()
         self._serial = 0
         self._busy = False
         self._again = False
@@ -105,25 +109,34 @@ class Dispatcher:
 
     def kick(self) -> None:
         """Run one claim round for every waiting slot (one store transaction)."""
-        if not self.waiting or not self.maybe_pending:
+        if not self.maybe_pending or len(self.waiting) <= len(self.claiming):
             return
         if self._busy:
             self._again = True
             return
         self._busy = True
-        entries = list(self.waiting.items())
+        entries, arrivals = self.snapshot()
         d = self._claim([(w, n) for _key, (w, n, _d) in entries])
-        d.addCallback(self.deliver, entries, self._arrivals)
-        d.addErrback(lambda f: self.log.failure("claim failed", f))
+        d.addCallbacks(self.deliver, self.unclaim, callbackArgs=(entries, arrivals), errbackArgs=(entries,))
         d.addBoth(self._round_done)
 
     def snapshot(self) -> tuple[list, int]:
-        """The waiting slots now (to claim for elsewhere), and the arrival count to hand back."""
-        return list(self.waiting.items()), self._arrivals
+        """The waiting slots no claim is in flight for, now reserved for the caller's claim
+        (whose results go to `deliver`), and the arrival count to hand back with them."""
+        entries = [(key, slot) for key, slot in self.waiting.items() if key not in self.claiming]
+        self.claiming.update(key for key, _ in entries)
+        return entries, self._arrivals
+
+    def unclaim(self, failure, entries: list) -> None:
+        """A claim for `entries` failed (nothing was leased): they wait unreserved again."""
+        if not failure.check(errors.DsageError):
+            self.log.failure("claim failed", failure)
+        self.claiming.difference_update(key for key, _ in entries)
 
     def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
         """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""
         starved = False
+        self.claiming.difference_update(key for key, _ in entries)
         for (key, (worker, n, d)), jobs in zip(entries, results):
             if not jobs:
                 starved = True
@@ -141,6 +154,7 @@ class Dispatcher:
             # Nothing arrived while this round ran, so the queue really is empty (or waiting).
             self.maybe_pending = False
             self._next_retry().addCallback(self._schedule_retry)
+        self.kick()         # slots skipped while this claim was in flight
 
     def _schedule_retry(self, when: float | None) -> None:
         if when is None:

@@ -19,6 +19,8 @@ def test_finished_jobs_expire_and_the_database_is_packed(tmp_path):
             jobs = [D.eval(f"'x' * 100_000 + str({i})") for i in range(40)]
             values = [j.wait(timeout=60) for j in jobs]
             assert values[7] == "x" * 100_000 + "7"
+            # Each went to the worker once: no lot claimed twice for one waiting slot.
+            assert [len(j.attempts) for j in jobs] == [1] * 40
 
             def gone(job_id: int) -> bool:
                 try:

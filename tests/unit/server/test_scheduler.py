@@ -134,3 +134,36 @@ def test_a_withdrawn_take_is_answered_empty_and_leaves_the_line():
     assert got == [[]] and len(disp.waiting) == 1
     disp.work_arrived()
     assert claims.rounds[-1][0] == [("w2", 1)]
+
+
+def test_a_slot_is_claimed_for_by_one_claim_at_a_time():
+    """A submission's claim (snapshot) skips the slots a round is claiming for, so the same
+    slot is never given jobs twice (the second lot would go back as undelivered)."""
+    claims, clock, disp = make()
+    first = disp.take("w1", 1)
+    assert claims.rounds[0][0] == [("w1", 1)]
+    entries, arrivals = disp.snapshot()
+    assert entries == [], "w1 is reserved by the round in flight"
+    disp.take("w2", 1)
+    entries, arrivals = disp.snapshot()
+    assert [slot[0] for _key, slot in entries] == ["w2"]
+    claims.rounds[0][1].callback([[{"job_id": 1, "attempt": 1}]])
+    assert first.called
+    assert len(claims.rounds) == 1, "w2 is the submission's to serve"
+    disp.deliver([[{"job_id": 2, "attempt": 1}]], entries, arrivals)
+    assert not disp.waiting and not disp.claiming and claims.released == []
+
+
+def test_a_failed_claim_frees_its_slots():
+    """A submission refused (quota, full disk) leaves its slots waiting for the next claim."""
+    from twisted.python.failure import Failure
+
+    from dsage import errors
+
+    claims, clock, disp = make()
+    disp.take("w1", 1)
+    claims.rounds[0][1].callback([[]])
+    entries, arrivals = disp.snapshot()
+    disp.unclaim(Failure(errors.RemoteError("quota")), entries)
+    disp.work_arrived()
+    assert claims.rounds[-1][0] == [("w1", 1)] and len(claims.rounds) == 2
