@@ -4,6 +4,8 @@ Every call runs on the reactor thread (see `dsage.client.reactor`) and waits wit
 timeout; job records are kept current by the server's push events."""
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import queue
 import threading
 import time
@@ -22,6 +24,9 @@ NOT_RETRIED = frozenset({"rerun", "add_identity"})
 SUBMIT_BATCH = 1000
 #: payload bytes per submission message (the first jobs start while later ones travel).
 SUBMIT_BYTES = 8 << 20
+#: submission messages in flight at once (the next is pickled and sent while the server
+#: stores the last).
+SUBMITS_IN_FLIGHT = 3
 
 
 def connect(address: str | None = None, cert: str | None = None, timeout: float = 30.0) -> Dsage:
@@ -50,6 +55,21 @@ def split_item(item: Any) -> tuple[tuple, dict]:
     if isinstance(item, tuple):
         return item, {}
     return (item,), {}
+
+
+_sender_pool: concurrent.futures.ThreadPoolExecutor | None = None
+
+
+def _senders() -> concurrent.futures.ThreadPoolExecutor:
+    """The threads that wait for submissions' replies while the caller pickles the next."""
+    global _sender_pool
+    with _pool_lock:
+        if _sender_pool is None:
+            _sender_pool = concurrent.futures.ThreadPoolExecutor(SUBMITS_IN_FLIGHT, "dsage-submit")
+        return _sender_pool
+
+
+_pool_lock = threading.Lock()
 
 
 def retrying(fn: Callable, *args: Any, timeout: float | None = CALL_TIMEOUT,
@@ -151,26 +171,37 @@ class Dsage:
         return self.submit_many([job])[0]
 
     def submit_many(self, jobs: Iterable[Job], function_id: str | None = None) -> list[JobHandle]:
-        """Submit several jobs in few round trips (each batch committed in one transaction)."""
-        handles: list[JobHandle] = []
+        """Submit several jobs in few round trips (each batch committed in one transaction,
+        up to SUBMITS_IN_FLIGHT batches on their way at once); the handles in job order."""
+        ids: list[int] = []
+        flying: collections.deque[concurrent.futures.Future] = collections.deque()
         batch: list[dict] = []
         size = 0
 
         def send() -> None:
-            ids = retrying(self.client.submit_many, batch, function_id, uuid.uuid4().hex)
-            handles.extend(JobHandle(self, i) for i in ids)
+            # A lost reply is sent again with the same token: never submitted twice.
+            flying.append(_senders().submit(retrying, self.client.submit_many, list(batch),
+                                            function_id, uuid.uuid4().hex))
             batch.clear()
 
-        for job in jobs:
-            wire = job.to_wire()            # pickled here, in the caller's thread
-            batch.append(wire)
-            size += len(wire["payload"]) + sum(map(len, wire["files"].values()))
-            if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
+        try:
+            for job in jobs:
+                wire = job.to_wire()            # pickled here, in the caller's thread
+                batch.append(wire)
+                size += len(wire["payload"]) + sum(map(len, wire["files"].values()))
+                if len(batch) >= SUBMIT_BATCH or size >= SUBMIT_BYTES:
+                    if len(flying) >= SUBMITS_IN_FLIGHT:
+                        ids += flying.popleft().result()
+                    send()
+                    size = 0
+            if batch:
                 send()
-                size = 0
-        if batch:
-            send()
-        return handles
+            while flying:
+                ids += flying.popleft().result()
+        finally:
+            for future in flying:
+                future.cancel()             # not started yet: never sent
+        return [JobHandle(self, i) for i in ids]
 
     def map(self, func: Callable, *iterables: Iterable, timeout: float = 600, priority: int = 5,
             max_failures: int = 3) -> list[JobHandle]:

@@ -469,3 +469,46 @@ def test_a_database_of_the_previous_layout_is_upgraded_on_open(tmp_path):
         assert value(s.status()) == {"new": 1, "processing": 1}
     finally:
         s.stop()
+
+
+
+class ThreadReactor:
+    """Enough of a reactor for a threaded store: calls from its threads wait in a queue
+    that the test runs."""
+
+    def __init__(self) -> None:
+        import queue
+
+        self.calls = queue.SimpleQueue()
+
+    def callFromThread(self, f, *args, **kw) -> None:
+        self.calls.put((f, args, kw))
+
+    def drain(self, d) -> None:
+        """Run what the store's threads hand back until `d` has a result."""
+        done: list = []
+        d.addBoth(lambda r: (done.append(r), r)[1])
+        while not done:
+            f, args, kw = self.calls.get(timeout=10)
+            f(*args, **kw)
+
+
+def test_large_submissions_are_stored_in_the_order_they_came(tmp_path):
+    """Submissions whose payloads are written to files first (outside the store's thread)
+    still get ids, and queue places, in the order they came."""
+    from ZODB.blob import BlobStorage
+    from ZODB.MappingStorage import MappingStorage
+
+    from dsage.server.model import INLINE_LIMIT
+
+    reactor = ThreadReactor()
+    s = JobStore(ZODB.DB(BlobStorage(str(tmp_path / "blobs"), MappingStorage())), reactor=reactor)
+    s.start()
+    try:
+        sizes = [8 << 20, INLINE_LIMIT + 1, 4 << 20, INLINE_LIMIT + 1, 2 << 20, INLINE_LIMIT + 1]
+        subs = [s.submit("a", [spec(name=str(i), payload=bytes(n))]) for i, n in enumerate(sizes)]
+        for d in subs:
+            reactor.drain(d)
+        assert [value(d) for d in subs] == [[i + 1] for i in range(len(sizes))]
+    finally:
+        s.stop()
