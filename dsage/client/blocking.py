@@ -194,7 +194,9 @@ class Dsage:
                         ids += flying.popleft().result()
                     send()
                     size = 0
-            if batch:
+            if batch and not flying:        # one batch in all: sent from this thread
+                ids += retrying(self.client.submit_many, batch, function_id, uuid.uuid4().hex)
+            elif batch:
                 send()
             while flying:
                 ids += flying.popleft().result()
