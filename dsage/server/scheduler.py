@@ -88,16 +88,20 @@ class Dispatcher:
         """Fires with a non-empty list of leased jobs for `worker` (at most `n`)."""
         self._serial += 1
         key = self._serial
-        d = defer.Deferred(lambda _: self.waiting.pop(key, None))
+        d = defer.Deferred(lambda _: self._leave(key))
         self.waiting[key] = (worker, max(1, n), d)
         self.kick()
         return d
+
+    def _leave(self, key: int) -> None:
+        self.waiting.pop(key, None)
+        self.claiming.discard(key)      # jobs claimed for it meanwhile are released in deliver
 
     def withdraw(self, d: defer.Deferred) -> None:
         """Answer a waiting take with no jobs (its worker no longer wants them)."""
         for key, (_, _, waiting) in list(self.waiting.items()):
             if waiting is d:
-                del self.waiting[key]
+                self._leave(key)
                 d.callback([])
                 return
 

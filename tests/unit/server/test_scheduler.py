@@ -167,3 +167,17 @@ def test_a_failed_claim_frees_its_slots():
     disp.unclaim(Failure(errors.RemoteError("quota")), entries)
     disp.work_arrived()
     assert claims.rounds[-1][0] == [("w1", 1)] and len(claims.rounds) == 2
+
+
+def test_a_slot_gone_during_a_claim_does_not_hide_the_others():
+    """A reserved slot that goes away (its connection closed) no longer counts as reserved:
+    a slot arriving next is claimed for at once."""
+    claims, clock, disp = make()
+    gone = disp.take("w1", 1)
+    gone.addErrback(lambda f: None)
+    claims.rounds[0][1].callback([[]])      # nothing queued yet
+    entries, arrivals = disp.snapshot()     # a submission claims for w1 ...
+    gone.cancel()                           # ... which disconnects meanwhile
+    disp.take("w2", 1)
+    disp.work_arrived()
+    assert len(claims.rounds) == 2 and claims.rounds[1][0] == [("w2", 1)]
