@@ -143,6 +143,7 @@ def main() -> None:
     if settings.get("nice"):
         os.nice(int(settings["nice"]))
     apply_limits(settings.get("limits"))
+    import cloudpickle  # noqa: F401  (now, not in the first job: a successor starts warm)
     jobs, outcomes = sys.stdin.buffer, os.fdopen(3, "wb", buffering=0)
     sys.stdin = open(os.devnull)
     while True:

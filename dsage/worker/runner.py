@@ -27,6 +27,9 @@ OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
 KILL_GRACE = 2.0
 #: jobs one child runs before it is replaced (bounds what jobs leave behind in it).
 JOBS_PER_CHILD = 1000
+#: a child's successor starts this many jobs before it retires, so that it is ready by then
+#: (a Python starting up would leave the slot idle for tens of milliseconds).
+WARM_AHEAD = 200
 ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV", "USER", "LOGNAME")
 
 
@@ -183,6 +186,8 @@ class JobRunner:
         if child.alive and attempt.reason is None and ok and child.jobs_run < JOBS_PER_CHILD:
             # Reused after a success only: a failed job may leave files open or memory fragmented.
             self.idle.append(child)
+            if child.jobs_run == JOBS_PER_CHILD - WARM_AHEAD:
+                self.idle.insert(0, self._spawn())      # taken last: when a child retires
         elif child.alive:
             child.transport.closeStdin()          # retire it; it exits by itself
         self._report(attempt, None)

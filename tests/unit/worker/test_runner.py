@@ -30,3 +30,81 @@ def test_code_result_is_last_expression_or_dsage_result():
     assert run_code("DSAGE_RESULT = 'set'\n1 + 1") == "set"
     assert run_code("y = 1") is None
     assert run_code("def f(n):\n    return n + 1\nf(4)") == 5
+
+
+class FakeProcess:
+    """The transport of a child process that never starts."""
+
+    pid = None
+    pipes: dict = {}
+
+    def __init__(self) -> None:
+        self.written: list[bytes] = []
+        self.stdin_closed = False
+
+    def write(self, data: bytes) -> None:
+        self.written.append(data)
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+
+class FakeTimer:
+    def active(self) -> bool:
+        return True
+
+    def cancel(self) -> None:
+        pass
+
+
+class SpawningReactor:
+    """Records the children a JobRunner starts."""
+
+    def __init__(self) -> None:
+        self.spawned: list = []
+
+    def spawnProcess(self, proto, *args, **kw):
+        process = FakeProcess()
+        proto.makeConnection(process)
+        self.spawned.append(proto)
+        return process
+
+    def callLater(self, *args, **kw) -> FakeTimer:
+        return FakeTimer()
+
+
+def finish(child, attempt) -> None:
+    """Play the child's end of a successful job."""
+    import struct
+
+    import msgpack
+
+    frame = msgpack.packb({"ok": True, "result": b"r", "clean": True, "cpu_time": 0.0})
+    child.childDataReceived(1, attempt.sentinel)
+    child.childDataReceived(2, attempt.sentinel)
+    child.childDataReceived(3, struct.pack("!I", len(frame)) + frame)
+
+
+def test_a_retiring_child_has_a_successor_ready(monkeypatch):
+    """A child is replaced after JOBS_PER_CHILD jobs; its successor starts WARM_AHEAD jobs
+    earlier, so the job after the last one goes to a child already running."""
+    from dsage.worker import runner as runner_module
+
+    monkeypatch.setattr(runner_module, "JOBS_PER_CHILD", 6)
+    monkeypatch.setattr(runner_module, "WARM_AHEAD", 2)
+    reactor = SpawningReactor()
+    runner = runner_module.JobRunner(reactor)
+    reports = []
+    for n in range(1, 8):
+        job = {"job_id": n, "attempt": 1, "timeout": 60.0, "kind": "code", "payload": b"1", "name": "j"}
+        runner.run(job).addCallback(reports.append)
+        attempt, child = runner.running[(n, 1)]
+        finish(child, attempt)
+        if n == 4:
+            assert len(reactor.spawned) == 2, "the successor starts two jobs before the end"
+        if n == 6:
+            assert child.transport.stdin_closed, "retired after six jobs"
+            assert child is reactor.spawned[0]
+    assert [r["outcome"] for r in reports] == ["completed"] * 7
+    assert len(reactor.spawned) == 2, "job 7 ran in the successor, started in advance"
+    assert runner.running == {} and reactor.spawned[1] in runner.idle
