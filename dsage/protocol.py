@@ -75,13 +75,32 @@ def decode(data: bytes) -> list:
 
 
 def fragments(packed: bytes) -> list[bytes]:
-    """Split an encoded message into frames, each within `FRAME_LIMIT`."""
+    """Split an encoded message into frames, each within `FRAME_LIMIT` (each fragment's
+    msgpack envelope written by hand: its data is copied once, not twice)."""
     if len(packed) <= FRAME_DATA:
         return [packed]
     view = memoryview(packed)
-    pieces = range(0, len(packed), FRAME_DATA)
-    return [encode([FRAGMENT, start + FRAME_DATA < len(packed), bytes(view[start:start + FRAME_DATA])])
-            for start in pieces]
+    frames = []
+    for start in range(0, len(packed), FRAME_DATA):
+        chunk = view[start:start + FRAME_DATA]
+        more = start + FRAME_DATA < len(packed)
+        frames.append(b"".join((b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
+                                struct.pack("!I", len(chunk)), chunk)))
+    return frames
+
+
+def _fragment(frame: bytes) -> tuple[bool, memoryview] | None:
+    """A fragment's (more, data) read in place, or None if the frame is not a fragment
+    encoded the plain way (then `decode` judges it)."""
+    if len(frame) < 5 or frame[0] != 0x93 or frame[1] != FRAGMENT or frame[2] not in (0xC2, 0xC3):
+        return None
+    sizes = {0xC4: (1, "!B"), 0xC5: (2, "!H"), 0xC6: (4, "!I")}     # msgpack bin 8, 16, 32
+    if frame[3] not in sizes:
+        return None
+    width, fmt = sizes[frame[3]]
+    if len(frame) < 4 + width or len(frame) != 4 + width + struct.unpack_from(fmt, frame, 4)[0]:
+        return None
+    return frame[2] == 0xC3, memoryview(frame)[4 + width:]
 
 
 def error_value(failure: Failure) -> dict[str, str]:
@@ -114,8 +133,7 @@ class MessageProtocol(Int32StringReceiver):
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred] = {}
-        self._assembly: list[bytes] = []
-        self._assembly_size = 0
+        self._assembly = bytearray()
         self._buffer = bytearray()
         self.closed = False
         self.when_closed: defer.Deferred = defer.Deferred()
@@ -167,7 +185,8 @@ class MessageProtocol(Int32StringReceiver):
                 return
             if len(buffer) - offset - 4 < length:
                 break
-            frame = bytes(buffer[offset + 4:offset + 4 + length])
+            with memoryview(buffer) as view:
+                frame = bytes(view[offset + 4:offset + 4 + length])
             offset += 4 + length
             self.stringReceived(frame)
             if self.transport is None or getattr(self.transport, "disconnecting", False):
@@ -177,25 +196,25 @@ class MessageProtocol(Int32StringReceiver):
     def stringReceived(self, frame: bytes) -> None:
         self.heard()
         try:
-            message = decode(frame)
-            if message[0] == FRAGMENT:
-                message = self._reassemble(message)
-                if message is None:
-                    return
-            self.message_received(message)
+            fragment = _fragment(frame)
+            if fragment is not None:
+                message = self._reassemble(*fragment)
+            else:
+                message = decode(frame)
+                if message[0] == FRAGMENT:
+                    message = self._reassemble(message[1], message[2])
+            if message is not None:
+                self.message_received(message)
         except errors.ProtocolError as e:
             self.protocol_error(str(e))
 
-    def _reassemble(self, message: list) -> list | None:
-        _, more, chunk = message
-        self._assembly_size += len(chunk)
-        if self._assembly_size > MAX_MESSAGE:
+    def _reassemble(self, more: bool, chunk: bytes | memoryview) -> list | None:
+        if len(self._assembly) + len(chunk) > MAX_MESSAGE:
             raise errors.ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
-        self._assembly.append(chunk)
+        self._assembly += chunk
         if more:
             return None
-        whole = b"".join(self._assembly)
-        self._assembly, self._assembly_size = [], 0
+        whole, self._assembly = self._assembly, bytearray()
         message = decode(whole)
         if message[0] == FRAGMENT:
             raise errors.ProtocolError("a fragment inside a fragment")

@@ -116,6 +116,35 @@ def test_large_messages_travel_in_fragments():
     assert d.result == {"blob": blob}
 
 
+def test_fragments_are_plain_msgpack_and_any_encoding_of_them_is_taken():
+    """The hand-written fragment envelope is the msgpack encoding of [3, more, data]; a
+    peer that encodes fragments with msgpack itself (smaller bin headers) is understood."""
+    blob = bytes(range(256)) * (2 * FRAME_DATA // 256 + 1)
+    packed = encode([REQUEST, 1, "echo", {"blob": blob}])
+    ours = fragments(packed)
+    assert [decode(f)[:2] for f in ours] == [[FRAGMENT, True], [FRAGMENT, True], [FRAGMENT, False]]
+    assert b"".join(decode(f)[2] for f in ours) == packed
+    small = bytes(range(256)) * 1000
+    packed = encode([REQUEST, 1, "echo", {"blob": small}])
+    theirs = [encode([FRAGMENT, True, packed[:10]]), encode([FRAGMENT, True, packed[10:300]]),
+              encode([FRAGMENT, False, packed[300:]])]         # bin 8, bin 16 and bin 32 data
+    proto, transport = connect()
+    for frame in theirs:
+        proto.dataReceived(struct.pack("!I", len(frame)) + frame)
+    client, _ = connect()
+    d = client.call("echo")
+    client.dataReceived(transport.value())
+    assert d.result == {"blob": small}
+
+
+def test_a_fragment_with_a_wrong_length_drops_the_connection():
+    """A fragment whose declared data length is not its frame's is refused."""
+    proto, transport = connect()
+    frame = b"\x93\x03\xc3\xc6" + struct.pack("!I", 100) + b"x" * 50
+    proto.dataReceived(struct.pack("!I", len(frame)) + frame)
+    assert transport.disconnecting
+
+
 def test_garbage_and_oversized_frames_drop_the_connection():
     """Undecodable or too large frames disconnect the peer."""
     proto, transport = connect()
