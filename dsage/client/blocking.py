@@ -173,6 +173,8 @@ class Dsage:
     def submit_many(self, jobs: Iterable[Job], function_id: str | None = None) -> list[JobHandle]:
         """Submit several jobs in few round trips (each batch committed in one transaction,
         up to SUBMITS_IN_FLIGHT batches on their way at once); the handles in job order."""
+        if rt.in_reactor_thread():      # it would wait for senders that wait for this thread
+            raise errors.DsageError("blocking dsage call from the reactor thread; use the async client")
         ids: list[int] = []
         flying: collections.deque[concurrent.futures.Future] = collections.deque()
         batch: list[dict] = []

@@ -50,3 +50,22 @@ def test_blocking_calls_inside_a_running_asyncio_loop(cluster, D):
     """)
     out, err = proc.communicate(timeout=60)
     assert out.split() == ["42", "[1,", "2]"], err
+
+
+def test_blocking_calls_from_the_reactor_thread_are_refused(cluster, D):
+    """A blocking call made inside a callback of the client's own reactor thread would wait
+    for that thread: it raises at once, a map of several batches included."""
+    import pytest
+
+    from dsage import errors
+    from dsage.client import reactor as rt
+
+    def inside():
+        with pytest.raises(errors.DsageError, match="reactor thread"):
+            D.map(abs, range(2500))             # three batches
+        with pytest.raises(errors.DsageError, match="reactor thread"):
+            D.eval("1")
+        return "refused"
+    before = D.status()["jobs"]
+    assert rt.call(inside, timeout=30) == "refused"
+    assert D.status()["jobs"] == before, "nothing was submitted"
