@@ -1,7 +1,6 @@
 """The wire protocol: length-prefixed msgpack frames, request ids, events and chunking.
 
-Every frame is a 4-byte big-endian length followed by one msgpack array (Twisted's
-`Int32StringReceiver` framing).  Four message types exist:
+Every frame is a 4-byte big-endian length followed by one msgpack array.  Four message types exist:
 
 - ``[0, id, verb, args]``   a request; `args` is a map of plain data;
 - ``[1, id, ok, value]``    its reply; when `ok` is false `value` is ``{"type", "message"}``;
@@ -28,7 +27,6 @@ import msgpack
 from twisted.internet import defer
 from twisted.internet.protocol import Protocol
 from twisted.logger import Logger
-from twisted.protocols.basic import Int32StringReceiver
 from twisted.python.failure import Failure
 
 from dsage import errors
@@ -75,32 +73,36 @@ def decode(data: bytes) -> list:
 
 
 def fragments(packed: bytes) -> list[bytes]:
-    """Split an encoded message into frames, each within `FRAME_LIMIT` (each fragment's
-    msgpack envelope written by hand: its data is copied once, not twice)."""
+    """An encoded message as the frames that carry it, each with its 4-byte length and
+    within `FRAME_LIMIT`: fragments (their msgpack envelope written by hand) when it is
+    larger than a frame.  Each byte of the message is copied once."""
     if len(packed) <= FRAME_DATA:
-        return [packed]
+        return [struct.pack("!I", len(packed)) + packed]
     view = memoryview(packed)
     frames = []
     for start in range(0, len(packed), FRAME_DATA):
         chunk = view[start:start + FRAME_DATA]
         more = start + FRAME_DATA < len(packed)
-        frames.append(b"".join((b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
+        frames.append(b"".join((struct.pack("!I", 8 + len(chunk)),
+                                b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
                                 struct.pack("!I", len(chunk)), chunk)))
     return frames
 
 
-def _fragment(frame: bytes) -> tuple[bool, memoryview] | None:
-    """A fragment's (more, data) read in place, or None if the frame is not a fragment
-    encoded the plain way (then `decode` judges it)."""
-    if len(frame) < 5 or frame[0] != 0x93 or frame[1] != FRAGMENT or frame[2] not in (0xC2, 0xC3):
+def _fragment(buffer: bytes | bytearray, start: int, end: int) -> tuple[bool, int] | None:
+    """Whether the frame at buffer[start:end] is a fragment encoded the plain way: then its
+    (more, offset of its data); else None (then `decode` judges the frame)."""
+    if end - start < 5 or buffer[start] != 0x93 or buffer[start + 1] != FRAGMENT:
         return None
+    flag, kind = buffer[start + 2], buffer[start + 3]
     sizes = {0xC4: (1, "!B"), 0xC5: (2, "!H"), 0xC6: (4, "!I")}     # msgpack bin 8, 16, 32
-    if frame[3] not in sizes:
+    if flag not in (0xC2, 0xC3) or kind not in sizes:
         return None
-    width, fmt = sizes[frame[3]]
-    if len(frame) < 4 + width or len(frame) != 4 + width + struct.unpack_from(fmt, frame, 4)[0]:
+    width, fmt = sizes[kind]
+    data = start + 4 + width
+    if data > end or end - data != struct.unpack_from(fmt, buffer, start + 4)[0]:
         return None
-    return frame[2] == 0xC3, memoryview(frame)[4 + width:]
+    return flag == 0xC3, data
 
 
 def error_value(failure: Failure) -> dict[str, str]:
@@ -120,7 +122,7 @@ def error_from_value(value: Any) -> Exception:
     return cls(str(value.get("message", "")))
 
 
-class MessageProtocol(Int32StringReceiver):
+class MessageProtocol(Protocol):
     """Frames, requests with ids mapped to Deferreds, events, fragments.
 
     Subclasses answer requests in `handle_request(verb, args)` and events in
@@ -155,7 +157,7 @@ class MessageProtocol(Int32StringReceiver):
         if self.closed or self.transport is None:
             return
         for frame in fragments(encode(message)):
-            self.sendString(frame)
+            self.transport.write(frame)
 
     def call(self, verb: str, **args: Any) -> defer.Deferred:
         """Send a request; the Deferred fires with the reply or fails with its error."""
@@ -173,7 +175,8 @@ class MessageProtocol(Int32StringReceiver):
 
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        """Split the stream into frames (one growing buffer: large frames cost linear time)."""
+        """Split the stream into frames (one growing buffer: large frames cost linear time;
+        a fragment's data goes from it into the message being reassembled in one copy)."""
         buffer = self._buffer
         buffer += data
         offset = 0
@@ -183,30 +186,33 @@ class MessageProtocol(Int32StringReceiver):
                 del buffer[:]
                 self.lengthLimitExceeded(length)
                 return
-            if len(buffer) - offset - 4 < length:
+            start, end = offset + 4, offset + 4 + length
+            if len(buffer) < end:
                 break
-            with memoryview(buffer) as view:
-                frame = bytes(view[offset + 4:offset + 4 + length])
-            offset += 4 + length
-            self.stringReceived(frame)
+            offset = end
+            self.heard()
+            try:
+                message = self._frame(buffer, start, end)
+            except errors.ProtocolError as e:
+                self.protocol_error(str(e))
+                message = None
+            if message is not None:
+                self.message_received(message)
             if self.transport is None or getattr(self.transport, "disconnecting", False):
                 break
         del buffer[:offset]
 
-    def stringReceived(self, frame: bytes) -> None:
-        self.heard()
-        try:
-            fragment = _fragment(frame)
+    def _frame(self, buffer: bytearray, start: int, end: int) -> list | None:
+        """The message the frame at buffer[start:end] completes, if any."""
+        fragment = _fragment(buffer, start, end)
+        with memoryview(buffer) as view:
             if fragment is not None:
-                message = self._reassemble(*fragment)
-            else:
-                message = decode(frame)
-                if message[0] == FRAGMENT:
-                    message = self._reassemble(message[1], message[2])
-            if message is not None:
-                self.message_received(message)
-        except errors.ProtocolError as e:
-            self.protocol_error(str(e))
+                with view[fragment[1]:end] as chunk:
+                    return self._reassemble(fragment[0], chunk)
+            message = decode(view[start:end])
+        if message[0] == FRAGMENT:
+            return self._reassemble(message[1], message[2])
+        return message
 
     def _reassemble(self, more: bool, chunk: bytes | memoryview) -> list | None:
         if len(self._assembly) + len(chunk) > MAX_MESSAGE:

@@ -31,7 +31,7 @@ from dsage.server.functions import FunctionOps
 from dsage.server.retention import RetentionOps
 from BTrees.OOBTree import OOBTree
 
-from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, load_bytes, store_bytes
+from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, WarmBytes, load_bytes, store_bytes
 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
@@ -39,6 +39,8 @@ MAX_BATCH = 500
 ROOT_KEY = "dsage"
 #: how long a submission token is remembered (a client retrying after a lost reply).
 TOKEN_TTL = 86400.0
+#: staged payloads and results kept in memory until first read (see `WarmBytes`).
+WARM_BYTES = 128 << 20
 _STOP = object()
 
 
@@ -61,6 +63,7 @@ class JobStore(FunctionOps, RetentionOps):
         self.reactor = reactor
         self.threaded = threaded
         self._stager = ThreadPool(minthreads=0, maxthreads=1, name="dsage-staging")
+        self.warm = WarmBytes(WARM_BYTES)
         self.blobs = bool(db.storage.__class__.__name__ == "BlobStorage" or
                           hasattr(db.storage, "temporaryDirectory"))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -296,8 +299,8 @@ class JobStore(FunctionOps, RetentionOps):
         for spec in specs:
             job_id = root.next_job_id
             root.next_job_id = job_id + 1
-            files = store_bytes(spec["files"], self.blobs) if spec["files"] else None
-            job = JobRecord(job_id, owner, spec, store_bytes(spec["payload"], self.blobs), files, now)
+            files = store_bytes(spec["files"], self.blobs, self.warm) if spec["files"] else None
+            job = JobRecord(job_id, owner, spec, store_bytes(spec["payload"], self.blobs, self.warm), files, now)
             job.function_id = function_id
             root.jobs[job_id] = job
             root.index(root.by_owner, owner).add(job_id)
@@ -399,7 +402,8 @@ class JobStore(FunctionOps, RetentionOps):
                                                 "end": None, "outcome": None})
                 got.append({"job_id": job_id, "attempt": job.attempt, "kind": job.kind,
                             "name": job.name, "timeout": job.timeout,
-                            "payload": load_bytes(job.payload), "files": load_bytes(job.files)})
+                            "payload": load_bytes(job.payload, self.warm),
+                            "files": load_bytes(job.files, self.warm)})
             out.append(got)
         return out
 
@@ -449,13 +453,13 @@ class JobStore(FunctionOps, RetentionOps):
         job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
         if rep["outcome"] == "completed":
             self._close_attempt(job, "completed")
-            job.result = store_bytes(rep.get("result") or b"", self.blobs)
+            job.result = store_bytes(rep.get("result") or b"", self.blobs, self.warm)
             job.error = None
             self._enter(root, job, "completed")
             job.finished = self.now()
         else:
             self._fail(root, job, rep.get("error") or "the job failed", "failed")
-        return {"applied": True, "job": _summary(job, True), "final": job.status in FINAL}
+        return {"applied": True, "job": _summary(job, True, self.warm), "final": job.status in FINAL}
 
     def renew(self, worker: str, held: list[tuple[int, int]], lease: float) -> defer.Deferred:
         """Extend the leases of a worker's attempts; fires with the ones it no longer owns."""
@@ -576,7 +580,7 @@ class JobStore(FunctionOps, RetentionOps):
             else:
                 root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
-def _summary(job: JobRecord, with_result: bool) -> dict:
+def _summary(job: JobRecord, with_result: bool, warm: WarmBytes | None = None) -> dict:
     """A job as plain data for the wire."""
     out = {"job_id": job.job_id, "owner": job.owner, "name": job.name, "kind": job.kind,
            "status": job.status, "priority": job.priority, "timeout": job.timeout,
@@ -585,7 +589,7 @@ def _summary(job: JobRecord, with_result: bool) -> dict:
            "cpu_time": job.cpu_time, "wall_time": job.wall_time, "created": job.created,
            "started": job.started, "finished": job.finished, "function_id": job.function_id}
     if with_result:
-        out["result"] = load_bytes(job.result)
+        out["result"] = load_bytes(job.result, warm)
     return out
 
 

@@ -1,0 +1,92 @@
+"""Large bytes: staged files written durably (direct I/O where possible) and kept warm."""
+from __future__ import annotations
+
+import errno
+import fcntl
+import os
+
+import pytest
+from ZODB.blob import Blob
+
+from dsage.server import model
+from dsage.server.model import INLINE_LIMIT, Staged, WarmBytes, write_durably
+from tests.support.store import memory_store, spec, value
+
+SIZES = [0, 1, 4095, 4096, 4097, (1 << 20) + 300, 3 << 20]
+
+
+@pytest.mark.parametrize("size", SIZES)
+def test_staged_files_hold_exactly_their_bytes(tmp_path, size):
+    """Whole blocks go through direct I/O and the tail through the page cache: the file
+    has the bytes, no padding."""
+    data = os.urandom(size)
+    staged = Staged(data, str(tmp_path))
+    with open(staged.path, "rb") as fh:
+        assert fh.read() == data
+    assert os.stat(staged.path).st_mode & 0o777 == 0o600
+
+
+def test_without_direct_io_the_file_is_written_through_the_page_cache(tmp_path, monkeypatch):
+    """A file system that refuses O_DIRECT (EINVAL) still gets the whole file."""
+    real = fcntl.fcntl
+
+    def refuse_direct(fd, cmd, arg=0):
+        if cmd == fcntl.F_SETFL and arg & os.O_DIRECT:
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real(fd, cmd, arg)
+    monkeypatch.setattr(model.fcntl, "fcntl", refuse_direct)
+    data = os.urandom((2 << 20) + 5)
+    path = tmp_path / "f"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        write_durably(fd, data)
+        assert not real(fd, fcntl.F_GETFL) & os.O_DIRECT
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+
+
+def test_a_failed_write_leaves_no_staged_file(tmp_path, monkeypatch):
+    """A full disk while staging: the error reaches the caller and the file is gone."""
+    def full(fd, view):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(model, "_write_all", full)
+    with pytest.raises(OSError):
+        Staged(os.urandom(10_000), str(tmp_path))
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_warm_bytes_are_taken_once_and_the_oldest_leave_first():
+    """Each blob's bytes come back once; past the cap the oldest are forgotten."""
+    warm = WarmBytes(cap=10)
+    a, b, c = Blob(), Blob(), Blob()
+    warm.put(a, b"aaaa")
+    warm.put(b, b"bbbb")
+    warm.put(c, b"cccc")                    # 12 bytes: a goes
+    assert warm.take(a) is None
+    assert warm.take(b) == b"bbbb" and warm.take(b) is None
+    assert warm.size == 4
+    warm.put(Blob(), b"x" * 11)             # larger than the cap: not kept
+    assert warm.size == 4 and warm.take(c) == b"cccc" and warm.size == 0
+
+
+def test_large_payloads_and_results_come_back_warm_or_from_the_disk(tmp_path):
+    """A payload leased right after its submission comes from memory, one leased after it
+    was forgotten from its blob file; both intact, as is a large result."""
+    store = memory_store(tmp_path)
+    try:
+        big = [os.urandom(INLINE_LIMIT + n) for n in (1, 4096, 70_000)]
+        value(store.submit("a", [spec(name=str(i), payload=p) for i, p in enumerate(big)]))
+        assert store.warm.size == sum(map(len, big))
+        store.warm = WarmBytes(store.warm.cap)          # the first two: forgotten
+        job3 = store.root.jobs[3]
+        store.warm.put(job3.payload, big[2])
+        got = value(store.claim([("w", 3)], 60.0))[0]
+        assert [j["payload"] for j in got] == big and store.warm.size == 0
+        result = os.urandom(INLINE_LIMIT * 3)
+        out = value(store.report("w", {"job_id": 1, "attempt": 1, "outcome": "completed",
+                                       "result": result}))
+        assert out["job"]["result"] == result
+        assert value(store.get("a", "client", 1))["result"] == result      # from the blob file
+    finally:
+        store.stop()
