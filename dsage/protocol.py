@@ -90,9 +90,10 @@ def fragments(packed: bytes) -> list[bytes]:
 
 
 def _fragment(buffer: bytes | bytearray, start: int, end: int) -> tuple[bool, int] | None:
-    """Whether the frame at buffer[start:end] is a fragment encoded the plain way: then its
-    (more, offset of its data); else None (then `decode` judges the frame)."""
-    if end - start < 5 or buffer[start] != 0x93 or buffer[start + 1] != FRAGMENT:
+    """Whether the frame at buffer[start:end] (perhaps not all there yet) is a fragment
+    encoded the plain way, its envelope all there: then its (more, offset of its data);
+    else None (then `decode` judges the frame once it is whole)."""
+    if len(buffer) < start + 5 or buffer[start] != 0x93 or buffer[start + 1] != FRAGMENT:
         return None
     flag, kind = buffer[start + 2], buffer[start + 3]
     sizes = {0xC4: (1, "!B"), 0xC5: (2, "!H"), 0xC6: (4, "!I")}     # msgpack bin 8, 16, 32
@@ -100,7 +101,7 @@ def _fragment(buffer: bytes | bytearray, start: int, end: int) -> tuple[bool, in
         return None
     width, fmt = sizes[kind]
     data = start + 4 + width
-    if data > end or end - data != struct.unpack_from(fmt, buffer, start + 4)[0]:
+    if data > end or len(buffer) < data or end - data != struct.unpack_from(fmt, buffer, start + 4)[0]:
         return None
     return flag == 0xC3, data
 
@@ -137,6 +138,8 @@ class MessageProtocol(Protocol):
         self._pending: dict[int, defer.Deferred] = {}
         self._assembly = bytearray()
         self._buffer = bytearray()
+        self._fragment_left = 0
+        self._fragment_more = False
         self.closed = False
         self.when_closed: defer.Deferred = defer.Deferred()
 
@@ -175,12 +178,20 @@ class MessageProtocol(Protocol):
 
     # -- receiving -------------------------------------------------------------------
     def dataReceived(self, data: bytes) -> None:
-        """Split the stream into frames (one growing buffer: large frames cost linear time;
-        a fragment's data goes from it into the message being reassembled in one copy)."""
+        """Split the stream into frames.  Frames collect in one growing buffer (large ones
+        cost linear time), except a fragment's data: once its envelope has come, the rest
+        goes straight into the message being reassembled (one copy)."""
+        view = memoryview(data)
+        if self._fragment_left:
+            n = min(self._fragment_left, len(view))
+            with view[:n] as chunk:
+                self._fragment_data(chunk)
+            view = view[n:]
         buffer = self._buffer
-        buffer += data
+        buffer += view
+        view.release()
         offset = 0
-        while len(buffer) - offset >= 4 and not self.closed:
+        while len(buffer) - offset >= 4 and not self._stopped():
             (length,) = struct.unpack_from("!I", buffer, offset)
             if length > self.MAX_LENGTH:
                 del buffer[:]
@@ -188,6 +199,12 @@ class MessageProtocol(Protocol):
                 return
             start, end = offset + 4, offset + 4 + length
             if len(buffer) < end:
+                fragment = _fragment(buffer, start, end)
+                if fragment is not None:        # the rest of its data will not wait here
+                    self._fragment_more, self._fragment_left = fragment[0], end - fragment[1]
+                    with memoryview(buffer) as whole, whole[fragment[1]:] as chunk:
+                        self._fragment_data(chunk)
+                    offset = len(buffer)
                 break
             offset = end
             self.heard()
@@ -198,9 +215,23 @@ class MessageProtocol(Protocol):
                 message = None
             if message is not None:
                 self.message_received(message)
-            if self.transport is None or getattr(self.transport, "disconnecting", False):
-                break
         del buffer[:offset]
+
+    def _stopped(self) -> bool:
+        return self.closed or self.transport is None or bool(getattr(self.transport, "disconnecting", False))
+
+    def _fragment_data(self, chunk: memoryview) -> None:
+        """Data of the fragment under way, as it comes."""
+        self.heard()
+        self._fragment_left -= len(chunk)
+        try:
+            message = self._reassemble(self._fragment_more or self._fragment_left > 0, chunk)
+        except errors.ProtocolError as e:
+            self._fragment_left = 0
+            self.protocol_error(str(e))
+            return
+        if message is not None:
+            self.message_received(message)
 
     def _frame(self, buffer: bytearray, start: int, end: int) -> list | None:
         """The message the frame at buffer[start:end] completes, if any."""

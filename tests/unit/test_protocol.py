@@ -192,6 +192,7 @@ def test_frames_split_anywhere_are_reassembled():
             break
         proto.dataReceived(stream[cut:cut + size])
         cut += size
+        assert len(proto._buffer) <= 65536 + 16    # a fragment's data does not wait there
     proto.dataReceived(stream[cut:])
     replies = frames(transport.value())
     assert [r[1] for r in replies] == list(range(1, 40))
