@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import itertools
 import struct
+import threading
 from typing import Any
 
 import msgpack
@@ -39,6 +40,9 @@ FRAME_DATA = 1 << 20
 FRAME_LIMIT = FRAME_DATA + 64
 #: the largest reassembled message accepted.
 MAX_MESSAGE = 256 << 20
+#: the largest buffer a thread's msgpack Packer keeps between messages.
+PACKER_KEEP = 16 << 20
+_packers = threading.local()
 
 #: exception types that cross the wire by name.
 WIRE_ERRORS: dict[str, type[Exception]] = {
@@ -72,20 +76,39 @@ def decode(data: bytes) -> list:
     return message
 
 
-def fragments(packed: bytes) -> list[bytes]:
+def fragments(packed: bytes | memoryview) -> list[bytes]:
     """An encoded message as the frames that carry it, each with its 4-byte length and
     within `FRAME_LIMIT`: fragments (their msgpack envelope written by hand) when it is
     larger than a frame.  Each byte of the message is copied once."""
     if len(packed) <= FRAME_DATA:
-        return [struct.pack("!I", len(packed)) + packed]
-    view = memoryview(packed)
+        return [b"".join((struct.pack("!I", len(packed)), packed))]
     frames = []
-    for start in range(0, len(packed), FRAME_DATA):
-        chunk = view[start:start + FRAME_DATA]
-        more = start + FRAME_DATA < len(packed)
-        frames.append(b"".join((struct.pack("!I", 8 + len(chunk)),
-                                b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
-                                struct.pack("!I", len(chunk)), chunk)))
+    with memoryview(packed) as view:
+        for start in range(0, len(view), FRAME_DATA):
+            with view[start:start + FRAME_DATA] as chunk:
+                more = start + FRAME_DATA < len(view)
+                frames.append(b"".join((struct.pack("!I", 8 + len(chunk)),
+                                        b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
+                                        struct.pack("!I", len(chunk)), chunk)))
+    return frames
+
+
+def message_frames(message: list) -> list[bytes]:
+    """One message as the frames that carry it (`fragments` of its encoding), packed by
+    this thread's msgpack Packer, whose buffer is kept (large messages do not each cost
+    fresh memory) unless a message made it larger than `PACKER_KEEP`."""
+    packer = getattr(_packers, "packer", None)
+    if packer is None:
+        packer = _packers.packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    try:
+        packer.pack(message)
+        with packer.getbuffer() as packed:
+            size = len(packed)
+            frames = fragments(packed)
+    finally:
+        packer.reset()
+    if size > PACKER_KEEP:
+        _packers.packer = None
     return frames
 
 
@@ -159,7 +182,7 @@ class MessageProtocol(Protocol):
         """Send one message, fragmented when it is larger than a frame."""
         if self.closed or self.transport is None:
             return
-        for frame in fragments(encode(message)):
+        for frame in message_frames(message):
             self.transport.write(frame)
 
     def call(self, verb: str, **args: Any) -> defer.Deferred:

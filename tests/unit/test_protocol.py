@@ -197,3 +197,18 @@ def test_frames_split_anywhere_are_reassembled():
     replies = frames(transport.value())
     assert [r[1] for r in replies] == list(range(1, 40))
     assert replies[5][3] == messages[5][3] and replies[20][3] == messages[20][3]
+
+
+def test_message_frames_reuse_the_packer_and_survive_an_unpackable_message():
+    """Frames of successive messages (small, fragmented, larger than the packer keeps) all
+    decode to their message, also after a message that could not be packed."""
+    from dsage import protocol
+
+    small = [EVENT, "x", {"n": 1}]
+    large = [EVENT, "x", {"blob": bytes(range(256)) * (3 * FRAME_DATA // 256)}]
+    huge = [EVENT, "x", {"blob": bytes(protocol.PACKER_KEEP + 1)}]
+    for message in (small, large, small, huge, small):
+        assert frames(b"".join(protocol.message_frames(message))) == [message]
+    with pytest.raises(TypeError):
+        protocol.message_frames([EVENT, "x", {"bad": object()}])
+    assert frames(b"".join(protocol.message_frames(large))) == [large]
