@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import itertools
 import mmap
 import os
 import tempfile
@@ -35,39 +36,63 @@ class Data(Persistent):
 _CHUNK = 1 << 20
 _ALIGN = 4096
 _buffers = threading.local()
+_links = itertools.count()
 
 
-def write_durably(fd: int, data: bytes) -> None:
-    """Write `data` to the new, empty file `fd` and fsync it, bypassing the page cache
-    (O_DIRECT) where the file system allows: on this kind of VM, filling fresh page-cache
-    pages cost the server more than all the rest of a large payload's path."""
-    view = memoryview(data)
-    aligned = len(view) - len(view) % _ALIGN
-    if aligned:
-        flags = fcntl.fcntl(fd, fcntl.F_GETFL)
-        try:
-            fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
-            _write_direct(fd, view[:aligned])
-        except OSError as e:
-            if e.errno != errno.EINVAL:
-                raise
-            aligned = 0         # a file system without direct I/O (tmpfs, some network ones)
-            os.lseek(fd, 0, os.SEEK_SET)
-        fcntl.fcntl(fd, fcntl.F_SETFL, flags)
-    _write_all(fd, view[aligned:])     # the last partial block through the page cache
-    os.fsync(fd)
+def write_durably(fd: int, values: list[bytes]) -> list[int]:
+    """Write `values` to the new, empty file `fd`, each from a block boundary, fsync it and
+    return their offsets.  Whole blocks bypass the page cache (O_DIRECT) where the file
+    system allows: on this kind of VM, filling fresh page-cache pages cost the server more
+    than all the rest of a large payload's path."""
+    try:
+        return _write_blocks(fd, values, direct=True)
+    except OSError as e:
+        if e.errno != errno.EINVAL:
+            raise
+    # A file system without direct I/O (tmpfs, some network ones): through the page cache.
+    fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_DIRECT)
+    os.ftruncate(fd, 0)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return _write_blocks(fd, values, direct=False)
 
 
-def _write_direct(fd: int, view: memoryview) -> None:
-    """Write whole blocks through an aligned buffer of this thread's."""
+def _write_blocks(fd: int, values: list[bytes], direct: bool) -> list[int]:
+    """Copy `values` (each padded to a block boundary but the last) through an aligned
+    buffer of this thread's, in whole blocks; the last partial block through the page cache."""
+    flags = fcntl.fcntl(fd, fcntl.F_GETFL)
+    if direct:
+        fcntl.fcntl(fd, fcntl.F_SETFL, flags | os.O_DIRECT)
     buf = getattr(_buffers, "buf", None)
     if buf is None:
         buf = _buffers.buf = mmap.mmap(-1, _CHUNK)
+    offsets, written, fill = [], 0, 0
     with memoryview(buf) as out:
-        for start in range(0, len(view), _CHUNK):
-            n = min(_CHUNK, len(view) - start)
-            out[:n] = view[start:start + n]
-            _write_all(fd, out[:n])
+        for i, value in enumerate(values):
+            offsets.append(written + fill)
+            with memoryview(value) as view:
+                start = 0
+                while start < len(view):
+                    n = min(_CHUNK - fill, len(view) - start)
+                    out[fill:fill + n] = view[start:start + n]
+                    fill, start = fill + n, start + n
+                    if fill == _CHUNK:
+                        _write_all(fd, out)
+                        written, fill = written + _CHUNK, 0
+            if i < len(values) - 1 and fill % _ALIGN:
+                pad = _ALIGN - fill % _ALIGN
+                out[fill:fill + pad] = bytes(pad)
+                fill += pad
+                if fill == _CHUNK:
+                    _write_all(fd, out)
+                    written, fill = written + _CHUNK, 0
+        whole = fill - fill % _ALIGN
+        if whole:
+            _write_all(fd, out[:whole])
+        if direct:
+            fcntl.fcntl(fd, fcntl.F_SETFL, flags)
+        _write_all(fd, out[whole:fill])
+    os.fsync(fd)
+    return offsets
 
 
 def _write_all(fd: int, view: memoryview) -> None:
@@ -76,68 +101,91 @@ def _write_all(fd: int, view: memoryview) -> None:
 
 
 class Staged:
-    """Large bytes already written, and made durable, in a file of the blob storage's
-    temporary folder (outside the store's thread); `store_bytes` makes the file a Blob."""
+    """The large values of one request, written together and made durable in one file of
+    the blob storage's temporary folder, outside the store's thread: one file (one inode,
+    one fsync) per request, not per value.  The store keeps each of `values` as a slice of
+    one Blob of that file."""
 
-    __slots__ = ("path", "data")
+    __slots__ = ("path", "values", "_blob", "_txn")
 
-    def __init__(self, data: bytes, folder: str) -> None:
-        self.data = data
+    def __init__(self, values: list[bytes], folder: str) -> None:
+        self._blob: Blob | None = None
+        self._txn: object = None
         fd, self.path = tempfile.mkstemp(dir=folder, prefix="staged-")
         try:
-            write_durably(fd, data)
+            offsets = write_durably(fd, values)
         except OSError:
             self.discard()
             raise
         finally:
             os.close(fd)
+        self.values = [StagedValue(self, offset, value) for offset, value in zip(offsets, values)]
+
+    def blob(self, txn: object) -> Blob:
+        """The Blob of this file in transaction `txn`: a new one, of a hard link of the file
+        (no copy, no new inode), in each transaction, since ZODB removes an aborted one's
+        file and the store may run the request again."""
+        if self._txn is not txn:
+            link = f"{self.path}.{next(_links)}"
+            os.link(self.path, link)
+            blob = Blob()
+            blob.consumeFile(link)
+            self._blob, self._txn = blob, txn
+        return self._blob
 
     def discard(self) -> None:
-        """Remove the file if no Blob took it."""
+        """Remove the file (a Blob that took it has a link of its own)."""
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
 
+class StagedValue:
+    """One value of a `Staged` file: where it starts, and its bytes (kept warm after)."""
+
+    __slots__ = ("staged", "offset", "data")
+
+    def __init__(self, staged: Staged, offset: int, data: bytes) -> None:
+        self.staged, self.offset, self.data = staged, offset, data
+
+    def stored(self, txn: object) -> tuple[Blob, int, int]:
+        """What the store keeps: (blob, offset, length)."""
+        return self.staged.blob(txn), self.offset, len(self.data)
+
+
 class WarmBytes:
-    """The bytes of recently staged blobs, kept in memory up to `cap` bytes (oldest out
+    """The bytes of recently staged values, kept in memory up to `cap` bytes (oldest out
     first), so that a payload leased or a result sent soon after it was stored is not read
-    back from the disk; each is taken once."""
+    back from the disk; each is taken once.  Keyed by the identity of what was stored."""
 
     def __init__(self, cap: int) -> None:
         self.cap = cap
         self.size = 0
-        self._items: OrderedDict[int, tuple[Blob, bytes]] = OrderedDict()
+        self._items: OrderedDict[int, tuple[object, bytes]] = OrderedDict()
 
-    def put(self, blob: Blob, data: bytes) -> None:
-        """Remember `data` as the contents of `blob`."""
+    def put(self, stored: object, data: bytes) -> None:
+        """Remember `data` as the contents of `stored`."""
         if len(data) > self.cap:
             return
-        self._items[id(blob)] = (blob, data)
+        self._items[id(stored)] = (stored, data)
         self.size += len(data)
         while self.size > self.cap:
             _, (_, old) = self._items.popitem(last=False)
             self.size -= len(old)
 
-    def take(self, blob: Blob) -> bytes | None:
-        """The contents of `blob` if still remembered (then forgotten), else None."""
-        item = self._items.get(id(blob))
-        if item is None or item[0] is not blob:
+    def take(self, stored: object) -> bytes | None:
+        """The contents of `stored` if still remembered (then forgotten), else None."""
+        item = self._items.get(id(stored))
+        if item is None or item[0] is not stored:
             return None
-        del self._items[id(blob)]
+        del self._items[id(stored)]
         self.size -= len(item[1])
         return item[1]
 
 
-def store_bytes(data: bytes | Staged, blobs: bool, warm: WarmBytes | None = None) -> Persistent | bytes:
+def store_bytes(data: bytes, blobs: bool) -> Persistent | bytes:
     """Bytes for storage: themselves when small, a Blob when large and the storage has blobs."""
-    if isinstance(data, Staged):
-        blob = Blob()
-        blob.consumeFile(data.path)
-        if warm is not None:
-            warm.put(blob, data.data)
-        return blob
     if len(data) <= SMALL:
         return bytes(data)
     if blobs and len(data) > INLINE_LIMIT:
@@ -150,16 +198,21 @@ def store_bytes(data: bytes | Staged, blobs: bool, warm: WarmBytes | None = None
     return Data(bytes(data))
 
 
-def load_bytes(obj: Persistent | bytes | None, warm: WarmBytes | None = None) -> bytes | None:
-    """Read back what `store_bytes` stored."""
+def load_bytes(obj: Persistent | bytes | tuple | None, warm: WarmBytes | None = None) -> bytes | None:
+    """Read back what `store_bytes` or a `StagedValue` stored."""
     if obj is None or isinstance(obj, bytes):
         return obj
-    if isinstance(obj, Blob):
-        data = warm.take(obj) if warm is not None else None
-        if data is None:
-            with obj.open("r") as fh:
-                data = fh.read()
+    data = warm.take(obj) if warm is not None else None
+    if data is not None:
         return data
+    if isinstance(obj, tuple):
+        blob, offset, length = obj
+        with blob.open("r") as fh:
+            fh.seek(offset)
+            return fh.read(length)
+    if isinstance(obj, Blob):
+        with obj.open("r") as fh:
+            return fh.read()
     return obj.data
 
 

@@ -31,7 +31,8 @@ from dsage.server.functions import FunctionOps
 from dsage.server.retention import RetentionOps
 from BTrees.OOBTree import OOBTree
 
-from dsage.server.model import INLINE_LIMIT, Identity, JobRecord, Root, Staged, WarmBytes, load_bytes, store_bytes
+from dsage.server.model import (INLINE_LIMIT, Identity, JobRecord, Root, Staged, StagedValue, WarmBytes, load_bytes,
+                                store_bytes)
 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
@@ -189,35 +190,38 @@ class JobStore(FunctionOps, RetentionOps):
         return d
 
     def _run_staged(self, fields: list[tuple[dict, str]], fn: Callable[..., Any], *args: Any) -> defer.Deferred:
-        """`_run`, after writing the large values among `fields` (dict, key) to durable
-        files in a thread pool, so that the store's thread only renames them into blobs."""
+        """`_run`, after writing the large values among `fields` (dict, key) together to one
+        durable file, in a thread of its own, so that the store's thread only links it into
+        a blob."""
         if not fields or not self.blobs:
             return self._run(fn, *args)
         folder = self.db.storage.temporaryDirectory()
 
-        def stage() -> list[Staged]:
-            staged: list[Staged] = []
+        def stage() -> Staged:
             try:
-                for holder, key in fields:
-                    holder[key] = Staged(holder[key], folder)
-                    staged.append(holder[key])
-            except OSError as e:
-                discard(None, staged)           # a full disk: nothing half-written is left
+                staged = Staged([holder[key] for holder, key in fields], folder)
+            except OSError as e:               # a full disk: nothing half-written is left
                 raise _storage_error(e) from None
+            for (holder, key), value in zip(fields, staged.values):
+                holder[key] = value
             return staged
 
-        def discard(result: Any, staged: list[Staged]) -> Any:
-            for s in staged:
-                s.discard()
-            return result
-
-        def run(staged: list[Staged]) -> defer.Deferred:
-            return self._run(fn, *args).addBoth(discard, staged)
+        def run(staged: Staged) -> defer.Deferred:
+            return self._run(fn, *args).addBoth(lambda result: (staged.discard(), result)[1])
         if not self.threaded:
             return run(stage())
         # One staging thread: requests reach the store in the order they came, and the disk
         # gets one writer (concurrent writes with fsyncs cost ext4 four times the CPU here).
         return threads.deferToThreadPool(self.reactor, self._stager, stage).addCallback(run)
+
+    def _keep(self, data: bytes | StagedValue) -> Any:
+        """`data` as the store keeps it: a slice of its request's blob when it was staged
+        (its bytes kept warm), else what `store_bytes` makes of it."""
+        if isinstance(data, StagedValue):
+            stored = data.stored(self._tm.get())
+            self.warm.put(stored, data.data)
+            return stored
+        return store_bytes(data, self.blobs)
 
     # -- identities ------------------------------------------------------------------
     def add_identity(self, name: str, role: str, serial: int, force: bool = False) -> defer.Deferred:
@@ -299,8 +303,8 @@ class JobStore(FunctionOps, RetentionOps):
         for spec in specs:
             job_id = root.next_job_id
             root.next_job_id = job_id + 1
-            files = store_bytes(spec["files"], self.blobs, self.warm) if spec["files"] else None
-            job = JobRecord(job_id, owner, spec, store_bytes(spec["payload"], self.blobs, self.warm), files, now)
+            files = self._keep(spec["files"]) if spec["files"] else None
+            job = JobRecord(job_id, owner, spec, self._keep(spec["payload"]), files, now)
             job.function_id = function_id
             root.jobs[job_id] = job
             root.index(root.by_owner, owner).add(job_id)
@@ -453,7 +457,7 @@ class JobStore(FunctionOps, RetentionOps):
         job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
         if rep["outcome"] == "completed":
             self._close_attempt(job, "completed")
-            job.result = store_bytes(rep.get("result") or b"", self.blobs, self.warm)
+            job.result = self._keep(rep.get("result") or b"")
             job.error = None
             self._enter(root, job, "completed")
             job.finished = self.now()

@@ -18,12 +18,25 @@ SIZES = [0, 1, 4095, 4096, 4097, (1 << 20) + 300, 3 << 20]
 @pytest.mark.parametrize("size", SIZES)
 def test_staged_files_hold_exactly_their_bytes(tmp_path, size):
     """Whole blocks go through direct I/O and the tail through the page cache: the file
-    has the bytes, no padding."""
+    has the bytes, no padding after them."""
     data = os.urandom(size)
-    staged = Staged(data, str(tmp_path))
+    staged = Staged([data], str(tmp_path))
     with open(staged.path, "rb") as fh:
         assert fh.read() == data
     assert os.stat(staged.path).st_mode & 0o777 == 0o600
+
+
+def test_the_values_of_one_request_share_a_file_each_from_a_block_boundary(tmp_path):
+    """Several values: one file, each value where its offset says, on a block boundary."""
+    values = [os.urandom(n) for n in (5000, 4096, (1 << 20) + 7, 1, 3 << 20, 10)]
+    staged = Staged(values, str(tmp_path))
+    assert [v.data for v in staged.values] == values
+    with open(staged.path, "rb") as fh:
+        content = fh.read()
+    for v in staged.values:
+        assert v.offset % 4096 == 0
+        assert content[v.offset:v.offset + len(v.data)] == v.data
+    assert len(content) == staged.values[-1].offset + 10
 
 
 def test_without_direct_io_the_file_is_written_through_the_page_cache(tmp_path, monkeypatch):
@@ -39,11 +52,11 @@ def test_without_direct_io_the_file_is_written_through_the_page_cache(tmp_path, 
     path = tmp_path / "f"
     fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
     try:
-        write_durably(fd, data)
+        assert write_durably(fd, [data, data]) == [0, (2 << 20) + 4096]
         assert not real(fd, fcntl.F_GETFL) & os.O_DIRECT
     finally:
         os.close(fd)
-    assert path.read_bytes() == data
+    assert path.read_bytes() == data + bytes(4091) + data
 
 
 def test_a_failed_write_leaves_no_staged_file(tmp_path, monkeypatch):
@@ -52,7 +65,7 @@ def test_a_failed_write_leaves_no_staged_file(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(model, "_write_all", full)
     with pytest.raises(OSError):
-        Staged(os.urandom(10_000), str(tmp_path))
+        Staged([os.urandom(10_000)], str(tmp_path))
     assert list(tmp_path.iterdir()) == []
 
 

@@ -215,16 +215,21 @@ def test_output_is_capped_with_a_marker(store):
 
 def test_payloads_by_size_inline_in_the_record_in_the_file_or_in_a_blob(store):
     """Small payloads live in the job record, medium ones in an object of their own, those
-    above the inline limit in blobs; all come back intact."""
+    above the inline limit in slices of one blob per request; all come back intact."""
     from ZODB.blob import Blob
 
     from dsage.server.model import INLINE_LIMIT, Data
 
-    payloads = [b"tiny", bytes(range(256)) * 40, bytes(range(256)) * (INLINE_LIMIT // 256 + 1)]
+    large = [bytes(range(256)) * (INLINE_LIMIT // 256 + 1), bytes(range(7)) * INLINE_LIMIT]
+    payloads = [b"tiny", bytes(range(256)) * 40, *large]
     value(store.submit("a", [spec(payload=p) for p in payloads]))
-    kinds = [type(store.root.jobs[i].payload) for i in (1, 2, 3)]
-    assert kinds == [bytes, Data, Blob]
-    assert [j["payload"] for j in value(store.claim([("w", 3)], 60.0))[0]] == payloads
+    kinds = [type(store.root.jobs[i].payload) for i in (1, 2, 3, 4)]
+    assert kinds == [bytes, Data, tuple, tuple]
+    (blob3, offset3, len3), (blob4, offset4, len4) = store.root.jobs[3].payload, store.root.jobs[4].payload
+    assert isinstance(blob3, Blob) and blob4 is blob3      # one blob file per request
+    assert (offset3, len3, len4) == (0, len(large[0]), len(large[1])) and offset4 >= len3
+    store.warm.take(store.root.jobs[3].payload)            # one read from its file
+    assert [j["payload"] for j in value(store.claim([("w", 4)], 60.0))[0]] == payloads
 
 
 def test_identities(store):
@@ -435,6 +440,32 @@ def test_a_failing_operation_does_not_spoil_its_batch(store):
     assert [ok for _, ok, _ in results] == [True, False, False, True]
     assert results[0][2] == [1] and results[3][2] == [2]
     assert value(store.submit("a", [spec("z")])) == [3], "the failed operation's change was undone"
+
+
+def test_a_staged_payload_survives_its_batch_running_again(store):
+    """When a neighbour fails and the batch runs again, a payload already staged to a file
+    is stored all the same (each run takes a link of the file) and reads back intact."""
+    import os
+
+    from twisted.internet import defer
+
+    from dsage.server.model import INLINE_LIMIT, Staged, WarmBytes
+
+    def half_way(root):
+        root.next_job_id += 100
+        raise ValueError("boom")
+
+    big = [os.urandom(INLINE_LIMIT * 2), os.urandom(INLINE_LIMIT * 3)]
+    specs = [store_spec("x"), store_spec("y")]
+    staged = Staged(big, store.db.storage.temporaryDirectory())
+    for s, v in zip(specs, staged.values):
+        s["payload"] = v
+    ops = [(store._submit, ("a", [specs[0]], None)), (half_way, ()), (store._submit, ("a", [specs[1]], None))]
+    results = store._execute([(fn, args, defer.Deferred()) for fn, args in ops])
+    staged.discard()
+    assert [ok for _, ok, _ in results] == [True, False, True]
+    store.warm = WarmBytes(store.warm.cap)
+    assert [j["payload"] for j in value(store.claim([("w", 2)], 60.0))[0]] == big
 
 
 def store_spec(code):
