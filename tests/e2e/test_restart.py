@@ -1,6 +1,7 @@
 """Crashes of the server and of workers: acknowledged work survives, everyone reconnects."""
 from __future__ import annotations
 
+import os
 import signal
 
 import pytest
@@ -35,6 +36,19 @@ def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh, D):
     assert D.job(done.job_id).result == "before"
     wait_for(lambda: D.workers(), what="the worker to reconnect")
     assert D.eval("'after'").wait(timeout=30) == "after"
+
+
+def test_large_payloads_sent_together_survive_a_server_kill9(fresh, D):
+    """Large payloads of one submission (stored together, in one file) and their large
+    results are read back byte for byte from the disk after kill -9 of the server."""
+    datas = [os.urandom(300_000) + bytes([i]) for i in range(6)]
+    jobs = D.map(lambda b: b[::-1], datas)
+    fresh.stop_server(signal.SIGKILL)
+    fresh.start_server()
+    assert [j.wait(timeout=60) for j in jobs] == [d[::-1] for d in datas]
+    fresh.stop_server(signal.SIGKILL)
+    fresh.start_server()
+    assert [D.job(j.job_id).result for j in jobs] == [d[::-1] for d in datas]
 
 
 def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
