@@ -1,6 +1,7 @@
 """The wire protocol: length-prefixed msgpack frames, request ids, events and chunking.
 
-Every frame is a 4-byte big-endian length followed by one msgpack array.  Four message types exist:
+Every frame is a 4-byte big-endian length followed by one msgpack array.  Four message
+types exist:
 
 - ``[0, id, verb, args]``   a request; `args` is a map of plain data;
 - ``[1, id, ok, value]``    its reply; when `ok` is false `value` is ``{"type", "message"}``;
