@@ -103,23 +103,27 @@ def _write_all(fd: int, view: memoryview) -> None:
 class Staged:
     """The large values of one request, written together and made durable in one file of
     the blob storage's temporary folder, outside the store's thread: one file (one inode,
-    one fsync) per request, not per value.  The store keeps each of `values` as a slice of
-    one Blob of that file."""
+    one fsync) per request, not per value.  The store keeps each value (a `StagedValue`)
+    as a slice of one Blob of that file."""
 
-    __slots__ = ("path", "values", "_blob", "_txn")
+    __slots__ = ("path", "offsets", "_blob", "_txn")
 
     def __init__(self, values: list[bytes], folder: str) -> None:
         self._blob: Blob | None = None
         self._txn: object = None
         fd, self.path = tempfile.mkstemp(dir=folder, prefix="staged-")
         try:
-            offsets = write_durably(fd, values)
+            self.offsets = write_durably(fd, values)
         except OSError:
             self.discard()
             raise
         finally:
             os.close(fd)
-        self.values = [StagedValue(self, offset, value) for offset, value in zip(offsets, values)]
+
+    def values(self, values: list[bytes]) -> list[StagedValue]:
+        """The `StagedValue` of each of the `values` this file was written with (kept
+        apart: a Staged that held them would make a cycle that only the GC frees)."""
+        return [StagedValue(self, offset, value) for offset, value in zip(self.offsets, values)]
 
     def blob(self, txn: object) -> Blob:
         """The Blob of this file in transaction `txn`: a new one, of a hard link of the file

@@ -199,11 +199,12 @@ class JobStore(FunctionOps, RetentionOps):
         folder = self.db.storage.temporaryDirectory()
 
         def stage() -> Staged:
+            datas = [holder[key] for holder, key in fields]
             try:
-                staged = Staged([holder[key] for holder, key in fields], folder)
+                staged = Staged(datas, folder)
             except OSError as e:               # a full disk: nothing half-written is left
                 raise _storage_error(e) from None
-            for (holder, key), value in zip(fields, staged.values):
+            for (holder, key), value in zip(fields, staged.values(datas)):
                 holder[key] = value
             return staged
 

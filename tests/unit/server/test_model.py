@@ -30,13 +30,14 @@ def test_the_values_of_one_request_share_a_file_each_from_a_block_boundary(tmp_p
     """Several values: one file, each value where its offset says, on a block boundary."""
     values = [os.urandom(n) for n in (5000, 4096, (1 << 20) + 7, 1, 3 << 20, 10)]
     staged = Staged(values, str(tmp_path))
-    assert [v.data for v in staged.values] == values
+    staged_values = staged.values(values)
+    assert [v.data for v in staged_values] == values
     with open(staged.path, "rb") as fh:
         content = fh.read()
-    for v in staged.values:
+    for v in staged_values:
         assert v.offset % 4096 == 0
         assert content[v.offset:v.offset + len(v.data)] == v.data
-    assert len(content) == staged.values[-1].offset + 10
+    assert len(content) == staged_values[-1].offset + 10
 
 
 def test_without_direct_io_the_file_is_written_through_the_page_cache(tmp_path, monkeypatch):
@@ -67,6 +68,27 @@ def test_a_failed_write_leaves_no_staged_file(tmp_path, monkeypatch):
     with pytest.raises(OSError):
         Staged([os.urandom(10_000)], str(tmp_path))
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_staged_file_and_its_values_are_freed_without_the_garbage_collector(tmp_path):
+    """Values and their file make no reference cycle: the megabytes they hold go as soon
+    as the request is done with them, not at the next full collection."""
+    import gc
+
+    from dsage.server.model import StagedValue
+
+    gc.collect()
+    gc.set_debug(gc.DEBUG_SAVEALL)          # what only the collector frees stays in gc.garbage
+    try:
+        data = [os.urandom(100_000) for _ in range(3)]
+        staged = Staged(data, str(tmp_path))
+        values = staged.values(data)
+        del staged, values
+        gc.collect()
+        assert not [o for o in gc.garbage if isinstance(o, (Staged, StagedValue))]
+    finally:
+        gc.set_debug(0)
+        gc.garbage.clear()
 
 
 def test_warm_bytes_are_taken_once_and_the_oldest_leave_first():

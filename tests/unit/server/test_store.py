@@ -458,7 +458,7 @@ def test_a_staged_payload_survives_its_batch_running_again(store):
     big = [os.urandom(INLINE_LIMIT * 2), os.urandom(INLINE_LIMIT * 3)]
     specs = [store_spec("x"), store_spec("y")]
     staged = Staged(big, store.db.storage.temporaryDirectory())
-    for s, v in zip(specs, staged.values):
+    for s, v in zip(specs, staged.values(big)):
         s["payload"] = v
     ops = [(store._submit, ("a", [specs[0]], None)), (half_way, ()), (store._submit, ("a", [specs[1]], None))]
     results = store._execute([(fn, args, defer.Deferred()) for fn, args in ops])
