@@ -64,7 +64,8 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
-def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chunk: int = 5) -> Report:
+def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chunk: int = 5,
+              n_big: int = 40) -> Report:
     """One chaos round on a fresh cluster; the report of what happened."""
     rng = random.Random(seed)
     report = Report(seed)
@@ -80,6 +81,9 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
         client = _client(cluster, name, "start", n_fn, chunk)
         client.stdout.readline()
         jobs = D.map(pow, range(n_map), [2] * n_map)
+        # Large payloads and results too (stored as slices of one blob file per request).
+        blobs = [rng.randbytes(100_000 + 997 * i) for i in range(n_big)]
+        big = D.map(lambda b: b[::-1], blobs)     # a lambda travels by value
         for _ in range(kills):
             time.sleep(rng.uniform(0.2, 1.2))
             victim = rng.choice(["server", "worker", "worker", "client"])
@@ -119,6 +123,8 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
         report.lost += n_fn // chunk - len(set(seen))
         values = [j.wait(timeout=600) for j in jobs]
         report.wrong += sum(v != i * i for i, v in enumerate(values))
+        report.wrong += sum(j.wait(timeout=600) != b[::-1] for j, b in zip(big, blobs))
+        report.jobs += n_big
         report.stuck = D.status()["jobs"].get("processing", 0)
         D.close()
     finally:
