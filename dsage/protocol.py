@@ -242,6 +242,7 @@ class MessageProtocol(Protocol):
         del buffer[:offset]
 
     def _stopped(self) -> bool:
+        """Whether frames that came after this point are no longer read."""
         return self.closed or self.transport is None or bool(getattr(self.transport, "disconnecting", False))
 
     def _fragment_data(self, chunk: memoryview) -> None:

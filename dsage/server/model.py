@@ -96,6 +96,7 @@ def _write_blocks(fd: int, values: list[bytes], direct: bool) -> list[int]:
 
 
 def _write_all(fd: int, view: memoryview) -> None:
+    """os.write until all of `view` is written."""
     while view:
         view = view[os.write(fd, view):]
 
