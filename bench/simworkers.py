@@ -22,6 +22,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from dsage import tls  # noqa: E402
 from dsage.config import split_address  # noqa: E402
+from dsage.worker.runner import lease_key  # noqa: E402
 from dsage.worker.session import WorkerProtocol, WorkerSession  # noqa: E402
 
 RTT: list[float] = []
@@ -72,14 +73,15 @@ class SimWorker:
             self.session.lost()
 
     def start_job(self, job: dict) -> None:
-        self.running[(job["job_id"], job["attempt"])] = job
+        self.running[lease_key(job)] = job
         reactor.callLater(0, self._run, job)
 
     def _run(self, job: dict) -> None:
         func, args, kwargs = cloudpickle.loads(job["payload"])
-        self.running.pop((job["job_id"], job["attempt"]))
+        self.running.pop(lease_key(job))
         JOBS[0] += 1
-        self.session.send_report({"job_id": job["job_id"], "attempt": job["attempt"], "outcome": "completed",
+        self.session.send_report({"job_id": job["job_id"], "attempt": job["attempt"], "lease": job["lease"],
+                                  "outcome": "completed",
                                   "result": cloudpickle.dumps(func(*args, **kwargs)), "output": "",
                                   "error": None, "cpu_time": 0.0, "wall_time": 0.0})
 

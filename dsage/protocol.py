@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 
 from dsage import errors
 
-PROTOCOL_VERSION = (1, 0)
+PROTOCOL_VERSION = (2, 0)
 REQUEST, REPLY, EVENT, FRAGMENT = 0, 1, 2, 3
 #: bytes of message per frame; larger messages are fragmented.
 FRAME_DATA = 1 << 20

@@ -40,7 +40,7 @@ class Hub:
         self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
         self.finished_times: collections.deque = collections.deque(maxlen=100_000)
         self.finished_total = 0
-        self.dispatcher = Dispatcher(lambda reqs: store.claim(reqs, lease_seconds), store.release,
+        self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
                                      store.next_retry, clock)
 
     def attach(self, conn: ServerProtocol) -> None:
@@ -248,15 +248,19 @@ class ServerProtocol(MessageProtocol):
         function_id, token = args.get("function_id"), args.get("token")
         if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
             raise ValueError("token must be a string of at most 64 characters")
-        # The new jobs go straight to the slots that wait for work, in the same transaction.
+        # The new jobs go straight to the slots that wait for work, in the same transaction,
+        # and out to them while it commits; the submitter's reply waits for the commit.
         entries, arrivals = self.hub.dispatcher.snapshot()
-        d = self.hub.store.submit_and_claim(
-            self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
-            self.hub.max_queued_per_user, [(w, n) for _key, (w, n, _d) in entries], self.hub.lease_seconds)
 
-        def stored(out: dict) -> dict:
+        def leased(out: dict) -> None:
             if entries:
                 self.hub.dispatcher.deliver(out["claims"], entries, arrivals)
+        d = self.hub.store.submit_and_claim(
+            self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
+            self.hub.max_queued_per_user, [(w, n) for _key, (w, n, _d) in entries], self.hub.lease_seconds,
+            leased)
+
+        def stored(out: dict) -> dict:
             if sum(map(len, out["claims"])) < len(out["ids"]):
                 self.hub.dispatcher.work_arrived()
             return {"job_ids": out["ids"]}
@@ -434,7 +438,7 @@ class ServerProtocol(MessageProtocol):
     def heartbeat(self, args: dict) -> defer.Deferred:
         """Renew the leases of the attempts this worker holds; replies with those it lost."""
         held = _held(args)
-        self.running = {tuple(h) for h in held}
+        self.running = {(h[0], h[1]) for h in held}
         return self.hub.store.renew(self.identity, held, self.hub.lease_seconds).addCallback(
             lambda lost: {"lost": lost})
 
@@ -443,7 +447,7 @@ class ServerProtocol(MessageProtocol):
         place, no failure counted; replies with how many were given back.  The worker's
         waiting takes are answered empty first, so that the jobs go to other workers."""
         held = _held(args)
-        self.running.difference_update(tuple(h) for h in held)
+        self.running.difference_update((h[0], h[1]) for h in held)
         for d in list(self.takes):
             self.hub.dispatcher.withdraw(d)
 
@@ -456,10 +460,14 @@ class ServerProtocol(MessageProtocol):
 
 def _held(args: dict) -> list[list[int]]:
     held = args.get("held", [])
-    if not isinstance(held, list) or not all(isinstance(h, list) and len(h) == 2 and
-                                             all(isinstance(x, int) for x in h) for h in held):
-        raise ValueError("held must be [[job_id, attempt], ...]")
+    if not isinstance(held, list) or not all(isinstance(h, list) and len(h) in (2, 3) and
+                                             all(_is_int(x) for x in h) for h in held):
+        raise ValueError("held must be [[job_id, attempt, lease], ...]")
     return held
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _function_args(args: dict) -> tuple[str, bytes]:
@@ -505,9 +513,10 @@ def _take(args: dict) -> int:
 
 
 def _report_args(args: dict) -> dict:
-    rep = {"job_id": _job_id(args), "attempt": args.get("attempt"), "outcome": args.get("outcome")}
-    if not isinstance(rep["attempt"], int) or rep["outcome"] not in ("completed", "failed"):
-        raise ValueError("report needs attempt and outcome (completed or failed)")
+    rep = {"job_id": _job_id(args), "attempt": args.get("attempt"), "lease": args.get("lease", 0),
+           "outcome": args.get("outcome")}
+    if not _is_int(rep["attempt"]) or not _is_int(rep["lease"]) or rep["outcome"] not in ("completed", "failed"):
+        raise ValueError("report needs attempt, lease and outcome (completed or failed)")
     checks = {"result": (bytes, type(None)), "output": (str, type(None)), "error": (str, type(None)),
               "cpu_time": (int, float, type(None)), "wall_time": (int, float, type(None))}
     for key, types in checks.items():

@@ -239,6 +239,7 @@ class JobRecord(Persistent):
     function_id = None
     lease_worker = None
     lease_expires = 0.0
+    lease = 0                # the current lease's token: reports and renewals must name it
     started = None
     finished = None
     output = ""

@@ -65,7 +65,7 @@ class Dispatcher:
 
     log = Logger()
 
-    def __init__(self, claim: Callable[[list[tuple[str, int]]], defer.Deferred],
+    def __init__(self, claim: Callable[[list[tuple[str, int]], Callable], defer.Deferred],
                  release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], defer.Deferred],
                  clock) -> None:
         self._claim = claim
@@ -112,7 +112,8 @@ class Dispatcher:
         self.kick()
 
     def kick(self) -> None:
-        """Run one claim round for every waiting slot (one store transaction)."""
+        """Run one claim round for every waiting slot (one store transaction, whose leases
+        are delivered while it commits)."""
         if not self.maybe_pending or len(self.waiting) <= len(self.claiming):
             return
         if self._busy:
@@ -120,8 +121,9 @@ class Dispatcher:
             return
         self._busy = True
         entries, arrivals = self.snapshot()
-        d = self._claim([(w, n) for _key, (w, n, _d) in entries])
-        d.addCallbacks(self.deliver, self.unclaim, callbackArgs=(entries, arrivals), errbackArgs=(entries,))
+        d = self._claim([(w, n) for _key, (w, n, _d) in entries],
+                        lambda results: self.deliver(results, entries, arrivals))
+        d.addErrback(self.unclaim, entries)
         d.addBoth(self._round_done)
 
     def snapshot(self) -> tuple[list, int]:
@@ -132,10 +134,12 @@ class Dispatcher:
         return entries, self._arrivals
 
     def unclaim(self, failure, entries: list) -> None:
-        """A claim for `entries` failed (nothing was leased): they wait unreserved again."""
+        """A claim for `entries` failed: they wait unreserved again (leases delivered before
+        a commit that failed are refused when reported, and their jobs are still queued)."""
         if not failure.check(errors.DsageError):
             self.log.failure("claim failed", failure)
         self.claiming.difference_update(key for key, _ in entries)
+        self.maybe_pending = True
 
     def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
         """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""

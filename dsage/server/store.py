@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import contextlib
 import queue
+import random
 import threading
 import time
 from typing import Any, Callable
@@ -43,6 +44,8 @@ TOKEN_TTL = 86400.0
 #: staged payloads and results kept in memory until first read (see `WarmBytes`); the
 #: payload bench ran as fast with 32 MiB as with 128, and 30% slower with none.
 WARM_BYTES = 32 << 20
+#: longest the writer waits for the reactor to send leases before committing them.
+ANNOUNCE_WAIT = 0.005
 _STOP = object()
 
 
@@ -127,20 +130,33 @@ class JobStore(FunctionOps, RetentionOps):
                         stop = True
                         break
                     batch.append(nxt)
-                self.reactor.callFromThread(_fire, self._execute(batch))
+                results = self._execute(batch, self._announce)
+                self.reactor.callFromThread(_fire, results)
                 if stop:
                     return
         finally:
             self._conn.close()
             self._conn = None
 
-    def _execute(self, batch: list) -> list:
-        """Run a batch of operations in one transaction; returns (deferred, ok, value)."""
+    def _announce(self, early: list) -> None:
+        """Hand what may go out before the commit (leases: see `_run`) to the reactor, and
+        let it go: waiting here gives the reactor the interpreter at once, where the
+        commit's pickling would keep it for a switch interval (5 ms)."""
+        sent = threading.Event()
+        self.reactor.callFromThread(_announce, early, sent.set)
+        sent.wait(ANNOUNCE_WAIT)
+
+    def _execute(self, batch: list, announce: Callable[[list], None] | None = None) -> list:
+        """Run a batch of operations in one transaction; returns (deferred, ok, value).
+        Before the commit, `announce` gets the (early hook, value) pairs to call."""
         out = self._apply(batch, guarded=False)
         if out is None:
             # An operation failed, perhaps half-way: start again with a savepoint around each
             # one, so that it alone is undone and its neighbours still commit.
             out = self._apply(batch, guarded=True)
+        early = [(hook, value) for (_, _, _, hook), (_, ok, value) in zip(batch, out) if ok and hook is not None]
+        if early and announce is not None:
+            announce(early)
         try:
             self._tm.commit()
         except Exception as e:
@@ -158,7 +174,7 @@ class JobStore(FunctionOps, RetentionOps):
         (the transaction aborted), since savepoints cost a temporary file each."""
         out = []
         self._tm.begin()
-        for fn, args, d in batch:
+        for fn, args, d, _ in batch:
             savepoint = self._tm.savepoint() if guarded else None
             try:
                 out.append((d, True, fn(self.root, *args)))
@@ -182,20 +198,29 @@ class JobStore(FunctionOps, RetentionOps):
             tfile.seek(0)
             tfile.truncate()
 
-    def _run(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _run(self, fn: Callable[..., Any], *args: Any, early: Callable[[Any], None] | None = None) -> defer.Deferred:
+        """Apply `fn(root, *args)` in the writer thread; the Deferred fires with its value
+        once committed.  `early`, if given, is called in the reactor with the value as soon
+        as it is computed, while the commit runs: only for what may be acted on before it
+        is durable (jobs leased: a lease that does not survive a crash is refused by its
+        token when reported, and the job, never acknowledged, is submitted again)."""
         d = defer.Deferred()
         if self.threaded:
-            self._queue.put((fn, args, d))
-        else:
-            _fire(self._execute([(fn, args, d)]))
+            self._queue.put((fn, args, d, early))
+        else:       # unit tests: the hooks run once the transaction is over (they call in again)
+            announced: list = []
+            results = self._execute([(fn, args, d, early)], announced.extend)
+            _announce(announced)
+            _fire(results)
         return d
 
-    def _run_staged(self, fields: list[tuple[dict, str]], fn: Callable[..., Any], *args: Any) -> defer.Deferred:
+    def _run_staged(self, fields: list[tuple[dict, str]], fn: Callable[..., Any], *args: Any,
+                    early: Callable[[Any], None] | None = None) -> defer.Deferred:
         """`_run`, after writing the large values among `fields` (dict, key) together to one
         durable file, in a thread of its own, so that the store's thread only links it into
         a blob."""
         if not fields or not self.blobs:
-            return self._run(fn, *args)
+            return self._run(fn, *args, early=early)
         folder = self.db.storage.temporaryDirectory()
 
         def stage() -> Staged:
@@ -209,7 +234,7 @@ class JobStore(FunctionOps, RetentionOps):
             return staged
 
         def run(staged: Staged) -> defer.Deferred:
-            return self._run(fn, *args).addBoth(lambda result: (staged.discard(), result)[1])
+            return self._run(fn, *args, early=early).addBoth(lambda result: (staged.discard(), result)[1])
         if not self.threaded:
             return run(stage())
         # One staging thread: requests reach the store in the order they came, and the disk
@@ -278,15 +303,17 @@ class JobStore(FunctionOps, RetentionOps):
         return self._run_staged(_large_fields(clean), self._submit, owner, clean, function_id, token, limit)
 
     def submit_and_claim(self, owner: str, specs: list[dict], function_id: str | None, token: str | None,
-                         limit: int | None, claim_for: list[tuple[str, int]], lease: float) -> defer.Deferred:
+                         limit: int | None, claim_for: list[tuple[str, int]], lease: float,
+                         early: Callable[[dict], None] | None = None) -> defer.Deferred:
         """Store new jobs and, in the same transaction, lease pending jobs to the worker slots
-        that wait for work; fires with {"ids": [...], "claims": [[job, ...] per slot]}."""
+        that wait for work; fires with {"ids": [...], "claims": [[job, ...] per slot]}, also
+        given to `early` before the commit (see `_run`)."""
         clean = [scheduler.validate_spec(s) for s in specs]
 
         def op(root: Root) -> dict:
             ids = self._submit(root, owner, clean, function_id, token, limit)
             return {"ids": ids, "claims": self._claim(root, claim_for, lease) if claim_for else []}
-        return self._run_staged(_large_fields(clean), op)
+        return self._run_staged(_large_fields(clean), op, early=early)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
                 token: str | None = None, limit: int | None = None) -> list[int]:
@@ -382,9 +409,11 @@ class JobStore(FunctionOps, RetentionOps):
         return self._run(lambda root: {s: int(n) for s, n in root.counts.items()})
 
     # -- jobs: workers ---------------------------------------------------------------
-    def claim(self, requests: list[tuple[str, int]], lease: float) -> defer.Deferred:
-        """Lease pending jobs to waiting workers, in request order; one list per request."""
-        return self._run(self._claim, requests, lease)
+    def claim(self, requests: list[tuple[str, int]], lease: float,
+              early: Callable[[list[list[dict]]], None] | None = None) -> defer.Deferred:
+        """Lease pending jobs to waiting workers, in request order; one list per request,
+        also given to `early` before the commit (see `_run`)."""
+        return self._run(self._claim, requests, lease, early=early)
 
     def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
         now = self.now()
@@ -403,10 +432,11 @@ class JobStore(FunctionOps, RetentionOps):
                 job.attempt += 1
                 job.lease_worker = worker
                 job.lease_expires = now + lease
+                job.lease = _lease_token()
                 job.started = now
                 job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
                                                 "end": None, "outcome": None})
-                got.append({"job_id": job_id, "attempt": job.attempt, "kind": job.kind,
+                got.append({"job_id": job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
                             "name": job.name, "timeout": job.timeout,
                             "payload": load_bytes(job.payload, self.warm),
                             "files": load_bytes(job.files, self.warm)})
@@ -451,9 +481,7 @@ class JobStore(FunctionOps, RetentionOps):
 
     def _report(self, root: Root, worker: str, rep: dict) -> dict:
         job = root.jobs.get(rep["job_id"])
-        stale = (job is None or job.status != "processing" or job.attempt != rep["attempt"]
-                 or job.lease_worker != worker)
-        if stale:
+        if not _holds(job, worker, rep["attempt"], rep.get("lease", 0)):
             return {"applied": False, "reason": "attempt is no longer current"}
         job.output = _cap_output(rep.get("output") or "")
         job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
@@ -473,10 +501,10 @@ class JobStore(FunctionOps, RetentionOps):
 
     def _renew(self, root: Root, worker: str, held: list, lease: float) -> list[list[int]]:
         now, lost = self.now(), []
-        for job_id, attempt in held:
+        for job_id, attempt, *token in held:
             job = root.jobs.get(job_id)
-            if job is None or job.status != "processing" or job.attempt != attempt or job.lease_worker != worker:
-                lost.append([job_id, attempt])
+            if not _holds(job, worker, attempt, token[0] if token else 0):
+                lost.append([job_id, attempt, *token])
             else:
                 # Renewal never carries a job past its timeout: the lease is the server's backstop.
                 job.lease_expires = min(now + lease, (job.started or now) + job.timeout + lease)
@@ -519,9 +547,9 @@ class JobStore(FunctionOps, RetentionOps):
 
     def _release(self, root: Root, worker: str, held: list) -> int:
         n = 0
-        for job_id, attempt in held:
+        for job_id, attempt, *token in held:
             job = root.jobs.get(job_id)
-            if job is not None and job.status == "processing" and job.attempt == attempt and job.lease_worker == worker:
+            if _holds(job, worker, attempt, token[0] if token else 0):
                 self._close_attempt(job, "undelivered")
                 job.started = None
                 self._enter(root, job, "new", keep_place=True)
@@ -609,6 +637,30 @@ def _large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "file
     """The (record, key) pairs whose bytes are too large to keep out of a blob."""
     return [(r, k) for r in records for k in keys
             if isinstance(r.get(k), bytes) and len(r[k]) > INLINE_LIMIT]
+
+
+def _lease_token() -> int:
+    """A new lease's token: random, so that a lease whose transaction never committed
+    (delivered early, then the commit failed or the server died) is never taken for a
+    later lease of the same attempt, even after a restart."""
+    return random.getrandbits(62) | 1
+
+
+def _holds(job: JobRecord | None, worker: str, attempt: int, token: int) -> bool:
+    """Whether `worker` holds the current lease of `job` (its attempt and token)."""
+    return (job is not None and job.status == "processing" and job.attempt == attempt
+            and job.lease == token and job.lease_worker == worker)
+
+
+def _announce(early: list, then: Callable[[], None] | None = None) -> None:
+    """In the reactor: call each early hook with its value, then `then`."""
+    for hook, value in early:
+        try:
+            hook(value)
+        except Exception:
+            JobStore.log.failure("acting on leases before their commit failed")
+    if then is not None:
+        then()
 
 
 def _fire(results: list) -> None:

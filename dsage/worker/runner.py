@@ -66,7 +66,7 @@ class Attempt:
 
     def __init__(self, job: dict, max_output: int) -> None:
         self.job = job
-        self.key = (job["job_id"], job["attempt"])
+        self.key = lease_key(job)
         self.sentinel = b"\x00dsage-end-" + secrets.token_hex(8).encode() + b"\x00"
         self.output = OutputBuffer(max_output)
         self.start = time.monotonic()
@@ -205,7 +205,8 @@ class JobRunner:
             attempt.timer.cancel()
         self.running.pop(attempt.key, None)
         job = attempt.job
-        report = {"job_id": job["job_id"], "attempt": job["attempt"], "output": attempt.output.text(),
+        report = {"job_id": job["job_id"], "attempt": job["attempt"], "lease": job.get("lease", 0),
+                  "output": attempt.output.text(),
                   "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None}
         outcome = attempt.outcome
         if attempt.reason is not None:
@@ -219,7 +220,7 @@ class JobRunner:
             report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}")
         attempt.done.callback(report)
 
-    def _stop(self, key: tuple[int, int], reason: str) -> None:
+    def _stop(self, key: tuple[int, int, int], reason: str) -> None:
         entry = self.running.get(key)
         if entry is None:
             return
@@ -241,16 +242,16 @@ class JobRunner:
             except (ProcessLookupError, PermissionError):
                 pass
 
-    def kill(self, job_id: int, attempt: int | None = None) -> bool:
+    def kill(self, job_id: int, attempt: int | None = None, lease: int | None = None) -> bool:
         """Stop a running attempt (TERM, then KILL); False if it is not running here."""
         for key in list(self.running):
-            if key[0] == job_id and (attempt is None or key[1] == attempt):
+            if lease_matches(key, job_id, attempt, lease):
                 self._stop(key, "killed")
                 return True
         return False
 
     def held(self) -> list[list[int]]:
-        """The (job id, attempt) pairs running now."""
+        """The leases (job id, attempt, token) running now."""
         return [list(k) for k in self.running]
 
     def stop_all(self) -> None:
@@ -266,6 +267,17 @@ class JobRunner:
 
 F_SETPIPE_SZ = 1031
 PIPE_SIZE = 1 << 20
+
+
+def lease_key(job: dict) -> tuple[int, int, int]:
+    """A leased job's (job id, attempt, lease token): two leases of one attempt differ by
+    their tokens (one of them delivered before a commit that failed)."""
+    return job["job_id"], job["attempt"], job.get("lease", 0)
+
+
+def lease_matches(key: tuple[int, int, int], job_id: int, attempt: int | None, lease: int | None) -> bool:
+    """Whether a lease is the one named (attempt and token when given)."""
+    return key[0] == job_id and (attempt is None or key[1] == attempt) and (lease is None or key[2] == lease)
 
 
 def _widen(pipe) -> None:

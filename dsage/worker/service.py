@@ -15,7 +15,7 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.config import split_address
 from dsage.reconnect import Reconnector
-from dsage.worker.runner import JobRunner
+from dsage.worker.runner import JobRunner, lease_key, lease_matches
 from dsage.worker.session import WorkerProtocol, WorkerSession
 
 #: jobs shorter than this (seconds) make an automatic prefetch worthwhile.
@@ -119,8 +119,8 @@ class WorkerService(service.MultiService):
         return self.slots + self.ahead() - len(self.runner.running) - len(self.queue)
 
     def held(self) -> list[list[int]]:
-        """Every (job id, attempt) leased to this worker: running or waiting here."""
-        return self.runner.held() + [[j["job_id"], j["attempt"]] for j in self.queue]
+        """Every lease (job id, attempt, token) of this worker: running or waiting here."""
+        return self.runner.held() + [list(lease_key(j)) for j in self.queue]
 
     def start_job(self, job: dict) -> None:
         """Take a leased job: run it when a slot is free."""
@@ -149,7 +149,7 @@ class WorkerService(service.MultiService):
             for job in stale:
                 self.queue.remove(job)
             self.recent.clear()
-            d = session.proto.call("release", held=[[j["job_id"], j["attempt"]] for j in stale])
+            d = session.proto.call("release", held=[list(lease_key(j)) for j in stale])
 
             def failed(f) -> None:
                 self.queue.extendleft(reversed(stale))       # still ours: they run here after all
@@ -166,13 +166,13 @@ class WorkerService(service.MultiService):
             self.runner.run(job).addCallback(self._finished).addErrback(
                 lambda f, j=job: self.log.failure("running job {job_id} failed", f, job_id=j["job_id"]))
 
-    def drop(self, job_id: int, attempt: int | None = None) -> bool:
+    def drop(self, job_id: int, attempt: int | None = None, lease: int | None = None) -> bool:
         """Give up a job (killed, or its lease lost): out of the queue, or stopped if running."""
         for job in list(self.queue):
-            if job["job_id"] == job_id and (attempt is None or job["attempt"] == attempt):
+            if lease_matches(lease_key(job), job_id, attempt, lease):
                 self.queue.remove(job)
                 return True
-        return self.runner.kill(job_id, attempt)
+        return self.runner.kill(job_id, attempt, lease)
 
     def _finished(self, report: dict) -> None:
         if report["outcome"] == "completed":

@@ -157,8 +157,8 @@ class WorkerSession:
 
         def lost(reply: dict) -> None:
             self.unanswered = 0
-            for job_id, attempt in reply.get("lost", []):
-                if self.worker.drop(job_id, attempt):
+            for job_id, attempt, *token in reply.get("lost", []):
+                if self.worker.drop(job_id, attempt, token[0] if token else None):
                     self.log.info("job {job_id} attempt {attempt} is no longer ours: stopped",
                                   job_id=job_id, attempt=attempt)
         return d.addCallbacks(lost, lambda f: None)

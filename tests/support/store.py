@@ -40,3 +40,8 @@ def spec(code: str = "1 + 1", **kw) -> dict:
             "max_failures": 3, "files": {}}
     base.update(kw)
     return base
+
+
+def reported(job: dict, outcome: str = "completed", **fields) -> dict:
+    """A worker's report on a leased job (its id, attempt and lease token) and its outcome."""
+    return {"job_id": job["job_id"], "attempt": job["attempt"], "lease": job["lease"], "outcome": outcome, **fields}

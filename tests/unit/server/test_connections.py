@@ -7,7 +7,7 @@ from twisted.internet.testing import StringTransport
 
 from dsage import errors
 from dsage.server.connections import HANDLERS, Hub, ServerProtocol
-from tests.support.store import FakeTime, memory_store, spec, value
+from tests.support.store import FakeTime, memory_store, reported, spec, value
 
 
 @pytest.fixture
@@ -132,12 +132,12 @@ def test_batched_reports_apply_each_and_tell_the_owner_once_per_turn(parts):
 
     clock, now, store, hub = parts
     value(store.submit("alice", [spec(str(i), max_failures=1) for i in range(4)]))
-    value(store.claim([("w1", 2)], 10.0))
+    [one, two] = value(store.claim([("w1", 2)], 10.0))[0]
     alice, worker = connect(hub, "alice", "client"), connect(hub, "w1", "worker")
     done = {"outcome": "completed", "result": b"R", "output": "", "error": None, "cpu_time": None, "wall_time": 0.1}
-    reply = value(worker.handle_request("reports", {"reports": [dict(done, job_id=1, attempt=1),
-                                                                dict(done, job_id=2, attempt=7),
-                                                                dict(done, job_id=2, attempt=1)], "take": 2}))
+    reply = value(worker.handle_request("reports", {"reports": [dict(done, **reported(one)),
+                                                                dict(done, **dict(reported(two), attempt=7)),
+                                                                dict(done, **reported(two))], "take": 2}))
     assert reply["applied"] == [True, False, True]
     assert [j["job_id"] for j in reply["jobs"]] == [3, 4]
     assert alice.transport.value() == b"", "events wait for the end of the reactor's turn"

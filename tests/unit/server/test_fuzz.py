@@ -25,7 +25,7 @@ FRAMES = 100_000
 SEED = os.environ.get("DSAGE_FUZZ_SEED", "978808283")
 KEYS = ["jobs", "job_id", "n", "name", "role", "status", "limit", "all", "attempt", "outcome", "result",
         "output", "error", "held", "session", "step", "state", "processed", "done", "days", "token",
-        "function_id", "force", "cpu_time", "wall_time", "version", "result", "reports"]
+        "function_id", "force", "cpu_time", "wall_time", "version", "result", "reports", "lease"]
 VERBS = sorted(HANDLERS) + ["hello", "nope", ""]
 
 

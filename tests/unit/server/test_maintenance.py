@@ -8,7 +8,7 @@ from ZODB.FileStorage import FileStorage
 
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
-from tests.support.store import FakeTime, spec, value
+from tests.support.store import FakeTime, reported, spec, value
 
 
 def run(maintenance: Maintenance) -> dict:
@@ -19,8 +19,7 @@ def cycle(store: JobStore, n: int = 100) -> None:
     """A day's load: n jobs submitted, run and finished with a result and output."""
     value(store.submit("a", [spec(f"x = {i}", max_failures=1) for i in range(n)]))
     for job in value(store.claim([("w1", n)], 60.0))[0]:
-        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": "completed",
-                                  "result": b"R" * 1000, "output": "o" * 1000}))
+        value(store.report("w1", reported(job, result=b"R" * 1000, output="o" * 1000)))
 
 
 def test_expiry_and_pack_keep_the_file_bounded_under_steady_load(tmp_path):
@@ -61,7 +60,7 @@ def test_no_expiry_when_keep_days_is_zero(tmp_path):
     try:
         value(store.submit("a", [spec(max_failures=1)]))
         job = value(store.claim([("w1", 1)], 60.0))[0][0]
-        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": "completed", "result": b""}))
+        value(store.report("w1", reported(job, result=b"")))
         now.now += 1000 * 86400
         assert run(maintenance) == {"expired": 0, "packed": None}
         assert value(store.status())["completed"] == 1

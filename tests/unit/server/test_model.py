@@ -10,7 +10,7 @@ from ZODB.blob import Blob
 
 from dsage.server import model
 from dsage.server.model import INLINE_LIMIT, Staged, WarmBytes, write_durably
-from tests.support.store import memory_store, spec, value
+from tests.support.store import memory_store, reported, spec, value
 
 SIZES = [0, 1, 4095, 4096, 4097, (1 << 20) + 300, 3 << 20]
 
@@ -119,8 +119,7 @@ def test_large_payloads_and_results_come_back_warm_or_from_the_disk(tmp_path):
         got = value(store.claim([("w", 3)], 60.0))[0]
         assert [j["payload"] for j in got] == big and store.warm.size == 0
         result = os.urandom(INLINE_LIMIT * 3)
-        out = value(store.report("w", {"job_id": 1, "attempt": 1, "outcome": "completed",
-                                       "result": result}))
+        out = value(store.report("w", reported(got[0], result=result)))
         assert out["job"]["result"] == result
         assert value(store.get("a", "client", 1))["result"] == result      # from the blob file
     finally:

@@ -17,10 +17,12 @@ class FakeClaims:
         #: what release returns: committed at once unless a test sets a Deferred here.
         self.release_done: defer.Deferred | None = None
 
-    def claim(self, requests):
+    def claim(self, requests, early):
+        """Like the store: the test fires the round with its leases, which go to `early`
+        (delivered) before the Deferred's callbacks (committed)."""
         d = defer.Deferred()
-        self.rounds.append((requests, d))
-        return d
+        self.rounds.append((requests, d, early))
+        return d.addCallback(lambda results: (early(results), results)[1])
 
     def release(self, worker, held):
         self.released.append((worker, held))
@@ -180,4 +182,22 @@ def test_a_slot_gone_during_a_claim_does_not_hide_the_others():
     gone.cancel()                           # ... which disconnects meanwhile
     disp.take("w2", 1)
     disp.work_arrived()
+    assert len(claims.rounds) == 2 and claims.rounds[1][0] == [("w2", 1)]
+
+
+def test_leases_delivered_before_a_failed_commit_leave_the_queue_to_be_claimed_again():
+    """A round's leases go to the slots while its transaction commits; when the commit
+    then fails, the jobs are still queued in the database, so the dispatcher claims again
+    for the next slot instead of believing the queue empty."""
+    from twisted.python.failure import Failure
+
+    from dsage import errors
+
+    claims, clock, disp = make()
+    first = disp.take("w1", 2)
+    requests, d, early = claims.rounds[0]
+    early([[{"job_id": 1, "attempt": 1}]])           # delivered: fewer than asked for
+    assert first.called and not disp.waiting
+    d.errback(Failure(errors.RemoteError("disk full")))
+    disp.take("w2", 1)
     assert len(claims.rounds) == 2 and claims.rounds[1][0] == [("w2", 1)]

@@ -7,7 +7,7 @@ from ZODB.FileStorage import FileStorage
 
 from dsage import errors
 from dsage.server.store import MAX_OUTPUT, OUTPUT_MARKER, JobStore
-from tests.support.store import FakeTime, memory_store, spec, value
+from tests.support.store import FakeTime, memory_store, reported, spec, value
 
 
 @pytest.fixture
@@ -58,9 +58,8 @@ def test_completed_report_stores_result_and_output(store):
     """A completed report records result, output and times; the job is final."""
     value(store.submit("a", [spec()]))
     job = claim_one(store)
-    out = value(store.report("w1", {"job_id": 1, "attempt": job["attempt"], "outcome": "completed",
-                                    "result": b"R", "output": "hello\n", "error": None,
-                                    "cpu_time": 0.5, "wall_time": 0.7}))
+    out = value(store.report("w1", reported(job, result=b"R", output="hello\n", error=None,
+                                            cpu_time=0.5, wall_time=0.7)))
     assert out["applied"] and out["final"]
     rec = value(store.get("a", "client", 1))
     assert (rec["status"], rec["result"], rec["output"], rec["cpu_time"]) == ("completed", b"R", "hello\n", 0.5)
@@ -71,14 +70,13 @@ def test_failure_requeues_until_max_failures(store, clock):
     """Each failure counts; the job returns to the queue until max_failures, then fails."""
     value(store.submit("a", [spec(max_failures=2)]))
     job = claim_one(store)
-    out = value(store.report("w1", {"job_id": 1, "attempt": job["attempt"], "outcome": "failed",
-                                    "error": "Traceback\nValueError: boom", "output": "partial"}))
+    out = value(store.report("w1", reported(job, "failed", error="Traceback\nValueError: boom", output="partial")))
     assert out["applied"] and not out["final"]
     rec = value(store.get("a", "client", 1))
     assert rec["status"] == "new" and rec["failures"] == 1 and "boom" in rec["error"]
     job = claim_one(store)
     assert job["attempt"] == 2
-    value(store.report("w1", {"job_id": 1, "attempt": 2, "outcome": "failed", "error": "again"}))
+    value(store.report("w1", reported(job, "failed", error="again")))
     rec = value(store.get("a", "client", 1))
     assert rec["status"] == "failed" and rec["failures"] == 2 and rec["error"] == "again"
     assert [a["outcome"] for a in rec["attempts"]] == ["failed", "failed"]
@@ -87,9 +85,8 @@ def test_failure_requeues_until_max_failures(store, clock):
 def test_retries_back_off(store, clock):
     """After a second failure the job waits before it can be claimed again."""
     value(store.submit("a", [spec(max_failures=5)]))
-    for attempt in (1, 2):
-        claim_one(store)
-        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    for _ in (1, 2):
+        value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     assert value(store.claim([("w1", 1)], 60.0)) == [[]]
     when = value(store.next_retry())
     assert when is not None and when > clock.now
@@ -100,16 +97,16 @@ def test_retries_back_off(store, clock):
 def test_stale_report_is_refused(store):
     """A report for an attempt that is not current changes nothing."""
     value(store.submit("a", [spec()]))
-    claim_one(store)
-    bad = [{"job_id": 1, "attempt": 7, "outcome": "completed", "result": b"x"},
-           {"job_id": 99, "attempt": 1, "outcome": "completed", "result": b"x"}]
+    job = claim_one(store)
+    bad = [dict(reported(job, result=b"x"), attempt=7), dict(reported(job, result=b"x"), job_id=99),
+           dict(reported(job, result=b"x"), lease=job["lease"] + 1), {"job_id": 1, "attempt": 1, "outcome": "completed"}]
     for rep in bad:
         assert value(store.report("w1", rep))["applied"] is False
-    assert value(store.report("w2", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"x"}))["applied"] is False
+    assert value(store.report("w2", reported(job, result=b"x")))["applied"] is False
     assert value(store.get("a", "client", 1))["status"] == "processing"
-    assert value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"ok"}))["applied"]
+    assert value(store.report("w1", reported(job, result=b"ok")))["applied"]
     # A second report for the same attempt is refused: a result is never applied twice.
-    assert value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "failed", "error": "late"}))["applied"] is False
+    assert value(store.report("w1", reported(job, "failed", error="late")))["applied"] is False
     assert value(store.get("a", "client", 1))["result"] == b"ok"
 
 
@@ -123,7 +120,7 @@ def test_kill_new_and_running_jobs(store):
     assert job["name"] == "running"
     out = value(store.kill("a", "client", 2))
     assert out["worker"] == {"worker": "w1", "job_id": 2, "attempt": 1}
-    assert value(store.report("w1", {"job_id": 2, "attempt": 1, "outcome": "completed", "result": b""}))["applied"] is False
+    assert value(store.report("w1", reported(job, result=b"")))["applied"] is False
     assert value(store.status()) == {"new": 0, "processing": 0, "killed": 2}
     assert value(store.claim([("w1", 5)], 60.0)) == [[]]
 
@@ -160,8 +157,7 @@ def test_rerun_only_finished_jobs(store):
     value(store.submit("a", [spec()]))
     with pytest.raises(errors.RemoteError):
         value(store.rerun("a", "client", 1))
-    claim_one(store)
-    value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"1"}))
+    value(store.report("w1", reported(claim_one(store), result=b"1")))
     rec = value(store.rerun("a", "client", 1))
     assert rec["status"] == "new" and rec["failures"] == 0
     assert claim_one(store)["attempt"] == 2
@@ -170,23 +166,23 @@ def test_rerun_only_finished_jobs(store):
 def test_lease_expiry_requeues_and_renewal_keeps(store, clock):
     """Expired leases return jobs (a failure); a heartbeat renews a live one."""
     value(store.submit("a", [spec("renewed"), spec("lost")]))
-    value(store.claim([("w1", 1), ("w2", 1)], 10.0))
+    [renewed], [lost] = value(store.claim([("w1", 1), ("w2", 1)], 10.0))
     clock.now += 8
-    assert value(store.renew("w1", [(1, 1)], 10.0)) == []
+    assert value(store.renew("w1", [(1, 1, renewed["lease"])], 10.0)) == []
     clock.now += 5
     expired = value(store.expire())
     assert [(s["job_id"], s["status"]) for s in expired] == [(2, "new")]
     assert value(store.get("a", "client", 2))["failures"] == 1
-    assert value(store.renew("w2", [(2, 1)], 10.0)) == [[2, 1]]
+    assert value(store.renew("w2", [(2, 1, lost["lease"])], 10.0)) == [[2, 1, lost["lease"]]]
 
 
 def test_renewal_never_passes_the_timeout(store, clock):
     """A job running past its timeout loses its lease even with heartbeats."""
     value(store.submit("a", [spec(timeout=5.0)]))
-    claim_one(store, lease=10.0)
+    job = claim_one(store, lease=10.0)
     for _ in range(3):
         clock.now += 6
-        value(store.renew("w1", [(1, 1)], 10.0))
+        assert value(store.renew("w1", [(1, 1, job["lease"])], 10.0)) == []
     clock.now += 6
     assert [s["job_id"] for s in value(store.expire())] == [1]
 
@@ -195,9 +191,10 @@ def test_release_returns_undelivered_jobs_without_a_failure(store):
     """Jobs claimed for a slot that vanished (or given back by a worker) go back uncounted,
     in their old place in the queue; someone else's lease cannot be given back."""
     value(store.submit("a", [spec("first"), spec("second")]))
-    claim_one(store)
-    assert value(store.release("w2", [(1, 1)])) == 0
-    assert value(store.release("w1", [(1, 1)])) == 1
+    job = claim_one(store)
+    assert value(store.release("w2", [(1, 1, job["lease"])])) == 0
+    assert value(store.release("w1", [(1, 1, job["lease"] + 1)])) == 0
+    assert value(store.release("w1", [(1, 1, job["lease"])])) == 1
     rec = value(store.get("a", "client", 1))
     assert rec["status"] == "new" and rec["failures"] == 0
     assert claim_one(store)["name"] == "first"
@@ -206,9 +203,9 @@ def test_release_returns_undelivered_jobs_without_a_failure(store):
 def test_output_is_capped_with_a_marker(store):
     """Output larger than the cap keeps its head and tail around a marker."""
     value(store.submit("a", [spec()]))
-    claim_one(store)
+    job = claim_one(store)
     big = "A" * MAX_OUTPUT + "TAIL"
-    value(store.report("w1", {"job_id": 1, "attempt": 1, "outcome": "completed", "result": b"", "output": big}))
+    value(store.report("w1", reported(job, result=b"", output=big)))
     out = value(store.get("a", "client", 1))["output"]
     assert OUTPUT_MARKER in out and out.endswith("TAIL") and len(out) < MAX_OUTPUT + 100
 
@@ -347,9 +344,8 @@ def test_submit_and_claim_pairs_new_jobs_with_waiting_slots(store):
 def test_backed_off_jobs_wait_apart_and_keep_their_place(store, clock):
     """A backed-off job does not block the queue; when due it runs before later jobs."""
     value(store.submit("a", [spec("retry", max_failures=5)]))
-    for attempt in (1, 2):
-        claim_one(store)
-        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    for _ in (1, 2):
+        value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     value(store.submit("a", [spec("later"), spec("last")]))
     assert claim_one(store)["name"] == "later", "the waiting job is skipped, not in the way"
     when = value(store.next_retry())
@@ -363,9 +359,8 @@ def test_backed_off_jobs_wait_apart_and_keep_their_place(store, clock):
 def test_killing_a_backed_off_job_takes_it_off_the_queue(store, clock):
     """A job killed while it waits to retry never runs."""
     value(store.submit("a", [spec(max_failures=5)]))
-    for attempt in (1, 2):
-        claim_one(store)
-        value(store.report("w1", {"job_id": 1, "attempt": attempt, "outcome": "failed", "error": "x"}))
+    for _ in (1, 2):
+        value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     value(store.kill("a", "client", 1))
     clock.now += 3600
     assert claim_one(store) is None and value(store.next_retry()) is None
@@ -376,8 +371,7 @@ def finish(store, n, outcome="completed"):
     """Submit, claim and report n jobs; their ids."""
     ids = value(store.submit("a", [spec(str(i), max_failures=1) for i in range(n)]))
     for job in value(store.claim([("w1", n)], 60.0))[0]:
-        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": outcome,
-                                  "result": b"R", "error": "e", "output": ""}))
+        value(store.report("w1", reported(job, outcome, result=b"R", error="e", output="")))
     return ids
 
 
@@ -409,7 +403,7 @@ def test_expiry_keeps_results_a_running_function_has_not_processed(store, clock)
     value(store.function_start("a", "f", b"s0", "s"))
     value(store.function_step("a", "f", "s", 1, b"s1", [], [spec("p"), spec("u")], False))
     for job in value(store.claim([("w1", 2)], 60.0))[0]:
-        value(store.report("w1", {"job_id": job["job_id"], "attempt": 1, "outcome": "completed", "result": b"R"}))
+        value(store.report("w1", reported(job, result=b"R")))
     value(store.function_step("a", "f", "s", 2, b"s2", [1], [], False))
     clock.now += 2 * 86400
     assert value(store.expire_finished(1.0)) == 1
@@ -435,7 +429,7 @@ def test_a_failing_operation_does_not_spoil_its_batch(store):
 
     ops = [(store._submit, ("a", [store_spec("x")], None)), (half_way, ()), (early, ()),
            (store._submit, ("a", [store_spec("y")], None))]
-    batch = [(fn, args, defer.Deferred()) for fn, args in ops]
+    batch = [(fn, args, defer.Deferred(), None) for fn, args in ops]
     results = store._execute(batch)
     assert [ok for _, ok, _ in results] == [True, False, False, True]
     assert results[0][2] == [1] and results[3][2] == [2]
@@ -461,7 +455,7 @@ def test_a_staged_payload_survives_its_batch_running_again(store):
     for s, v in zip(specs, staged.values(big)):
         s["payload"] = v
     ops = [(store._submit, ("a", [specs[0]], None)), (half_way, ()), (store._submit, ("a", [specs[1]], None))]
-    results = store._execute([(fn, args, defer.Deferred()) for fn, args in ops])
+    results = store._execute([(fn, args, defer.Deferred(), None) for fn, args in ops])
     staged.discard()
     assert [ok for _, ok, _ in results] == [True, False, True]
     store.warm = WarmBytes(store.warm.cap)
@@ -543,3 +537,42 @@ def test_large_submissions_are_stored_in_the_order_they_came(tmp_path):
         assert [value(d) for d in subs] == [[i + 1] for i in range(len(sizes))]
     finally:
         s.stop()
+
+
+def test_leases_go_out_before_their_commit_and_a_lost_commit_voids_them(store, monkeypatch):
+    """A claim's leases reach the hook before its transaction commits (the worker starts
+    while the disk writes); when that commit fails, the job is queued still, its next lease
+    has another token, and a report on the void lease is refused."""
+    import errno
+
+    from twisted.internet import defer
+
+    value(store.submit("a", [spec("first"), spec("second")]))
+    seen = []
+
+    def announce(early):
+        conn = store.db.open()                      # what is committed, from outside
+        try:
+            seen.append(conn.root()["dsage"].jobs[1].status)
+        finally:
+            conn.close()
+        for hook, leases in early:
+            hook(leases)
+    early_leases = []
+    batch = [(store._claim, ([("w1", 1)], 60.0), defer.Deferred(), early_leases.extend)]
+    store._execute(batch, announce)
+    assert seen == ["new"] and early_leases[0][0]["job_id"] == 1
+
+    real_commit = store._tm.commit
+    monkeypatch.setattr(store._tm, "commit", lambda: (_ for _ in ()).throw(OSError(errno.ENOSPC, "full")))
+    void = []
+    with pytest.raises(errors.RemoteError):
+        value(store.claim([("w2", 1)], 60.0, early=void.extend))
+    monkeypatch.setattr(store._tm, "commit", real_commit)
+    [[lost]] = void
+    assert lost["job_id"] == 2 and value(store.get("a", "client", 2))["status"] == "new"
+    again = claim_one(store, "w2")
+    assert (again["job_id"], again["attempt"]) == (2, 1) and again["lease"] != lost["lease"]
+    assert value(store.report("w2", reported(lost, result=b"void")))["applied"] is False
+    assert value(store.report("w2", reported(again, result=b"ok")))["applied"]
+    assert value(store.get("a", "client", 2))["result"] == b"ok"

@@ -98,7 +98,7 @@ def test_a_retiring_child_has_a_successor_ready(monkeypatch):
     for n in range(1, 8):
         job = {"job_id": n, "attempt": 1, "timeout": 60.0, "kind": "code", "payload": b"1", "name": "j"}
         runner.run(job).addCallback(reports.append)
-        attempt, child = runner.running[(n, 1)]
+        attempt, child = runner.running[(n, 1, 0)]
         finish(child, attempt)
         if n == 4:
             assert len(reactor.spawned) == 2, "the successor starts two jobs before the end"
@@ -108,3 +108,24 @@ def test_a_retiring_child_has_a_successor_ready(monkeypatch):
     assert [r["outcome"] for r in reports] == ["completed"] * 7
     assert len(reactor.spawned) == 2, "job 7 ran in the successor, started in advance"
     assert runner.running == {} and reactor.spawned[1] in runner.idle
+
+
+def test_two_leases_of_one_attempt_are_kept_apart_by_their_tokens():
+    """A lease delivered before a commit that failed, and the new lease of the same attempt:
+    both run, are held and reported under their own tokens, and a lost one is stopped alone."""
+    from dsage.worker.runner import JobRunner
+
+    runner = JobRunner(SpawningReactor())
+    reports = []
+    for token in (11, 22):
+        job = {"job_id": 5, "attempt": 1, "lease": token, "timeout": 60.0, "kind": "code", "payload": b"1",
+               "name": "j"}
+        runner.run(job).addCallback(reports.append)
+    assert sorted(runner.held()) == [[5, 1, 11], [5, 1, 22]]
+    assert runner.kill(5, 1, 33) is False
+    assert runner.kill(5, 1, 11) is True
+    void, _ = runner.running[(5, 1, 11)]
+    assert void.reason == "killed" and runner.running[(5, 1, 22)][0].reason is None
+    attempt, child = runner.running[(5, 1, 22)]
+    finish(child, attempt)
+    assert [(r["lease"], r["outcome"]) for r in reports] == [(22, "completed")]
