@@ -156,7 +156,7 @@ class Dispatcher:
             else:
                 # The slot went away (closed, or withdrawn) while the claim committed: the
                 # jobs go back, and the slots still waiting are tried again once they are.
-                self._release(worker, [(j["job_id"], j["attempt"]) for j in jobs]).addCallbacks(
+                self._release(worker, [[j["job_id"], j["attempt"], j["lease"]] for j in jobs]).addCallbacks(
                     lambda _: self.work_arrived(), lambda f: self.log.failure("release failed", f))
         if starved and arrivals == self._arrivals:
             # Nothing arrived while this round ran, so the queue really is empty (or waiting).

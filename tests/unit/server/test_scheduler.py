@@ -82,8 +82,8 @@ def test_jobs_claimed_for_a_vanished_slot_are_released():
     d.addErrback(lambda f: None)
     d.cancel()
     assert not disp.waiting
-    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1}]])
-    assert claims.released == [("w1", [(3, 1)])]
+    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1, "lease": 9}]])
+    assert claims.released == [("w1", [[3, 1, 9]])]
 
 
 def test_jobs_released_from_a_vanished_slot_reach_the_slots_still_waiting():
@@ -96,8 +96,8 @@ def test_jobs_released_from_a_vanished_slot_reach_the_slots_still_waiting():
     gone.addErrback(lambda f: None)
     disp.take("w2", 1)                 # joins while round 1 runs
     gone.cancel()
-    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1}]])
-    assert claims.released == [("w1", [(3, 1)])]
+    claims.rounds[0][1].callback([[{"job_id": 3, "attempt": 1, "lease": 9}]])
+    assert claims.released == [("w1", [[3, 1, 9]])]
     claims.rounds[1][1].callback([[]])     # the release has not committed yet: nothing pending
     assert len(claims.rounds) == 2
     later.callback(1)
@@ -201,3 +201,26 @@ def test_leases_delivered_before_a_failed_commit_leave_the_queue_to_be_claimed_a
     d.errback(Failure(errors.RemoteError("disk full")))
     disp.take("w2", 1)
     assert len(claims.rounds) == 2 and claims.rounds[1][0] == [("w2", 1)]
+
+
+def test_a_vanished_slots_leases_go_back_to_the_queue_of_a_real_store(tmp_path):
+    """Jobs leased for a slot that closed before its leases went out are given back by
+    their tokens: queued again in their place, no failure counted."""
+    from tests.support.store import memory_store, spec, value
+
+    store = memory_store(tmp_path)
+    held_back = []
+    disp = Dispatcher(lambda reqs, early: store.claim(reqs, 10.0, lambda r: held_back.append((early, r))),
+                      store.release, store.next_retry, Clock())
+    try:
+        value(store.submit("a", [spec("x")]))
+        d = disp.take("w1", 1)
+        d.addErrback(lambda f: None)
+        d.cancel()
+        [(early, leases)] = held_back
+        early(leases)                   # the leases reach the dispatcher after the slot left
+        rec = value(store.get("a", "client", 1))
+        assert rec["status"] == "new" and rec["failures"] == 0
+        assert [a["outcome"] for a in rec["attempts"]] == ["undelivered"]
+    finally:
+        store.stop()
