@@ -66,7 +66,7 @@ class Dispatcher:
     log = Logger()
 
     def __init__(self, claim: Callable[[list[tuple[str, int]], Callable], defer.Deferred],
-                 release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], defer.Deferred],
+                 release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], float | None],
                  clock) -> None:
         self._claim = claim
         self._release = release
@@ -161,7 +161,7 @@ class Dispatcher:
         if starved and arrivals == self._arrivals:
             # Nothing arrived while this round ran, so the queue really is empty (or waiting).
             self.maybe_pending = False
-            self._next_retry().addCallback(self._schedule_retry)
+            self._schedule_retry(self._next_retry())
         self.kick()         # slots skipped while this claim was in flight
 
     def _schedule_retry(self, when: float | None) -> None:

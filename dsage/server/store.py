@@ -69,6 +69,8 @@ class JobStore(FunctionOps, RetentionOps):
         self.threaded = threaded
         self._stager = ThreadPool(minthreads=0, maxthreads=1, name="dsage-staging")
         self.warm = WarmBytes(WARM_BYTES)
+        #: the earliest time a backed-off job becomes runnable, as the last claim saw it.
+        self._retry_due: float | None = None
         self.blobs = bool(db.storage.__class__.__name__ == "BlobStorage" or
                           hasattr(db.storage, "temporaryDirectory"))
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
@@ -441,6 +443,7 @@ class JobStore(FunctionOps, RetentionOps):
                             "payload": load_bytes(job.payload, self.warm),
                             "files": load_bytes(job.files, self.warm)})
             out.append(got)
+        self._retry_due = root.delayed.minKey()[0] if root.delayed else None
         return out
 
     def _delay(self, root: Root, job: JobRecord) -> None:
@@ -458,9 +461,10 @@ class JobStore(FunctionOps, RetentionOps):
             job = root.jobs[delayed.pop(key)]
             root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
-    def next_retry(self) -> defer.Deferred:
-        """The earliest time a backed-off job becomes runnable, or None."""
-        return self._run(lambda root: root.delayed.minKey()[0] if root.delayed else None)
+    def next_retry(self) -> float | None:
+        """The earliest time a backed-off job becomes runnable, or None, as of the last
+        claim (whose leases have been delivered when the dispatcher asks: no transaction)."""
+        return self._retry_due
 
     def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
         """Apply a worker's report on its attempt (refused, applied False, when stale) and, in

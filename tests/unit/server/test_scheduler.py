@@ -29,7 +29,7 @@ class FakeClaims:
         return self.release_done or defer.succeed(len(held))
 
     def next_retry(self):
-        return defer.succeed(self.retry_at)
+        return self.retry_at
 
 
 def make():

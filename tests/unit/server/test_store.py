@@ -88,7 +88,7 @@ def test_retries_back_off(store, clock):
     for _ in (1, 2):
         value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     assert value(store.claim([("w1", 1)], 60.0)) == [[]]
-    when = value(store.next_retry())
+    when = store.next_retry()
     assert when is not None and when > clock.now
     clock.now = when + 0.001
     assert claim_one(store)["attempt"] == 3
@@ -348,12 +348,12 @@ def test_backed_off_jobs_wait_apart_and_keep_their_place(store, clock):
         value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     value(store.submit("a", [spec("later"), spec("last")]))
     assert claim_one(store)["name"] == "later", "the waiting job is skipped, not in the way"
-    when = value(store.next_retry())
+    when = store.next_retry()
     assert when > clock.now
     clock.now = when
     assert claim_one(store)["name"] == "retry"
     assert claim_one(store)["name"] == "last"
-    assert value(store.next_retry()) is None
+    assert store.next_retry() is None
 
 
 def test_killing_a_backed_off_job_takes_it_off_the_queue(store, clock):
@@ -363,7 +363,7 @@ def test_killing_a_backed_off_job_takes_it_off_the_queue(store, clock):
         value(store.report("w1", reported(claim_one(store), "failed", error="x")))
     value(store.kill("a", "client", 1))
     clock.now += 3600
-    assert claim_one(store) is None and value(store.next_retry()) is None
+    assert claim_one(store) is None and store.next_retry() is None
     assert value(store.status())["killed"] == 1
 
 
