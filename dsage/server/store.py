@@ -151,11 +151,22 @@ class JobStore(FunctionOps, RetentionOps):
     def _execute(self, batch: list, announce: Callable[[list], None] | None = None) -> list:
         """Run a batch of operations in one transaction; returns (deferred, ok, value).
         Before the commit, `announce` gets the (early hook, value) pairs to call."""
-        out = self._apply(batch, guarded=False)
-        if out is None:
-            # An operation failed, perhaps half-way: start again with a savepoint around each
-            # one, so that it alone is undone and its neighbours still commit.
-            out = self._apply(batch, guarded=True)
+        try:
+            out = self._apply(batch, guarded=False)
+            if out is None:
+                # An operation failed, perhaps half-way: start again with a savepoint around
+                # each one, so that it alone is undone and its neighbours still commit.
+                out = self._apply(batch, guarded=True)
+        except Exception as e:
+            # The storage itself failed (a savepoint's temporary file on a full disk): the
+            # whole batch is refused, and the writer goes on with the next.
+            failure = Failure()
+            self.log.failure("applying a batch failed; {n} operations refused", failure, n=len(batch))
+            with contextlib.suppress(Exception):
+                self._tm.abort()
+            if isinstance(e, OSError):
+                failure = Failure(_storage_error(e))
+            return [(d, False, failure) for _, _, d, _ in batch]
         early = [(hook, value) for (_, _, _, hook), (_, ok, value) in zip(batch, out) if ok and hook is not None]
         if early and announce is not None:
             announce(early)

@@ -436,6 +436,29 @@ def test_a_failing_operation_does_not_spoil_its_batch(store):
     assert value(store.submit("a", [spec("z")])) == [3], "the failed operation's change was undone"
 
 
+def test_a_storage_failure_while_applying_refuses_the_batch_and_the_writer_goes_on(store, monkeypatch):
+    """A failing neighbour makes the batch run again with savepoints; when the savepoint's
+    temporary file cannot be written (full disk), every caller of the batch hears of the
+    disk, and the store takes the next request as before."""
+    import errno
+
+    from twisted.internet import defer
+
+    def broken(root):
+        raise ValueError("boom")
+
+    def no_room():
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(store._tm, "savepoint", no_room)
+    batch = [(fn, args, defer.Deferred(), None) for fn, args in
+             [(store._submit, ("a", [store_spec("x")], None)), (broken, ())]]
+    results = store._execute(batch)
+    assert [ok for _, ok, _ in results] == [False, False]
+    assert "No space left on device" in str(results[0][2].value)
+    monkeypatch.undo()
+    assert value(store.submit("a", [spec("y")])) == [1], "nothing of the refused batch was stored"
+
+
 def test_a_staged_payload_survives_its_batch_running_again(store):
     """When a neighbour fails and the batch runs again, a payload already staged to a file
     is stored all the same (each run takes a link of the file) and reads back intact."""
