@@ -15,7 +15,6 @@ from pathlib import Path
 
 import cloudpickle
 from twisted.internet import defer, reactor
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
@@ -91,7 +90,7 @@ def start(address: str, path: Path) -> None:
     host, port = split_address(address)
     factory = Factory.forProtocol(WorkerProtocol)
     factory.worker = worker
-    endpoint = wrapClientTLS(tls.client_options(worker.bundle), HostnameEndpoint(reactor, host, port, timeout=60))
+    endpoint = tls.client_endpoint(worker.bundle, reactor, host, port, timeout=60)
 
     def connected(proto) -> None:
         worker.session = TimedSession(proto, worker, reactor)

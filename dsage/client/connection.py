@@ -7,7 +7,6 @@ import collections
 from typing import Callable
 
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -50,7 +49,7 @@ class AsyncClient:
         self.pushed: set[int] = set()
         self.listeners: list[Callable[[dict], None]] = []
         host, port = split_address(self.address)
-        endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
+        endpoint = tls.client_endpoint(bundle, reactor, host, port)
         factory = Factory.forProtocol(ClientProtocol)
         factory.client = self
         self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=2.0)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from twisted.application import internet, service
 from twisted.internet import defer
-from twisted.internet.endpoints import SSL4ServerEndpoint, TCP4ServerEndpoint
+from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from dsage import tls
@@ -85,9 +85,8 @@ class ServerService(service.MultiService):
         home = self.config.home
         options = tls.server_options((home / "ca.pem").read_bytes(), (home / "server.pem").read_bytes(),
                                      (home / "server.key").read_bytes())
-        endpoint = SSL4ServerEndpoint(self.reactor, self.config.port, options,
-                                      interface=self.config.interface)
-        self.port = await endpoint.listen(ServerFactory(self.hub))
+        self.port = await tls.listen(self.reactor, self.config.port, options, ServerFactory(self.hub),
+                                     interface=self.config.interface)
         port = self.port.getHost().port
         addr_file = home / "server.addr"
         tmp = addr_file.with_name("server.addr.tmp")

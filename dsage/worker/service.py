@@ -8,7 +8,6 @@ import os
 
 from twisted.application import service
 from twisted.internet import defer
-from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
@@ -63,7 +62,7 @@ class WorkerService(service.MultiService):
         self._reports: list[dict] = []
         self._sessions: list[WorkerSession] = []
         host, port = split_address(address)
-        endpoint = wrapClientTLS(tls.client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=10))
+        endpoint = tls.client_endpoint(bundle, reactor, host, port)
         factory = Factory.forProtocol(WorkerProtocol)
         factory.worker = self
         self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=5.0)
