@@ -5,8 +5,9 @@ an explicit transaction manager.  The reactor thread hands operations to it thro
 (`JobStore._run` returns a Deferred).  The thread drains the queue, runs the operations
 (when one fails, the batch runs again with a savepoint around each, so that one failing
 operation does not spoil its neighbours), commits the batch once (group commit: one fsync
-for many operations) and only then fires the Deferreds on the reactor thread with
-`callFromThread`.  So nothing is acknowledged before it is durable, the
+for many operations) and fires the Deferreds on the reactor thread with `callFromThread`
+only once that commit is on the disk (with a FileStorage, a `Syncer` thread fsyncs while the
+store's thread goes on with the next batch).  So nothing is acknowledged before it is durable, the
 reactor never waits for the disk, and no persistent object ever leaves the store's thread:
 operations return plain dicts, lists and bytes.
 """
@@ -30,6 +31,7 @@ from dsage.job import FINAL, check_transition
 from dsage.server import scheduler
 from dsage.server.functions import FunctionOps
 from dsage.server.retention import RetentionOps
+from dsage.server.syncer import Syncer, file_storage
 from BTrees.OOBTree import OOBTree
 
 from dsage.server.model import (INLINE_LIMIT, Identity, JobRecord, Root, Staged, StagedValue, WarmBytes, load_bytes,
@@ -77,6 +79,7 @@ class JobStore(FunctionOps, RetentionOps):
         self._thread: threading.Thread | None = None
         self._tm = transaction.TransactionManager(explicit=True)
         self._conn = None
+        self._syncer: Syncer | None = None
         self._packing = False
         if not threaded:
             self._open()
@@ -99,6 +102,10 @@ class JobStore(FunctionOps, RetentionOps):
         """Start the writer thread (and the staging thread)."""
         if self.threaded and self._thread is None:
             self._stager.start()
+            fs = file_storage(self.db.storage)
+            if fs is not None:
+                self._syncer = Syncer(fs, self._synced)
+                self._syncer.start()
             self._thread = threading.Thread(target=self._loop, name="dsage-zodb", daemon=True)
             self._thread.start()
 
@@ -109,6 +116,8 @@ class JobStore(FunctionOps, RetentionOps):
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
+            if self._syncer is not None:
+                self._syncer.stop()
         elif self._conn is not None:
             self._conn.close()
             self._conn = None
@@ -132,13 +141,29 @@ class JobStore(FunctionOps, RetentionOps):
                         stop = True
                         break
                     batch.append(nxt)
-                results = self._execute(batch, self._announce)
-                self.reactor.callFromThread(_fire, results)
+                if self._syncer is None:
+                    self.reactor.callFromThread(_fire, self._execute(batch, self._announce))
+                else:       # fired once the syncer's fsync covers the commit (refused after a failed one)
+                    last = self.db.storage.lastTransaction()
+                    results = ([(d, False, None) for _, _, d, _ in batch] if self._syncer.failed
+                               else self._execute(batch, self._announce))
+                    self._syncer.put(results, self.db.storage.lastTransaction() != last)
                 if stop:
                     return
         finally:
             self._conn.close()
             self._conn = None
+
+    def _synced(self, results: list) -> None:
+        """A batch's results, its commit on the disk (in the syncer's thread); all refused
+        once an fsync failed (what it covered may be lost)."""
+        if self._syncer.failed:
+            e = self._syncer.failed
+            failure = Failure(errors.RemoteError(
+                f"the server's disk failed to make this request durable: {e.strerror or e} (it refuses "
+                f"every request until restarted; tell the server's administrator)"))
+            results = [(d, False, failure) for d, _, _ in results]
+        self.reactor.callFromThread(_fire, results)
 
     def _announce(self, early: list) -> None:
         """Hand what may go out before the commit (leases: see `_run`) to the reactor, and

@@ -1,6 +1,8 @@
 """Stores for tests: in memory (with blob support) or a real FileStorage file."""
 from __future__ import annotations
 
+import queue
+
 import ZODB
 from ZODB.blob import BlobStorage
 from ZODB.MappingStorage import MappingStorage
@@ -45,3 +47,22 @@ def spec(code: str = "1 + 1", **kw) -> dict:
 def reported(job: dict, outcome: str = "completed", **fields) -> dict:
     """A worker's report on a leased job (its id, attempt and lease token) and its outcome."""
     return {"job_id": job["job_id"], "attempt": job["attempt"], "lease": job["lease"], "outcome": outcome, **fields}
+
+
+class ThreadReactor:
+    """Enough of a reactor for a threaded store: calls from its threads wait in a queue
+    that the test runs."""
+
+    def __init__(self) -> None:
+        self.calls = queue.SimpleQueue()
+
+    def callFromThread(self, f, *args, **kw) -> None:
+        self.calls.put((f, args, kw))
+
+    def drain(self, d) -> None:
+        """Run what the store's threads hand back until `d` has a result."""
+        done: list = []
+        d.addBoth(lambda r: (done.append(r), r)[1])
+        while not done:
+            f, args, kw = self.calls.get(timeout=10)
+            f(*args, **kw)

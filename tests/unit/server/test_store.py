@@ -7,7 +7,7 @@ from ZODB.FileStorage import FileStorage
 
 from dsage import errors
 from dsage.server.store import MAX_OUTPUT, OUTPUT_MARKER, JobStore
-from tests.support.store import FakeTime, memory_store, reported, spec, value
+from tests.support.store import FakeTime, ThreadReactor, memory_store, reported, spec, value
 
 
 @pytest.fixture
@@ -519,26 +519,6 @@ def test_a_database_of_the_previous_layout_is_upgraded_on_open(tmp_path):
         s.stop()
 
 
-
-class ThreadReactor:
-    """Enough of a reactor for a threaded store: calls from its threads wait in a queue
-    that the test runs."""
-
-    def __init__(self) -> None:
-        import queue
-
-        self.calls = queue.SimpleQueue()
-
-    def callFromThread(self, f, *args, **kw) -> None:
-        self.calls.put((f, args, kw))
-
-    def drain(self, d) -> None:
-        """Run what the store's threads hand back until `d` has a result."""
-        done: list = []
-        d.addBoth(lambda r: (done.append(r), r)[1])
-        while not done:
-            f, args, kw = self.calls.get(timeout=10)
-            f(*args, **kw)
 
 
 def test_large_submissions_are_stored_in_the_order_they_came(tmp_path):
