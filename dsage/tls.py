@@ -247,7 +247,6 @@ def peer_identity(transport) -> tuple[str, int]:
     return str(names[0].value), crt.serial_number
 
 
-
 def client_endpoint(bundle: Bundle, reactor, host: str, port: int, timeout: float = 10):
     """An endpoint that dials `host:port` and speaks TLS as `bundle`'s identity; connect()
     fires with the application's protocol (as `wrapClientTLS`, but see `_write_through`)."""

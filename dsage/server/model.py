@@ -221,6 +221,12 @@ def load_bytes(obj: Persistent | bytes | tuple | None, warm: WarmBytes | None = 
     return obj.data
 
 
+def large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "files")) -> list[tuple[dict, str]]:
+    """The (record, key) pairs whose bytes are too large to keep out of a blob."""
+    return [(r, k) for r in records for k in keys
+            if isinstance(r.get(k), bytes) and len(r[k]) > INLINE_LIMIT]
+
+
 class Identity(Persistent):
     """A user, admin or worker known to the cluster, by certificate common name."""
 
@@ -267,6 +273,18 @@ class JobRecord(Persistent):
         self.attempts: tuple = ()          # of dicts; a PersistentList in older databases
         self.created = created
         self.seq = 0
+
+    def summary(self, with_result: bool, warm: WarmBytes | None = None) -> dict:
+        """The job as plain data for the wire."""
+        out = {"job_id": self.job_id, "owner": self.owner, "name": self.name, "kind": self.kind,
+               "status": self.status, "priority": self.priority, "timeout": self.timeout,
+               "max_failures": self.max_failures, "failures": self.failures,
+               "attempts": [dict(a) for a in self.attempts], "output": self.output, "error": self.error,
+               "cpu_time": self.cpu_time, "wall_time": self.wall_time, "created": self.created,
+               "started": self.started, "finished": self.finished, "function_id": self.function_id}
+        if with_result:
+            out["result"] = load_bytes(self.result, warm)
+        return out
 
 
 class FunctionRecord(Persistent):

@@ -15,12 +15,12 @@ from __future__ import annotations
 
 import contextlib
 import queue
-import random
 import threading
 import time
 from typing import Any, Callable
 
 import transaction
+from BTrees.OOBTree import OOBTree
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,19 +30,14 @@ from dsage import errors
 from dsage.job import FINAL, check_transition
 from dsage.server import scheduler
 from dsage.server.functions import FunctionOps
+from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, LeaseOps  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
+from dsage.server.model import (Identity, JobRecord, Root, Staged, StagedValue, WarmBytes, large_fields,
+                                store_bytes)
 from dsage.server.retention import RetentionOps
 from dsage.server.syncer import Syncer, file_storage
-from BTrees.OOBTree import OOBTree
 
-from dsage.server.model import (INLINE_LIMIT, Identity, JobRecord, Root, Staged, StagedValue, WarmBytes, load_bytes,
-                                store_bytes)
-
-MAX_OUTPUT = 1 << 20
-OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
 MAX_BATCH = 500
 ROOT_KEY = "dsage"
-#: how long a submission token is remembered (a client retrying after a lost reply).
-TOKEN_TTL = 86400.0
 #: staged payloads and results kept in memory until first read (see `WarmBytes`); the
 #: payload bench ran as fast with 32 MiB as with 128, and 30% slower with none.
 WARM_BYTES = 32 << 20
@@ -51,14 +46,7 @@ ANNOUNCE_WAIT = 0.005
 _STOP = object()
 
 
-def _cap_output(text: str) -> str:
-    if len(text) <= MAX_OUTPUT:
-        return text
-    half = MAX_OUTPUT // 2
-    return text[:half] + OUTPUT_MARKER + text[-half:]
-
-
-class JobStore(FunctionOps, RetentionOps):
+class JobStore(FunctionOps, RetentionOps, LeaseOps):
     """Jobs, identities and functions in ZODB, behind one writer thread."""
 
     log = Logger()
@@ -338,7 +326,7 @@ class JobStore(FunctionOps, RetentionOps):
         retry after a lost reply) returns the ids of that first submission instead.  With
         `limit`, a submission that would leave more of the owner's jobs queued is refused."""
         clean = [scheduler.validate_spec(s) for s in specs]
-        return self._run_staged(_large_fields(clean), self._submit, owner, clean, function_id, token, limit)
+        return self._run_staged(large_fields(clean), self._submit, owner, clean, function_id, token, limit)
 
     def submit_and_claim(self, owner: str, specs: list[dict], function_id: str | None, token: str | None,
                          limit: int | None, claim_for: list[tuple[str, int]], lease: float,
@@ -351,7 +339,7 @@ class JobStore(FunctionOps, RetentionOps):
         def op(root: Root) -> dict:
             ids = self._submit(root, owner, clean, function_id, token, limit)
             return {"ids": ids, "claims": self._claim(root, claim_for, lease) if claim_for else []}
-        return self._run_staged(_large_fields(clean), op, early=early)
+        return self._run_staged(large_fields(clean), op, early=early)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
                 token: str | None = None, limit: int | None = None) -> list[int]:
@@ -384,7 +372,7 @@ class JobStore(FunctionOps, RetentionOps):
 
     def get(self, requester: str, role: str, job_id: int, with_result: bool = True) -> defer.Deferred:
         """One job's full record (its result bytes too) for its owner or an admin."""
-        return self._run(lambda root: _summary(self._own(root, requester, role, job_id), with_result))
+        return self._run(lambda root: self._own(root, requester, role, job_id).summary(with_result))
 
     def list(self, requester: str, role: str, status: str | None = None, everyone: bool = False,
              limit: int = 1000) -> defer.Deferred:
@@ -406,7 +394,7 @@ class JobStore(FunctionOps, RetentionOps):
         for job_id in reversed(list(source)):
             if mine is not None and ids is not None and job_id not in mine:
                 continue
-            out.append(_summary(root.jobs[job_id], False))
+            out.append(root.jobs[job_id].summary(False))
             if len(out) >= limit:
                 break
         return out
@@ -419,14 +407,14 @@ class JobStore(FunctionOps, RetentionOps):
         job = self._own(root, requester, role, job_id)
         running = None
         if job.status in FINAL:
-            return {"job": _summary(job, False), "worker": None}
+            return {"job": job.summary(False), "worker": None}
         if job.status == "processing":
             running = {"worker": job.lease_worker, "job_id": job_id, "attempt": job.attempt}
             self._close_attempt(job, "killed")
         job.error = f"killed by {requester}"
         self._enter(root, job, "killed")
         job.finished = self.now()
-        return {"job": _summary(job, False), "worker": running}
+        return {"job": job.summary(False), "worker": running}
 
     def rerun(self, requester: str, role: str, job_id: int) -> defer.Deferred:
         """Queue a finished job again from the start."""
@@ -440,161 +428,11 @@ class JobStore(FunctionOps, RetentionOps):
         job.cpu_time = job.wall_time = job.started = job.finished = None
         job.not_before = 0.0
         self._enter(root, job, "new")
-        return _summary(job, False)
+        return job.summary(False)
 
     def status(self) -> defer.Deferred:
         """Counts of jobs by status."""
         return self._run(lambda root: {s: int(n) for s, n in root.counts.items()})
-
-    # -- jobs: workers ---------------------------------------------------------------
-    def claim(self, requests: list[tuple[str, int]], lease: float,
-              early: Callable[[list[list[dict]]], None] | None = None) -> defer.Deferred:
-        """Lease pending jobs to waiting workers, in request order; one list per request,
-        also given to `early` before the commit (see `_run`)."""
-        return self._run(self._claim, requests, lease, early=early)
-
-    def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
-        now = self.now()
-        self._promote(root, now)
-        out: list[list[dict]] = []
-        for worker, n in requests:
-            got: list[dict] = []
-            while len(got) < n and root.pending:
-                key = root.pending.minKey()
-                job_id = root.pending.pop(key)
-                job = root.jobs[job_id]
-                if job.not_before > now:
-                    self._delay(root, job)       # queued by a version without the delayed tree
-                    continue
-                self._enter(root, job, "processing", unqueue=False)
-                job.attempt += 1
-                job.lease_worker = worker
-                job.lease_expires = now + lease
-                job.lease = _lease_token()
-                job.started = now
-                job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
-                                                "end": None, "outcome": None})
-                got.append({"job_id": job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
-                            "name": job.name, "timeout": job.timeout,
-                            "payload": load_bytes(job.payload, self.warm),
-                            "files": load_bytes(job.files, self.warm)})
-            out.append(got)
-        self._retry_due = root.delayed.minKey()[0] if root.delayed else None
-        return out
-
-    def _delay(self, root: Root, job: JobRecord) -> None:
-        if root.delayed is None:
-            root.delayed = OOBTree()
-        root.delayed[(job.not_before, job.job_id)] = job.job_id
-
-    def _promote(self, root: Root, now: float) -> None:
-        """Move backed-off jobs whose time has come into the pending queue (cheap when none)."""
-        delayed = root.delayed
-        while delayed:
-            key = delayed.minKey()
-            if key[0] > now:
-                return
-            job = root.jobs[delayed.pop(key)]
-            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
-
-    def next_retry(self) -> float | None:
-        """The earliest time a backed-off job becomes runnable, or None, as of the last
-        claim (whose leases have been delivered when the dispatcher asks: no transaction)."""
-        return self._retry_due
-
-    def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
-        """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
-        the same transaction, lease it up to `take` next jobs (under "jobs")."""
-        def one(out: dict) -> dict:
-            return dict(out["results"][0], jobs=out["jobs"])
-        return self.report_many(worker, [report], take, lease).addCallback(one)
-
-    def report_many(self, worker: str, reports: list[dict], take: int = 0, lease: float = 60.0) -> defer.Deferred:
-        """Apply several reports of a worker, then lease it up to `take` next jobs, in one
-        transaction; fires with {"results": [per report], "jobs": [...]}."""
-        return self._run_staged(_large_fields(reports, ("result",)), self._report_and_take, worker, reports,
-                                take, lease)
-
-    def _report_and_take(self, root: Root, worker: str, reps: list[dict], take: int, lease: float) -> dict:
-        results = [self._report(root, worker, rep) for rep in reps]
-        return {"results": results, "jobs": self._claim(root, [(worker, take)], lease)[0] if take > 0 else []}
-
-    def _report(self, root: Root, worker: str, rep: dict) -> dict:
-        job = root.jobs.get(rep["job_id"])
-        if not _holds(job, worker, rep["attempt"], rep.get("lease", 0)):
-            return {"applied": False, "reason": "attempt is no longer current"}
-        job.output = _cap_output(rep.get("output") or "")
-        job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
-        if rep["outcome"] == "completed":
-            self._close_attempt(job, "completed")
-            job.result = self._keep(rep.get("result") or b"")
-            job.error = None
-            self._enter(root, job, "completed")
-            job.finished = self.now()
-        else:
-            self._fail(root, job, rep.get("error") or "the job failed", "failed")
-        return {"applied": True, "job": _summary(job, True, self.warm), "final": job.status in FINAL}
-
-    def renew(self, worker: str, held: list[tuple[int, int]], lease: float) -> defer.Deferred:
-        """Extend the leases of a worker's attempts; fires with the ones it no longer owns."""
-        return self._run(self._renew, worker, held, lease)
-
-    def _renew(self, root: Root, worker: str, held: list, lease: float) -> list[list[int]]:
-        now, lost = self.now(), []
-        for job_id, attempt, *token in held:
-            job = root.jobs.get(job_id)
-            if not _holds(job, worker, attempt, token[0] if token else 0):
-                lost.append([job_id, attempt, *token])
-            else:
-                # Renewal never carries a job past its timeout: the lease is the server's backstop.
-                job.lease_expires = min(now + lease, (job.started or now) + job.timeout + lease)
-        return lost
-
-    def expire(self) -> defer.Deferred:
-        """Return jobs whose lease expired to the queue (or fail them); fires with summaries."""
-        return self._run(self._expire)
-
-    def _expire(self, root: Root) -> list[dict]:
-        now, out = self.now(), []
-        while root.token_times:
-            key = root.token_times.minKey()
-            if key[0] > now - TOKEN_TTL:
-                break
-            del root.token_times[key]
-            root.tokens.pop((key[1], key[2]), None)
-        for job_id in list(root.by_status.get("processing", ())):
-            job = root.jobs[job_id]
-            if job.lease_expires < now:
-                self._fail(root, job, f"lease of worker {job.lease_worker} expired "
-                                      f"(worker lost, or job past its timeout)", "lost")
-                out.append(_summary(job, False))
-        return out
-
-    def grace(self, lease: float) -> defer.Deferred:
-        """At start: give running jobs a fresh lease, so that their workers can reconnect and
-        report instead of the jobs being re-run; fires with how many there are."""
-        def extend(root: Root) -> int:
-            ids = list(root.by_status.get("processing", ()))
-            for job_id in ids:
-                job = root.jobs[job_id]
-                job.lease_expires = max(job.lease_expires, self.now() + lease)
-            return len(ids)
-        return self._run(extend)
-
-    def release(self, worker: str, held: list[tuple[int, int]]) -> defer.Deferred:
-        """Put claimed jobs that never reached their worker back in the queue, uncounted."""
-        return self._run(self._release, worker, held)
-
-    def _release(self, root: Root, worker: str, held: list) -> int:
-        n = 0
-        for job_id, attempt, *token in held:
-            job = root.jobs.get(job_id)
-            if _holds(job, worker, attempt, token[0] if token else 0):
-                self._close_attempt(job, "undelivered")
-                job.started = None
-                self._enter(root, job, "new", keep_place=True)
-                n += 1
-        return n
 
     # -- helpers (store thread only) ---------------------------------------------------
     def _own(self, root: Root, requester: str, role: str, job_id: int) -> JobRecord:
@@ -654,42 +492,10 @@ class JobStore(FunctionOps, RetentionOps):
             else:
                 root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
-def _summary(job: JobRecord, with_result: bool, warm: WarmBytes | None = None) -> dict:
-    """A job as plain data for the wire."""
-    out = {"job_id": job.job_id, "owner": job.owner, "name": job.name, "kind": job.kind,
-           "status": job.status, "priority": job.priority, "timeout": job.timeout,
-           "max_failures": job.max_failures, "failures": job.failures,
-           "attempts": [dict(a) for a in job.attempts], "output": job.output, "error": job.error,
-           "cpu_time": job.cpu_time, "wall_time": job.wall_time, "created": job.created,
-           "started": job.started, "finished": job.finished, "function_id": job.function_id}
-    if with_result:
-        out["result"] = load_bytes(job.result, warm)
-    return out
-
-
 def _storage_error(e: OSError) -> errors.RemoteError:
     """What the requester is told when the server's disk refused a write."""
     return errors.RemoteError(f"the server could not store this request: {e.strerror or e} "
                               f"(nothing of it was stored; tell the server's administrator)")
-
-
-def _large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "files")) -> list[tuple[dict, str]]:
-    """The (record, key) pairs whose bytes are too large to keep out of a blob."""
-    return [(r, k) for r in records for k in keys
-            if isinstance(r.get(k), bytes) and len(r[k]) > INLINE_LIMIT]
-
-
-def _lease_token() -> int:
-    """A new lease's token: random, so that a lease whose transaction never committed
-    (delivered early, then the commit failed or the server died) is never taken for a
-    later lease of the same attempt, even after a restart."""
-    return random.getrandbits(62) | 1
-
-
-def _holds(job: JobRecord | None, worker: str, attempt: int, token: int) -> bool:
-    """Whether `worker` holds the current lease of `job` (its attempt and token)."""
-    return (job is not None and job.status == "processing" and job.attempt == attempt
-            and job.lease == token and job.lease_worker == worker)
 
 
 def _announce(early: list, then: Callable[[], None] | None = None) -> None:

@@ -1,0 +1,200 @@
+"""The worker part of the store: leases (claims, reports, renewals, expiry, give-backs).
+
+A mixin of `JobStore` (the one class that writes to ZODB): every method runs its operation
+through the store's writer thread with `self._run`, like the rest of the store.  Each lease
+carries a random token that the worker names in its reports, renewals and give-backs."""
+from __future__ import annotations
+
+import random
+from typing import Callable
+
+from BTrees.OOBTree import OOBTree
+from twisted.internet import defer
+
+from dsage.job import FINAL
+from dsage.server import scheduler
+from dsage.server.model import JobRecord, Root, large_fields, load_bytes
+
+MAX_OUTPUT = 1 << 20
+OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
+#: how long a submission token is remembered (a client retrying after a lost reply).
+TOKEN_TTL = 86400.0
+
+
+def _cap_output(text: str) -> str:
+    if len(text) <= MAX_OUTPUT:
+        return text
+    half = MAX_OUTPUT // 2
+    return text[:half] + OUTPUT_MARKER + text[-half:]
+
+
+class LeaseOps:
+    """Leases of jobs to workers (mixed into JobStore)."""
+
+    def claim(self, requests: list[tuple[str, int]], lease: float,
+              early: Callable[[list[list[dict]]], None] | None = None) -> defer.Deferred:
+        """Lease pending jobs to waiting workers, in request order; one list per request,
+        also given to `early` before the commit (see `_run`)."""
+        return self._run(self._claim, requests, lease, early=early)
+
+    def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
+        now = self.now()
+        self._promote(root, now)
+        out: list[list[dict]] = []
+        for worker, n in requests:
+            got: list[dict] = []
+            while len(got) < n and root.pending:
+                key = root.pending.minKey()
+                job_id = root.pending.pop(key)
+                job = root.jobs[job_id]
+                if job.not_before > now:
+                    self._delay(root, job)       # queued by a version without the delayed tree
+                    continue
+                self._enter(root, job, "processing", unqueue=False)
+                job.attempt += 1
+                job.lease_worker = worker
+                job.lease_expires = now + lease
+                job.lease = _lease_token()
+                job.started = now
+                job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
+                                                "end": None, "outcome": None})
+                got.append({"job_id": job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
+                            "name": job.name, "timeout": job.timeout,
+                            "payload": load_bytes(job.payload, self.warm),
+                            "files": load_bytes(job.files, self.warm)})
+            out.append(got)
+        self._retry_due = root.delayed.minKey()[0] if root.delayed else None
+        return out
+
+    def _delay(self, root: Root, job: JobRecord) -> None:
+        if root.delayed is None:
+            root.delayed = OOBTree()
+        root.delayed[(job.not_before, job.job_id)] = job.job_id
+
+    def _promote(self, root: Root, now: float) -> None:
+        """Move backed-off jobs whose time has come into the pending queue (cheap when none)."""
+        delayed = root.delayed
+        while delayed:
+            key = delayed.minKey()
+            if key[0] > now:
+                return
+            job = root.jobs[delayed.pop(key)]
+            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+
+    def next_retry(self) -> float | None:
+        """The earliest time a backed-off job becomes runnable, or None, as of the last
+        claim (whose leases have been delivered when the dispatcher asks: no transaction)."""
+        return self._retry_due
+
+    def report(self, worker: str, report: dict, take: int = 0, lease: float = 60.0) -> defer.Deferred:
+        """Apply a worker's report on its attempt (refused, applied False, when stale) and, in
+        the same transaction, lease it up to `take` next jobs (under "jobs")."""
+        def one(out: dict) -> dict:
+            return dict(out["results"][0], jobs=out["jobs"])
+        return self.report_many(worker, [report], take, lease).addCallback(one)
+
+    def report_many(self, worker: str, reports: list[dict], take: int = 0, lease: float = 60.0) -> defer.Deferred:
+        """Apply several reports of a worker, then lease it up to `take` next jobs, in one
+        transaction; fires with {"results": [per report], "jobs": [...]}."""
+        return self._run_staged(large_fields(reports, ("result",)), self._report_and_take, worker, reports,
+                                take, lease)
+
+    def _report_and_take(self, root: Root, worker: str, reps: list[dict], take: int, lease: float) -> dict:
+        results = [self._report(root, worker, rep) for rep in reps]
+        return {"results": results, "jobs": self._claim(root, [(worker, take)], lease)[0] if take > 0 else []}
+
+    def _report(self, root: Root, worker: str, rep: dict) -> dict:
+        job = root.jobs.get(rep["job_id"])
+        if not _holds(job, worker, rep["attempt"], rep.get("lease", 0)):
+            return {"applied": False, "reason": "attempt is no longer current"}
+        job.output = _cap_output(rep.get("output") or "")
+        job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
+        if rep["outcome"] == "completed":
+            self._close_attempt(job, "completed")
+            job.result = self._keep(rep.get("result") or b"")
+            job.error = None
+            self._enter(root, job, "completed")
+            job.finished = self.now()
+        else:
+            self._fail(root, job, rep.get("error") or "the job failed", "failed")
+        return {"applied": True, "job": job.summary(True, self.warm), "final": job.status in FINAL}
+
+    def renew(self, worker: str, held: list[tuple[int, int]], lease: float) -> defer.Deferred:
+        """Extend the leases of a worker's attempts; fires with the ones it no longer owns."""
+        return self._run(self._renew, worker, held, lease)
+
+    def _renew(self, root: Root, worker: str, held: list, lease: float) -> list[list[int]]:
+        now, lost = self.now(), []
+        for entry in held:
+            job = root.jobs.get(entry[0])
+            if not _holds(job, worker, *_lease_of(entry)):
+                lost.append(list(entry))
+            else:
+                # Renewal never carries a job past its timeout: the lease is the server's backstop.
+                job.lease_expires = min(now + lease, (job.started or now) + job.timeout + lease)
+        return lost
+
+    def expire(self) -> defer.Deferred:
+        """Return jobs whose lease expired to the queue (or fail them); fires with summaries."""
+        return self._run(self._expire)
+
+    def _expire(self, root: Root) -> list[dict]:
+        now, out = self.now(), []
+        while root.token_times:
+            key = root.token_times.minKey()
+            if key[0] > now - TOKEN_TTL:
+                break
+            del root.token_times[key]
+            root.tokens.pop((key[1], key[2]), None)
+        for job_id in list(root.by_status.get("processing", ())):
+            job = root.jobs[job_id]
+            if job.lease_expires < now:
+                self._fail(root, job, f"lease of worker {job.lease_worker} expired "
+                                      f"(worker lost, or job past its timeout)", "lost")
+                out.append(job.summary(False))
+        return out
+
+    def grace(self, lease: float) -> defer.Deferred:
+        """At start: give running jobs a fresh lease, so that their workers can reconnect and
+        report instead of the jobs being re-run; fires with how many there are."""
+        def extend(root: Root) -> int:
+            ids = list(root.by_status.get("processing", ()))
+            for job_id in ids:
+                job = root.jobs[job_id]
+                job.lease_expires = max(job.lease_expires, self.now() + lease)
+            return len(ids)
+        return self._run(extend)
+
+    def release(self, worker: str, held: list[tuple[int, int]]) -> defer.Deferred:
+        """Put claimed jobs that never reached their worker back in the queue, uncounted."""
+        return self._run(self._release, worker, held)
+
+    def _release(self, root: Root, worker: str, held: list) -> int:
+        n = 0
+        for entry in held:
+            job = root.jobs.get(entry[0])
+            if _holds(job, worker, *_lease_of(entry)):
+                self._close_attempt(job, "undelivered")
+                job.started = None
+                self._enter(root, job, "new", keep_place=True)
+                n += 1
+        return n
+
+
+def _lease_token() -> int:
+    """A new lease's token: random, so that a lease whose transaction never committed
+    (delivered early, then the commit failed or the server died) is never taken for a
+    later lease of the same attempt, even after a restart."""
+    return random.getrandbits(62) | 1
+
+
+def _holds(job: JobRecord | None, worker: str, attempt: int, token: int) -> bool:
+    """Whether `worker` holds the current lease of `job` (its attempt and token)."""
+    return (job is not None and job.status == "processing" and job.attempt == attempt
+            and job.lease == token and job.lease_worker == worker)
+
+
+def _lease_of(held: list[int]) -> tuple[int, int]:
+    """The (attempt, token) of a worker's held entry [job_id, attempt(, token)]: workers
+    before protocol 2.0 sent no token (0, which no lease has)."""
+    return held[1], (held[2] if len(held) > 2 else 0)
