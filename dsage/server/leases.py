@@ -37,34 +37,46 @@ class LeaseOps:
         also given to `early` before the commit (see `_run`)."""
         return self._run(self._claim, requests, lease, early=early)
 
-    def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float) -> list[list[dict]]:
+    def _claim(self, root: Root, requests: list[tuple[str, int]], lease: float,
+               fresh: list[JobRecord] | None = None) -> list[list[dict]]:
         now = self.now()
         self._promote(root, now)
+        if fresh:
+            fresh.sort(key=lambda job: scheduler.pending_key(job.priority, job.seq))
         out: list[list[dict]] = []
         for worker, n in requests:
             got: list[dict] = []
-            while len(got) < n and root.pending:
-                key = root.pending.minKey()
-                job_id = root.pending.pop(key)
-                job = root.jobs[job_id]
-                if job.not_before > now:
-                    self._delay(root, job)       # queued by a version without the delayed tree
-                    continue
-                self._enter(root, job, "processing", unqueue=False)
-                job.attempt += 1
-                job.lease_worker = worker
-                job.lease_expires = now + lease
-                job.lease = _lease_token()
-                job.started = now
-                job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
-                                                "end": None, "outcome": None})
-                got.append({"job_id": job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
-                            "name": job.name, "timeout": job.timeout,
-                            "payload": load_bytes(job.payload, self.warm),
-                            "files": load_bytes(job.files, self.warm)})
+            while len(got) < n:
+                if fresh and (not root.pending or
+                              scheduler.pending_key(fresh[0].priority, fresh[0].seq) < root.pending.minKey()):
+                    job = fresh.pop(0)      # made by this transaction, never queued
+                    self._enter(root, job, "processing", fresh=True)
+                elif root.pending:
+                    key = root.pending.minKey()
+                    job = root.jobs[root.pending.pop(key)]
+                    if job.not_before > now:
+                        self._delay(root, job)       # queued by a version without the delayed tree
+                        continue
+                    self._enter(root, job, "processing", unqueue=False)
+                else:
+                    break
+                got.append(self._lease(job, worker, now, lease))
             out.append(got)
         self._retry_due = root.delayed.minKey()[0] if root.delayed else None
         return out
+
+    def _lease(self, job: JobRecord, worker: str, now: float, lease: float) -> dict:
+        """Lease `job` (now processing) to `worker`: its next attempt, as sent to the worker."""
+        job.attempt += 1
+        job.lease_worker = worker
+        job.lease_expires = now + lease
+        job.lease = _lease_token()
+        job.started = now
+        job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
+                                        "end": None, "outcome": None})
+        return {"job_id": job.job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
+                "name": job.name, "timeout": job.timeout, "payload": load_bytes(job.payload, self.warm),
+                "files": load_bytes(job.files, self.warm)}
 
     def _delay(self, root: Root, job: JobRecord) -> None:
         if root.delayed is None:
@@ -140,12 +152,7 @@ class LeaseOps:
 
     def _expire(self, root: Root) -> list[dict]:
         now, out = self.now(), []
-        while root.token_times:
-            key = root.token_times.minKey()
-            if key[0] > now - TOKEN_TTL:
-                break
-            del root.token_times[key]
-            root.tokens.pop((key[1], key[2]), None)
+        root.turn_tokens(now, TOKEN_TTL)
         for job_id in list(root.by_status.get("processing", ())):
             job = root.jobs[job_id]
             if job.lease_expires < now:

@@ -311,8 +311,10 @@ class Root(Persistent):
     generation = 0
     next_seq = 1
     queued = None
-    tokens = None        # (owner, token) -> (time, job ids): submissions already applied
-    token_times = None   # (time, owner, token) -> None: the same, by age, for expiry
+    tokens = None        # (owner, token) -> (time, job ids): submissions applied since tokens_since
+    old_tokens = None    # the same, of the generation before; forgotten whole at the next turn
+    tokens_since = 0.0
+    token_times = None   # older versions' (time, owner, token) index of tokens; gone once upgraded
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
 
     def __init__(self) -> None:
@@ -324,7 +326,6 @@ class Root(Persistent):
         self.counts: dict = {}                # status -> number of jobs
         self.functions = OOBTree()            # (owner, name) -> FunctionRecord
         self.tokens = OOBTree()
-        self.token_times = OOBTree()
         self.queued: dict = {}                # owner -> number of their jobs in status new
         self.next_job_id = 1
 
@@ -336,7 +337,33 @@ class Root(Persistent):
             self.counts, changed = dict(self.counts), True
         if not isinstance(self.queued, dict):
             self.queued, changed = dict(self.queued.items()) if self.queued is not None else {}, True
+        if self.token_times is not None:        # its tokens become the older generation
+            self.tokens_since = self.token_times.maxKey()[0] if self.token_times else 0.0
+            self.old_tokens, self.tokens, self.token_times, changed = self.tokens, OOBTree(), None, True
         return changed
+
+    def submission(self, owner: str, token: str) -> tuple[float, tuple] | None:
+        """(time, job ids) of the owner's submission under `token`, if remembered."""
+        key = (owner, token)
+        for tokens in (self.tokens, self.old_tokens):
+            seen = tokens.get(key) if tokens is not None else None
+            if seen is not None:
+                return seen
+        return None
+
+    def remember(self, owner: str, token: str, now: float, ids: tuple, ttl: float) -> None:
+        """Remember a submission's token for at least `ttl` seconds (at most twice that)."""
+        self.turn_tokens(now, ttl)
+        self.tokens[(owner, token)] = (now, ids)
+
+    def turn_tokens(self, now: float, ttl: float) -> None:
+        """Start a new generation of tokens once the current one is `ttl` old, forgetting the
+        one before it (all older than `ttl`): one bucket written per submission, not two,
+        and no index by age."""
+        age = now - self.tokens_since
+        if self.tokens is None or age >= ttl:
+            self.old_tokens = self.tokens if self.tokens and age < 2 * ttl else None
+            self.tokens, self.tokens_since = OOBTree(), now
 
     def count(self, status: str, delta: int) -> None:
         """Change the number of jobs in a status."""

@@ -20,7 +20,6 @@ import time
 from typing import Any, Callable
 
 import transaction
-from BTrees.OOBTree import OOBTree
 from twisted.internet import defer, threads
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -30,7 +29,7 @@ from dsage import errors
 from dsage.job import FINAL, check_transition
 from dsage.server import scheduler
 from dsage.server.functions import FunctionOps
-from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, LeaseOps  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
+from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, TOKEN_TTL, LeaseOps  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
 from dsage.server.model import (Identity, JobRecord, Root, Staged, StagedValue, WarmBytes, large_fields,
                                 store_bytes)
 from dsage.server.retention import RetentionOps
@@ -337,23 +336,28 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         clean = [scheduler.validate_spec(s) for s in specs]
 
         def op(root: Root) -> dict:
-            ids = self._submit(root, owner, clean, function_id, token, limit)
-            return {"ids": ids, "claims": self._claim(root, claim_for, lease) if claim_for else []}
+            fresh: list[JobRecord] = []
+            ids = self._submit(root, owner, clean, function_id, token, limit, fresh)
+            claims = self._claim(root, claim_for, lease, fresh) if claim_for else []
+            for job in fresh:
+                self._enter(root, job, "new", fresh=True, keep_place=True)
+            return {"ids": ids, "claims": claims}
         return self._run_staged(large_fields(clean), op, early=early)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
-                token: str | None = None, limit: int | None = None) -> list[int]:
+                token: str | None = None, limit: int | None = None,
+                fresh: list[JobRecord] | None = None) -> list[int]:
+        """Store new jobs; queued at once, or, given `fresh`, numbered in the queue's order
+        and left in that list for the caller to lease or queue (a job leased in the
+        transaction that made it then writes neither the queue nor the new-jobs index)."""
         now = self.now()
         queued = root.queued.get(owner, 0)
         if limit is not None and queued + len(specs) > limit:
             raise errors.RemoteError(f"queue limit reached: {queued} of your jobs are waiting, "
                                      f"{len(specs)} more would pass the limit of {limit} (max_queued_per_user)")
-        if token is not None:
-            if root.tokens is None:
-                root.tokens, root.token_times = OOBTree(), OOBTree()
-            seen = root.tokens.get((owner, token))
-            if seen is not None:
-                return list(seen[1])
+        seen = root.submission(owner, token) if token is not None else None
+        if seen is not None:
+            return list(seen[1])
         ids = []
         for spec in specs:
             job_id = root.next_job_id
@@ -363,11 +367,15 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             job.function_id = function_id
             root.jobs[job_id] = job
             root.index(root.by_owner, owner).add(job_id)
-            self._enter(root, job, "new", fresh=True)
+            if fresh is None:
+                self._enter(root, job, "new", fresh=True)
+            else:
+                job.seq = root.next_seq
+                root.next_seq += 1
+                fresh.append(job)
             ids.append(job_id)
         if token is not None:
-            root.tokens[(owner, token)] = (now, tuple(ids))
-            root.token_times[(now, owner, token)] = None
+            root.remember(owner, token, now, tuple(ids), TOKEN_TTL)
         return ids
 
     def get(self, requester: str, role: str, job_id: int, with_result: bool = True) -> defer.Deferred:

@@ -6,6 +6,7 @@ import ZODB
 from ZODB.FileStorage import FileStorage
 
 from dsage import errors
+from dsage.server.leases import TOKEN_TTL
 from dsage.server.store import MAX_OUTPUT, OUTPUT_MARKER, JobStore
 from tests.support.store import FakeTime, ThreadReactor, memory_store, reported, spec, value
 
@@ -278,9 +279,28 @@ def test_submission_token_makes_a_retry_harmless(store, clock):
     assert first == again == [1, 2]
     assert value(store.status()) == {"new": 2}
     assert value(store.submit("b", [spec("z")], token="t1")) == [3], "tokens are per user"
-    clock.now += 2 * 86400
+    clock.now += 2 * TOKEN_TTL
     value(store.expire())
     assert value(store.submit("a", [spec("x")], token="t1")) == [4], "old tokens are forgotten"
+
+
+def test_tokens_are_remembered_a_day_across_their_generations(store, clock):
+    """A token is remembered at least TOKEN_TTL whenever it came in its generation, and
+    forgotten (its generation dropped whole) by twice that."""
+    assert value(store.submit("a", [spec()], token="early")) == [1]
+    clock.now += TOKEN_TTL * 0.9
+    assert value(store.submit("a", [spec()], token="late")) == [2]
+    clock.now += TOKEN_TTL * 0.2                # a new generation begins; both still known
+    value(store.expire())
+    assert value(store.submit("a", [spec()], token="early")) == [1]
+    assert value(store.submit("a", [spec()], token="new")) == [3]
+    clock.now += TOKEN_TTL * 0.85               # "late" is 0.95 TTL old: kept
+    value(store.expire())
+    assert value(store.submit("a", [spec()], token="late")) == [2]
+    clock.now += TOKEN_TTL * 0.2                # the next turn drops the first generation
+    value(store.expire())
+    assert value(store.submit("a", [spec()], token="late")) == [4]
+    assert value(store.submit("a", [spec()], token="new")) == [3]
 
 
 def test_function_steps_are_numbered_and_fenced(store):
@@ -339,6 +359,29 @@ def test_submit_and_claim_pairs_new_jobs_with_waiting_slots(store):
     assert out["ids"] == [1, 2, 3]
     assert [[j["job_id"] for j in c] for c in out["claims"]] == [[1], [2]]
     assert value(store.status()) == {"new": 1, "processing": 2}
+    assert claim_one(store)["job_id"] == 3, "the one left over is queued"
+    assert [j["status"] for j in value(store.list("a", "client", status="processing"))] == ["processing"] * 3
+
+
+def test_submit_and_claim_keeps_the_queue_order(store):
+    """Jobs already queued go first unless a new job's priority is ahead of them, and new
+    jobs among themselves go by priority, then in order."""
+    value(store.submit("a", [spec("old", priority=5), spec("old-low", priority=9)]))
+    out = value(store.submit_and_claim("a", [spec("n1", priority=7), spec("urgent", priority=1),
+                                             spec("n3", priority=7)], None, None, None,
+                                       [("w1", 3)], 60.0))
+    assert [j["name"] for j in out["claims"][0]] == ["urgent", "old", "n1"]
+    rest = [claim_one(store)["name"] for _ in range(2)]
+    assert rest == ["n3", "old-low"]
+    assert value(store.status()) == {"new": 0, "processing": 5}
+
+
+def test_submit_and_claim_with_nobody_waiting_queues_everything(store):
+    """No slot waiting: the new jobs are queued like any submission."""
+    out = value(store.submit_and_claim("a", [spec("x")], None, "tok", None, [], 60.0))
+    assert out == {"ids": [1], "claims": []}
+    assert value(store.status()) == {"new": 1}
+    assert claim_one(store)["job_id"] == 1
 
 
 def test_backed_off_jobs_wait_apart_and_keep_their_place(store, clock):
@@ -492,7 +535,8 @@ def store_spec(code):
 
 def test_a_database_of_the_previous_layout_is_upgraded_on_open(tmp_path):
     """Counters kept in their own objects by earlier versions become plain dicts in the
-    root, with their values, the first time the store opens the file."""
+    root, with their values, and submission tokens indexed by age become the older
+    generation of tokens, the first time the store opens the file."""
     import transaction
     from BTrees.OOBTree import OOBTree
     from persistent.mapping import PersistentMapping
@@ -506,10 +550,14 @@ def test_a_database_of_the_previous_layout_is_upgraded_on_open(tmp_path):
         root = db.open().root()["dsage"]
         root.counts = PersistentMapping(root.counts)
         root.queued = OOBTree(root.queued)
+        root.tokens = OOBTree({("a", "t9"): (1000.0, (1, 2))})      # with its index by age
+        root.token_times = OOBTree({(1000.0, "a", "t9"): None})
     db.close()
     s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
     try:
         assert isinstance(s.root.counts, dict) and isinstance(s.root.queued, dict)
+        assert s.root.token_times is None
+        assert value(s.submit("a", [spec(), spec()], token="t9")) == [1, 2], "its tokens still known"
         assert value(s.status()) == {"new": 2}
         with pytest.raises(errors.RemoteError, match="queue limit"):
             value(s.submit("a", [spec()], limit=2))
