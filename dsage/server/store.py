@@ -1,15 +1,22 @@
 """JobStore: the only module that uses `transaction`; every ZODB read and write goes here.
 
-Threading model: one dedicated thread owns the server's only ZODB connection, opened with
-an explicit transaction manager.  The reactor thread hands operations to it through a queue
-(`JobStore._run` returns a Deferred).  The thread drains the queue, runs the operations
-(when one fails, the batch runs again with a savepoint around each, so that one failing
-operation does not spoil its neighbours), commits the batch once (group commit: one fsync
-for many operations) and fires the Deferreds on the reactor thread with `callFromThread`
-only once that commit is on the disk (with a FileStorage, a `Syncer` thread fsyncs while the
-store's thread goes on with the next batch).  So nothing is acknowledged before it is durable, the
-reactor never waits for the disk, and no persistent object ever leaves the store's thread:
-operations return plain dicts, lists and bytes.
+Threading model.  The server has one ZODB connection, with an explicit transaction manager,
+and `JobStore._run` applies each operation and returns a Deferred that fires only once the
+operation's commit is on the disk: nothing is acknowledged before it is durable, and no
+persistent object leaves the store (operations return plain dicts, lists and bytes).
+
+With a FileStorage (the default), operations run in the reactor's thread: those that came
+in one turn of the reactor are committed together at its end (a commit not yet fsynced
+costs 0.1-0.3 ms; under load a turn brings many requests), and a `Syncer` thread fsyncs
+the file and then fires the Deferreds of every commit made before that fsync, in order
+(group commit: one fsync for many commits).  Measured against a writer thread of its own,
+same-process A/B: the hand-offs of operations, leases and the interpreter between two busy
+threads cost more than that thread saved (the latency loop 1.79 -> 1.56 ms, throughput
+3,831 -> 4,049 jobs/s, 1,000 worker slots 4,443 -> 4,750 jobs/s, heartbeats p99 305 -> 195 ms).
+Other storages (ZEO, RelStorage) commit over the network: there a dedicated writer thread
+owns the connection, drains a queue of operations and commits each batch once.  Either way a
+failing operation runs again alone under a savepoint, so that it does not spoil its
+neighbours; large payloads are written to their files by a staging thread first.
 """
 from __future__ import annotations
 
@@ -68,6 +75,8 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         self._conn = None
         self._syncer: Syncer | None = None
         self._packing = False
+        self._waiting: list = []         # operations for the commit at the end of this turn (`_write`)
+        self._flushing = False
         if not threaded:
             self._open()
 
@@ -86,26 +95,32 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         self._tm.abort()
 
     def start(self) -> None:
-        """Start the writer thread (and the staging thread)."""
-        if self.threaded and self._thread is None:
-            self._stager.start()
-            fs = file_storage(self.db.storage)
-            if fs is not None:
-                self._syncer = Syncer(fs, self._synced)
-                self._syncer.start()
+        """Start the syncer (a FileStorage) or the writer thread, and the staging thread."""
+        if not self.threaded or self._thread is not None or self._syncer is not None:
+            return
+        self._stager.start()
+        fs = file_storage(self.db.storage)
+        if fs is not None:
+            self._open()
+            self._syncer = Syncer(fs, self._synced)
+            self._syncer.start()
+        else:
             self._thread = threading.Thread(target=self._loop, name="dsage-zodb", daemon=True)
             self._thread.start()
 
     def stop(self) -> None:
-        """Finish queued operations, stop the thread and close the database cleanly."""
-        if self._thread is not None:
+        """Finish queued operations and fsyncs, stop the threads and close the database."""
+        if self.threaded:
             self._stager.stop()
+        if self._thread is not None:
             self._queue.put(_STOP)
             self._thread.join()
             self._thread = None
-            if self._syncer is not None:
-                self._syncer.stop()
-        elif self._conn is not None:
+        if self._syncer is not None:
+            self._flush()
+            self._syncer.stop()
+            self._syncer = None
+        if self._conn is not None:
             self._conn.close()
             self._conn = None
         self.db.close()
@@ -128,18 +143,35 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
                         stop = True
                         break
                     batch.append(nxt)
-                if self._syncer is None:
-                    self.reactor.callFromThread(_fire, self._execute(batch, self._announce))
-                else:       # fired once the syncer's fsync covers the commit (refused after a failed one)
-                    last = self.db.storage.lastTransaction()
-                    results = ([(d, False, None) for _, _, d, _ in batch] if self._syncer.failed
-                               else self._execute(batch, self._announce))
-                    self._syncer.put(results, self.db.storage.lastTransaction() != last)
+                self.reactor.callFromThread(_fire, self._execute(batch, self._announce))
                 if stop:
                     return
         finally:
             self._conn.close()
             self._conn = None
+
+    def _write(self, op: tuple) -> None:
+        """Queue `op` for the commit at the end of this turn of the reactor (a FileStorage):
+        the operations that came in one turn share a transaction (when the reactor is busy,
+        with many connections, a turn brings many), and its Deferreds fire once the syncer's
+        fsync covers that commit (all refused after a failed fsync, see `_synced`)."""
+        self._waiting.append(op)
+        if not self._flushing:
+            self._flushing = True
+            self.reactor.callLater(0, self._flush)
+
+    def _flush(self) -> None:
+        """Apply and commit the operations queued by `_write`; those their early hooks ask
+        for (a lease for a slot that has gone is given back) go in the next turn."""
+        self._flushing = False
+        while self._waiting:
+            batch, self._waiting = self._waiting[:MAX_BATCH], self._waiting[MAX_BATCH:]
+            last = self.db.storage.lastTransaction()
+            results = ([(d, False, None) for _, _, d, _ in batch] if self._syncer.failed
+                       else self._execute(batch, _announce))
+            self._syncer.put(results, self.db.storage.lastTransaction() != last)
+            if self._flushing:      # a hook asked for more: the reactor reads its sockets first
+                return
 
     def _synced(self, results: list) -> None:
         """A batch's results, its commit on the disk (in the syncer's thread); all refused
@@ -224,13 +256,15 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             tfile.truncate()
 
     def _run(self, fn: Callable[..., Any], *args: Any, early: Callable[[Any], None] | None = None) -> defer.Deferred:
-        """Apply `fn(root, *args)` in the writer thread; the Deferred fires with its value
-        once committed.  `early`, if given, is called in the reactor with the value as soon
-        as it is computed, while the commit runs: only for what may be acted on before it
-        is durable (jobs leased: a lease that does not survive a crash is refused by its
+        """Apply `fn(root, *args)` (at once, or in the writer thread: see the module); the
+        Deferred fires with its value once committed and on the disk.  `early`, if given, is
+        called in the reactor with the value as soon as it is computed, before the commit:
+        only for what may be acted on before it is durable (jobs leased: a lease that does not survive a crash is refused by its
         token when reported, and the job, never acknowledged, is submitted again)."""
         d = defer.Deferred()
-        if self.threaded:
+        if self._syncer is not None:
+            self._write((fn, args, d, early))
+        elif self.threaded:
             self._queue.put((fn, args, d, early))
         else:       # unit tests: the hooks run once the transaction is over (they call in again)
             announced: list = []

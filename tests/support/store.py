@@ -50,14 +50,23 @@ def reported(job: dict, outcome: str = "completed", **fields) -> dict:
 
 
 class ThreadReactor:
-    """Enough of a reactor for a threaded store: calls from its threads wait in a queue
-    that the test runs."""
+    """Enough of a reactor for a server's store: calls from its threads, and its calls for
+    the next turn, wait in a queue that the test runs."""
 
     def __init__(self) -> None:
         self.calls = queue.SimpleQueue()
 
     def callFromThread(self, f, *args, **kw) -> None:
         self.calls.put((f, args, kw))
+
+    def callLater(self, delay: float, f, *args, **kw) -> None:
+        self.calls.put((f, args, kw))
+
+    def turn(self) -> None:
+        """Run what waits now (the end of a turn of the reactor: the store commits)."""
+        for _ in range(self.calls.qsize()):
+            f, args, kw = self.calls.get_nowait()
+            f(*args, **kw)
 
     def drain(self, d) -> None:
         """Run what the store's threads hand back until `d` has a result."""

@@ -1,10 +1,13 @@
-"""Certificates and bundles."""
+"""Certificates and bundles; the TLS transport that sends at once."""
 from __future__ import annotations
 
 import stat
 
 import pytest
 from cryptography import x509
+from OpenSSL.SSL import WantReadError
+from twisted.internet import abstract
+from twisted.internet.testing import MemoryReactor
 
 from dsage import tls
 
@@ -60,3 +63,59 @@ def test_authority_saves_its_key_privately(tmp_path, ca):
     ca.save(tmp_path)
     assert stat.S_IMODE((tmp_path / "ca.key").stat().st_mode) == 0o600
     assert tls.Authority.load(tmp_path).cert == ca.cert
+
+
+class _Wire(abstract.FileDescriptor):
+    """A TCP transport whose socket takes `room` bytes (Twisted's buffering, sends recorded)."""
+
+    connected = True
+
+    def __init__(self, room: int) -> None:
+        super().__init__(MemoryReactor())
+        self.room, self.sent = room, []
+
+    def writeSomeData(self, data) -> int:
+        n = min(self.room, len(data))
+        self.sent.append(bytes(data[:n]))
+        self.room -= n
+        return n
+
+
+class _BIO:
+    """The encrypted bytes waiting in a TLS connection's send buffer."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def bio_read(self, n: int) -> bytes:
+        if not self.data:
+            raise WantReadError()
+        out, self.data = self.data[:n], self.data[n:]
+        return out
+
+
+def _sending(wire, data: bytes):
+    proto = object.__new__(tls._write_through().protocol)
+    proto._tlsConnection, proto.transport = _BIO(data), wire
+    proto._flushSendBIO()
+    return wire
+
+
+def test_encrypted_bytes_go_to_the_socket_at_once():
+    """With nothing buffered, a message is on the socket before the reactor turns."""
+    wire = _sending(_Wire(room=1 << 20), b"lease")
+    assert wire.sent == [b"lease"] and not wire._tempDataBuffer
+
+
+def test_what_the_socket_does_not_take_waits_in_the_transport():
+    wire = _sending(_Wire(room=3), b"lease")
+    assert wire.sent == [b"lea"] and wire._tempDataBuffer == [b"se"]
+    assert wire in wire.reactor.getWriters()
+
+
+def test_bytes_already_waiting_keep_their_place():
+    """Once anything waits in the transport, later bytes queue behind it, never ahead."""
+    wire = _Wire(room=1 << 20)
+    wire.write(b"first")
+    _sending(wire, b"second")
+    assert wire.sent == [] and wire._tempDataBuffer == [b"first", b"second"]

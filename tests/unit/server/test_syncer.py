@@ -1,4 +1,5 @@
-"""Syncer: a threaded store on a real FileStorage acknowledges commits only once fsynced."""
+"""Syncer: a server's store on a real FileStorage commits in the caller's thread (the
+reactor's) and acknowledges commits only once fsynced; other storages get a writer thread."""
 from __future__ import annotations
 
 import errno
@@ -64,6 +65,7 @@ def test_a_submission_is_acknowledged_only_after_the_fsync_of_its_commit(threade
     disk = Disk(monkeypatch)
     store.start()
     d = store.submit("a", [spec()])
+    reactor.turn()
     disk.calls.get(timeout=10)
     assert not fired(reactor) and not d.called
     conn = store.db.open()
@@ -77,18 +79,18 @@ def test_a_submission_is_acknowledged_only_after_the_fsync_of_its_commit(threade
 
 
 def test_one_fsync_covers_the_commits_made_while_the_disk_worked(threaded, monkeypatch):
-    """While one fsync runs, the store's thread commits the next batches; a second fsync
-    then covers them all, and the acknowledgements keep their order."""
+    """While one fsync runs, the next operations are committed; a second fsync then covers
+    them all, and the acknowledgements keep their order."""
     store, reactor = threaded
     disk = Disk(monkeypatch)
     store.start()
     first = store.submit("a", [spec("first")])
+    reactor.turn()
     disk.calls.get(timeout=10)
     more = []
-    for i in range(5):
+    for i in range(5):                  # each in a turn of its own: a commit of its own
         more.append(store.submit("a", [spec(str(i))]))
-        while store._queue.qsize():     # each its own batch: the writer takes it before the next
-            threading.Event().wait(0.001)
+        reactor.turn()
     deadline = time.monotonic() + 10
     while store._syncer._queue.qsize() < 5 and time.monotonic() < deadline:
         threading.Event().wait(0.001)
@@ -100,6 +102,19 @@ def test_one_fsync_covers_the_commits_made_while_the_disk_worked(threaded, monke
     reactor.drain(more[-1])
     assert order == [1, 2, 3, 4, 5, 6]
     assert disk.calls.qsize() == 1      # the second fsync, for the five later commits
+
+
+def test_the_operations_of_one_turn_share_a_commit(threaded):
+    """Requests that come in one turn of the reactor are committed together."""
+    store, reactor = threaded
+    store.start()
+    before = len(list(store.db.storage.iterator()))
+    ds = [store.submit("a", [spec(str(i))]) for i in range(3)]
+    assert len(list(store.db.storage.iterator())) == before, "nothing committed before the turn ends"
+    reactor.turn()
+    reactor.drain(ds[-1])
+    assert [value(d) for d in ds] == [[1], [2], [3]]
+    assert len(list(store.db.storage.iterator())) == before + 1, "one transaction for the three"
 
 
 def test_a_failed_fsync_refuses_what_it_covered_and_every_request_after(threaded, monkeypatch):
@@ -118,6 +133,41 @@ def test_a_failed_fsync_refuses_what_it_covered_and_every_request_after(threaded
     reactor.drain(later)
     with pytest.raises(errors.RemoteError, match="refuses every request until restarted"):
         value(later)
+
+
+def test_an_operation_asked_for_while_one_commits_runs_after_it(threaded):
+    """A lease's early hook runs before its commit; an operation it asks for (a lease for a
+    slot that has gone is given back) waits for that commit and sees what it wrote."""
+    store, reactor = threaded
+    store.start()
+    inner = []
+    d = store.submit_and_claim("a", [spec("x"), spec("y")], None, None, None, [("w1", 1)], 60.0,
+                               early=lambda out: inner.append(store.status()))
+    reactor.turn()
+    assert len(inner) == 1 and not inner[0].called
+    reactor.drain(d)
+    out = value(d)
+    assert out["ids"] == [1, 2] and [j["job_id"] for j in out["claims"][0]] == [1]
+    reactor.drain(inner[0])
+    assert value(inner[0]) == {"new": 1, "processing": 1}
+
+
+def test_other_storages_get_a_writer_thread(tmp_path):
+    """Without a FileStorage (ZEO, RelStorage commit over the network) operations go to a
+    thread of the store's, batched, and fire through the reactor."""
+    from ZODB.MappingStorage import MappingStorage
+
+    reactor = ThreadReactor()
+    store = JobStore(ZODB.DB(MappingStorage()), reactor=reactor)
+    store.start()
+    try:
+        assert store._syncer is None and store._thread is not None
+        d = store.submit("a", [spec(), spec()])
+        reactor.drain(d)
+        assert value(d) == [1, 2]
+        assert store._thread.name == "dsage-zodb"
+    finally:
+        store.stop()
 
 
 def test_only_the_syncers_storage_skips_its_inline_fsync(tmp_path, monkeypatch):
