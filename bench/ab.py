@@ -36,8 +36,7 @@ def main(mode: str, specs: list[str]) -> None:
         c.start_server()
         c.add_worker(slots=2)
         D = c.connect()
-        while not D.workers():
-            time.sleep(0.05)
+        c.wait_for_workers(D)
         [j.wait() for j in D.map(abs, range(100))]
         clusters[name] = (c, D)
     res: dict[str, list[float]] = {k: [] for k in clusters}

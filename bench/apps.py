@@ -36,9 +36,7 @@ def cluster_with(slots: int) -> tuple:
     cluster.start_server()
     cluster.add_worker(slots=slots)
     D = cluster.connect()
-    deadline = time.monotonic() + 30
-    while not D.workers() and time.monotonic() < deadline:
-        time.sleep(0.05)
+    cluster.wait_for_workers(D)
     return D, cluster
 
 

@@ -89,8 +89,7 @@ def run_dsage(workloads: list[str], repeats: int, prefetch: int | None) -> dict[
         cluster.start_server()
         cluster.add_worker(slots=2, args=("--prefetch", str(prefetch)) if prefetch is not None else ())
         D = cluster.connect()
-        while not D.workers():
-            time.sleep(0.05)
+        cluster.wait_for_workers(D)
         [j.wait(timeout=60) for j in D.map(abs, range(100))]        # warm up
         for w in workloads:
             for _ in range(repeats):

@@ -65,8 +65,7 @@ def rss_mib(pid: int) -> float:
 
 def connect(cluster: LocalCluster):
     D = cluster.connect()
-    while not D.workers():
-        time.sleep(0.05)
+    cluster.wait_for_workers(D)
     return D
 
 

@@ -105,8 +105,24 @@ class LocalCluster:
                                                            "--slots", str(slots), *args],
                                 env=dict(self.env, **(env or {})), stdout=log, stderr=log,
                                 start_new_session=True)
+        proc.log_path = self.home / f"{name}.log"
         self.workers.append(proc)
         return proc
+
+    def wait_for_workers(self, D, n: int | None = None, timeout: float = 30.0) -> None:
+        """Block until `n` workers (by default every one started here) are connected to the
+        server; DsageError if one of them exits or `timeout` passes first."""
+        n = len(self.workers) if n is None else n
+        deadline = time.monotonic() + timeout
+        while len(D.workers()) < n:
+            for proc in self.workers:
+                if proc.poll() is not None:
+                    raise errors.DsageError(f"dsage_worker exited with {proc.returncode}: "
+                                            f"{proc.log_path.read_text()[-2000:]}")
+            if time.monotonic() > deadline:
+                raise errors.DsageError(f"{n} workers did not connect within {timeout:g} s "
+                                        f"(their logs: {self.home}/*.log)")
+            time.sleep(0.05)
 
     def connect(self, cert: str | None = None):
         """A blocking session as the admin (or the bundle given)."""
@@ -143,8 +159,9 @@ def _end(proc: subprocess.Popen, sig: int) -> None:
             proc.wait()
 
 
-def start_all(workers: int = 2, slots: int = 1, home: str | None = None):
-    """A local server and workers; returns (D, cluster).  `cluster.stop()` ends them."""
+def start_all(workers: int = 2, slots: int = 1, home: str | None = None, timeout: float = 30.0):
+    """A local server and workers, returned once the workers are connected: (D, cluster).
+    `cluster.stop()` ends them."""
     cluster = LocalCluster(Path(home) if home else None)
     try:
         cluster.init()
@@ -152,6 +169,7 @@ def start_all(workers: int = 2, slots: int = 1, home: str | None = None):
         for _ in range(workers):
             cluster.add_worker(slots=slots)
         D = cluster.connect()
+        cluster.wait_for_workers(D, timeout=timeout)
     except BaseException:
         cluster.stop()
         raise

@@ -3,8 +3,6 @@ DistributedFactor, a live progress bar, the factorization printed, everything cl
 (on Ctrl-C too)."""
 from __future__ import annotations
 
-import time
-
 #: (2**64 + 1) times primes of 24, 26 and 27 digits: trial division finds 274177, ECM the
 #: rest, in some tens of seconds on two workers.
 DEFAULT_NUMBER = ((2**64 + 1) * 300000000000000000006827 * 50000000000000000000004373
@@ -22,9 +20,6 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
     print(f"starting a local dsage cluster: 1 server, {workers} workers ...", flush=True)
     D, cluster = dsage.start_all(workers=workers)
     try:
-        deadline = time.monotonic() + 30
-        while len(D.workers()) < workers and time.monotonic() < deadline:
-            time.sleep(0.1)
         web = (cluster.home / "server.web").read_text().strip() if (cluster.home / "server.web").exists() else "-"
         print(f"server at {D.client.address} (home {cluster.home}), dashboard at {web}\nfactoring {n} ({len(str(n))} digits) "
               f"with DistributedFactor (trial division, then ECM curves on the workers)", flush=True)

@@ -1,0 +1,42 @@
+"""`dsage.start_all` and LocalCluster, as a notebook or script uses them."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from dsage import errors
+from dsage.client.local import LocalCluster
+
+
+def test_start_all_returns_with_its_workers_connected_and_cleans_up_at_exit():
+    """start_all(workers=2) comes back with both workers there (status and workers say so at
+    once), runs jobs, and the program's exit stops the processes and removes the home."""
+    code = textwrap.dedent("""
+        import dsage
+        D, cluster = dsage.start_all(workers=2)
+        print(len(D.workers()), D.status()["slots"], flush=True)
+        print(D.submit(abs, -5).wait(timeout=30), flush=True)
+        print(cluster.home, flush=True)
+    """)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                         env=dict(os.environ, DSAGE_HOME="/nonexistent"))
+    assert out.returncode == 0, out.stderr
+    counts, result, home = out.stdout.splitlines()
+    assert counts == "2 2" and result == "5"
+    assert not os.path.exists(home)
+    ps = subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True).stdout
+    assert home not in ps
+
+
+def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
+    """Waiting for workers ends with the worker's own error when it exits instead."""
+    with LocalCluster(tmp_path / "home") as cluster:
+        cluster.init()
+        cluster.start_server()
+        cluster.add_worker(args=("--slots", "0"))
+        with cluster.connect() as D, pytest.raises(errors.DsageError, match="dsage_worker exited"):
+            cluster.wait_for_workers(D, timeout=30)
