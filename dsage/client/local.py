@@ -120,8 +120,9 @@ class LocalCluster:
                     raise errors.DsageError(f"dsage_worker exited with {proc.returncode}: "
                                             f"{proc.log_path.read_text()[-2000:]}")
             if time.monotonic() > deadline:
-                raise errors.DsageError(f"{n} workers did not connect within {timeout:g} s "
-                                        f"(their logs: {self.home}/*.log)")
+                tails = " | ".join(f"{p.log_path.name}: {_last_line(p.log_path)}" for p in self.workers)
+                raise errors.DsageError(f"{len(D.workers())} of {n} workers connected within {timeout:g} s "
+                                        f"({tails})")
             time.sleep(0.05)
 
     def connect(self, cert: str | None = None):
@@ -146,6 +147,12 @@ class LocalCluster:
         self.stop()
 
 
+def _last_line(path: Path) -> str:
+    """The last line a process wrote to its log, or "(empty)"."""
+    lines = path.read_text(errors="replace").strip().splitlines() if path.exists() else []
+    return lines[-1][-300:] if lines else "(empty)"
+
+
 def _end(proc: subprocess.Popen, sig: int) -> None:
     if proc.poll() is None:
         try:
@@ -163,6 +170,7 @@ def start_all(workers: int = 2, slots: int = 1, home: str | None = None, timeout
     """A local server and workers, returned once the workers are connected: (D, cluster).
     `cluster.stop()` ends them."""
     cluster = LocalCluster(Path(home) if home else None)
+    D = None
     try:
         cluster.init()
         cluster.start_server()
@@ -171,6 +179,8 @@ def start_all(workers: int = 2, slots: int = 1, home: str | None = None, timeout
         D = cluster.connect()
         cluster.wait_for_workers(D, timeout=timeout)
     except BaseException:
+        if D is not None:
+            D.close()
         cluster.stop()
         raise
     import atexit

@@ -40,3 +40,15 @@ def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
         cluster.add_worker(args=("--slots", "0"))
         with cluster.connect() as D, pytest.raises(errors.DsageError, match="dsage_worker exited"):
             cluster.wait_for_workers(D, timeout=30)
+
+
+def test_workers_that_never_connect_end_the_wait_with_their_last_log_lines(tmp_path):
+    """A worker that cannot reach the server: the wait gives up after its timeout, saying how
+    many came and what each worker last wrote."""
+    with LocalCluster(tmp_path / "home") as cluster:
+        cluster.init()
+        cluster.start_server()
+        cluster.add_worker(args=("--server", "127.0.0.1:1"))
+        with cluster.connect() as D, pytest.raises(errors.DsageError) as e:
+            cluster.wait_for_workers(D, timeout=3)
+        assert "0 of 1 workers connected within 3 s (worker1.log: " in str(e.value)
