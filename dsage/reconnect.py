@@ -22,9 +22,11 @@ class Reconnector:
     log = Logger()
 
     def __init__(self, endpoint, factory, prepare: Callable[[object], defer.Deferred], clock, *,
-                 initial: float = 0.2, max_delay: float = 5.0, factor: float = 1.5) -> None:
+                 initial: float = 0.2, max_delay: float = 5.0, factor: float = 1.5, address: str = "") -> None:
         self.endpoint = endpoint
         self.factory = factory
+        factory.noisy = False       # its "Starting factory" lines, at every attempt, said nothing
+        self.address = address
         self.prepare = prepare
         self.clock = clock
         self.initial, self.max_delay, self.factor = initial, max_delay, factor
@@ -105,6 +107,11 @@ class Reconnector:
         if failure.check(defer.CancelledError) and not self.running:
             return
         self.failures += 1
+        if self.running and self.address and self.failures & (self.failures - 1) == 0 and \
+                not failure.check(errors.AuthError, errors.ProtocolError):      # those: the caller's to say
+            # Attempts 1, 2, 4, 8, ...: a server down for an hour costs a dozen lines.
+            self.log.warn("cannot reach the dsage server at {address}: {why} (attempt {n}; trying again)",
+                          address=self.address, why=failure.getErrorMessage(), n=self.failures)
         self._fail_waiters(failure)
         if self.running:
             self._schedule()

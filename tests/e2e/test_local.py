@@ -52,3 +52,4 @@ def test_workers_that_never_connect_end_the_wait_with_their_last_log_lines(tmp_p
         with cluster.connect() as D, pytest.raises(errors.DsageError) as e:
             cluster.wait_for_workers(D, timeout=3)
         assert "0 of 1 workers connected within 3 s (worker1.log: " in str(e.value)
+        assert "cannot reach the dsage server at 127.0.0.1:1: Connection was refused" in str(e.value)
