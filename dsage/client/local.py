@@ -114,14 +114,14 @@ class LocalCluster:
         server; DsageError if one of them exits or `timeout` passes first."""
         n = len(self.workers) if n is None else n
         deadline = time.monotonic() + timeout
-        while len(D.workers()) < n:
+        while (connected := len(D.workers())) < n:
             for proc in self.workers:
                 if proc.poll() is not None:
                     raise errors.DsageError(f"dsage_worker exited with {proc.returncode}: "
                                             f"{proc.log_path.read_text()[-2000:]}")
             if time.monotonic() > deadline:
                 tails = " | ".join(f"{p.log_path.name}: {_last_line(p.log_path)}" for p in self.workers)
-                raise errors.DsageError(f"{len(D.workers())} of {n} workers connected within {timeout:g} s "
+                raise errors.DsageError(f"{connected} of {n} workers connected within {timeout:g} s "
                                         f"({tails})")
             time.sleep(0.05)
 
