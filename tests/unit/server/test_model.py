@@ -124,3 +124,81 @@ def test_large_payloads_and_results_come_back_warm_or_from_the_disk(tmp_path):
         assert value(store.get("a", "client", 1))["result"] == result      # from the blob file
     finally:
         store.stop()
+
+
+def _file_store(path):
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    from dsage.server.store import JobStore
+    return JobStore(ZODB.DB(FileStorage(str(path))), threaded=False)
+
+
+def _run_one(store, output="hello\n", result=b"42"):
+    """Submit, lease and complete one job; its id."""
+    [job_id] = value(store.submit("alice", [spec("6 * 7")]))
+    [[job]] = value(store.claim([("w1", 1)], 60.0))
+    out = value(store.report("w1", reported(job, output=output, result=result, cpu_time=0.5, wall_time=0.7)))
+    assert out["applied"]
+    return job_id
+
+
+def test_jobs_and_the_root_survive_a_reopen_in_their_packed_form(tmp_path):
+    """A job's record and the root are written as one packed string each (plus their
+    persistent parts) and read back the same, counts, attempts and result included."""
+    s = _file_store(tmp_path / "d.fs")
+    ids = [_run_one(s) for _ in range(3)]
+    before = [value(s.get("alice", "client", i)) for i in ids]
+    counts = value(s.status())
+    state = s.root.jobs[ids[0]].__getstate__()
+    assert isinstance(state, tuple) and isinstance(state[0], bytes), "written packed"
+    assert isinstance(s.root.__getstate__(), tuple)
+    s.stop()
+    s = _file_store(tmp_path / "d.fs")
+    try:
+        assert [value(s.get("alice", "client", i)) for i in ids] == before
+        assert before[0]["result"] == b"42" and before[0]["attempts"][0]["outcome"] == "completed"
+        assert value(s.status()) == counts and counts["completed"] == 3
+        assert _run_one(s) == 4, "the root's next id came back too"
+    finally:
+        s.stop()
+
+
+def test_a_job_whose_output_msgpack_cannot_hold_is_written_as_a_plain_dict(tmp_path):
+    """Output with a lone surrogate (undecodable bytes a job printed) has no msgpack form:
+    that record is written the way ZODB writes any object, and reads back the same."""
+    s = _file_store(tmp_path / "d.fs")
+    job_id = _run_one(s, output="bad \udc80 byte\n")
+    assert isinstance(s.root.jobs[job_id].__getstate__(), dict)
+    s.stop()
+    s = _file_store(tmp_path / "d.fs")
+    try:
+        assert value(s.get("alice", "client", job_id))["output"] == "bad \udc80 byte\n"
+    finally:
+        s.stop()
+
+
+def test_records_written_as_plain_dicts_by_earlier_versions_load_and_are_rewritten_packed(tmp_path, monkeypatch):
+    """Databases of versions before packed states hold attribute dicts: they load, and a
+    record changed later is written in the packed form."""
+    from persistent import Persistent
+
+    with monkeypatch.context() as m:
+        m.setattr(model.Packed, "__getstate__", Persistent.__getstate__)
+        s = _file_store(tmp_path / "d.fs")
+        job_id = _run_one(s)
+        [queued] = value(s.submit("alice", [spec("1")]))
+        s.stop()
+    s = _file_store(tmp_path / "d.fs")
+    try:
+        assert value(s.get("alice", "client", job_id))["result"] == b"42"
+        assert value(s.status())["new"] == 1
+        [[job]] = value(s.claim([("w1", 1)], 60.0))
+        assert job["job_id"] == queued
+        assert value(s.report("w1", reported(job, result=b"1")))["applied"]
+        s.stop()
+        s = _file_store(tmp_path / "d.fs")
+        assert value(s.get("alice", "client", queued))["result"] == b"1"
+        assert value(s.status())["completed"] == 2
+    finally:
+        s.stop()
