@@ -202,3 +202,38 @@ def test_records_written_as_plain_dicts_by_earlier_versions_load_and_are_rewritt
         assert value(s.status())["completed"] == 2
     finally:
         s.stop()
+
+
+def test_trees_of_an_earlier_version_keep_working_beside_new_ones(tmp_path):
+    """A database made before the tuned trees holds a plain LOBTree of jobs and LLTreeSet
+    index entries: jobs are added, found, listed and counted as before, and an index entry
+    made now (a new owner) is an IdSet beside them."""
+    import transaction
+    import ZODB
+    from BTrees.LLBTree import LLTreeSet
+    from BTrees.LOBTree import LOBTree
+    from ZODB.FileStorage import FileStorage
+
+    path = tmp_path / "d.fs"
+    s = _file_store(path)
+    first = _run_one(s)
+    s.stop()
+    db = ZODB.DB(FileStorage(str(path)))
+    with transaction.manager:
+        root = db.open().root()["dsage"]
+        root.jobs = LOBTree(root.jobs)
+        for tree in (root.by_owner, root.by_status):
+            for key in list(tree.keys()):
+                tree[key] = LLTreeSet(tree[key])
+    db.close()
+    s = _file_store(path)
+    try:
+        assert type(s.root.jobs) is LOBTree
+        ids = [first] + [_run_one(s) for _ in range(40)]
+        [bob] = value(s.submit("bob", [spec("1")]))
+        assert [j["job_id"] for j in value(s.list("alice", "client"))] == ids[::-1]
+        assert value(s.get("bob", "client", bob))["status"] == "new"
+        assert type(s.root.by_owner["alice"]) is LLTreeSet and type(s.root.by_owner["bob"]) is model.IdSet
+        assert value(s.status())["completed"] == 41
+    finally:
+        s.stop()
