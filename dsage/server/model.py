@@ -340,7 +340,8 @@ class IdSet(LLTreeSet):
 
 
 class TokenTree(OOBTree):
-    """(owner, token) -> (time, job ids) of submissions (clients send tokens that sort by time)."""
+    """(owner, token) -> the job ids of a submission (see `Root.remember`; clients send
+    tokens that sort by time)."""
 
     max_leaf_size = 16
     max_internal_size = 32
@@ -404,19 +405,24 @@ class Root(Packed):
             self.old_tokens, self.tokens, self.token_times, changed = self.tokens, TokenTree(), None, True
         return changed
 
-    def submission(self, owner: str, token: str) -> tuple[float, tuple] | None:
-        """(time, job ids) of the owner's submission under `token`, if remembered."""
+    def submission(self, owner: str, token: str) -> tuple[int, ...] | None:
+        """The job ids of the owner's submission under `token`, if remembered."""
         key = (owner, token)
         for tokens in (self.tokens, self.old_tokens):
             seen = tokens.get(key) if tokens is not None else None
             if seen is not None:
-                return seen
+                return _submitted_ids(seen)
         return None
 
     def remember(self, owner: str, token: str, now: float, ids: tuple, ttl: float) -> None:
-        """Remember a submission's token for at least `ttl` seconds (at most twice that)."""
+        """Remember a submission's token for at least `ttl` seconds (at most twice that).
+        Its ids are consecutive: kept as the first (one job) or (first, how many), not as
+        a tuple of them all, since a leaf of tokens is written whole at each insert."""
         self.turn_tokens(now, ttl)
-        self.tokens[(owner, token)] = (now, ids)
+        if ids == tuple(range(ids[0], ids[0] + len(ids))):
+            self.tokens[(owner, token)] = ids[0] if len(ids) == 1 else (ids[0], len(ids))
+        else:
+            self.tokens[(owner, token)] = (now, ids)
 
     def turn_tokens(self, now: float, ttl: float) -> None:
         """Start a new generation of tokens once the current one is `ttl` old, forgetting the
@@ -447,3 +453,13 @@ class Root(Packed):
         if ids is None:
             ids = tree[key] = IdSet()
         return ids
+
+
+def _submitted_ids(seen: int | tuple) -> tuple[int, ...]:
+    """The job ids of a remembered submission: its first id, (first id, how many), or, as
+    earlier versions kept them, (time, ids)."""
+    if isinstance(seen, int):
+        return (seen,)
+    if isinstance(seen[0], float):
+        return tuple(seen[1])
+    return tuple(range(seen[0], seen[0] + seen[1]))

@@ -391,7 +391,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
                                      f"{len(specs)} more would pass the limit of {limit} (max_queued_per_user)")
         seen = root.submission(owner, token) if token is not None else None
         if seen is not None:
-            return list(seen[1])
+            return list(seen)
         ids = []
         for spec in specs:
             job_id = root.next_job_id
