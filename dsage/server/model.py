@@ -11,9 +11,9 @@ import tempfile
 import threading
 from collections import OrderedDict
 
+import msgpack
 from BTrees.LLBTree import LLTreeSet
 from BTrees.LOBTree import LOBTree
-import msgpack
 from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.blob import Blob
@@ -236,8 +236,9 @@ class Packed(Persistent):
     attribute dict of 30 entries is 60 calls, one string is one (the store's commits spent
     a quarter of their time there).  A state msgpack cannot hold (a string with lone
     surrogates, an integer beyond 64 bits) is written as the plain dict instead; both forms
-    load."""
+    load.  Lists among the plain attributes come back as tuples."""
 
+    #: written by position: a subclass may add names at the end, never remove or reorder.
     _refs: tuple[str, ...] = ()
 
     def __getstate__(self) -> tuple | dict:
@@ -419,7 +420,7 @@ class Root(Packed):
         Its ids are consecutive: kept as the first (one job) or (first, how many), not as
         a tuple of them all, since a leaf of tokens is written whole at each insert."""
         self.turn_tokens(now, ttl)
-        if ids == tuple(range(ids[0], ids[0] + len(ids))):
+        if ids and ids == tuple(range(ids[0], ids[0] + len(ids))):
             self.tokens[(owner, token)] = ids[0] if len(ids) == 1 else (ids[0], len(ids))
         else:
             self.tokens[(owner, token)] = (now, ids)
