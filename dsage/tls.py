@@ -1,4 +1,5 @@
-"""The cluster's certificate authority, certificates, bundles and TLS options.
+"""The cluster's certificate authority, certificates and bundles, and the TLS transport
+every connection uses (the standard library's `ssl` over Twisted's TCP, see `TLSProtocol`).
 
 Every identity (the server, each user, each worker) has an EC P-256 key and a certificate
 signed by the cluster's CA.  The subject's common name is the identity; only the server's
@@ -14,6 +15,8 @@ import functools
 import ipaddress
 import os
 import re
+import ssl
+import tempfile
 from pathlib import Path
 
 from cryptography import x509
@@ -193,118 +196,257 @@ VERIFY_ERRORS = {9: "certificate not yet valid", 10: "certificate expired", 18: 
                  24: "invalid CA certificate", 26: "certificate not for this purpose"}
 
 
-def _note_refusal(conn, cert, errno: int, depth: int, ok: int) -> bool:
-    """OpenSSL verify callback: remember why a peer certificate was refused, for the log."""
-    if not ok:
+def server_options(ca_pem: bytes, cert_pem_: bytes, key_pem_: bytes) -> ssl.SSLContext:
+    """TLS context of the server: its certificate, client certificates required from the CA
+    (and for client use: OpenSSL checks the purpose by side)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=ca_pem.decode())
+    _load_identity(ctx, cert_pem_, key_pem_)
+    ctx.num_tickets = 0             # connections are long-lived: no session to resume
+    return ctx
+
+
+def client_options(bundle: Bundle) -> ssl.SSLContext:
+    """TLS context of a client or worker: verify the server as SERVER_NAME against the
+    cluster's CA, present its own certificate."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)     # CERT_REQUIRED, hostname checked
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.load_verify_locations(cadata=bundle.ca_pem.decode())
+    _load_identity(ctx, bundle.cert_pem, bundle.key_pem)
+    return ctx
+
+
+def _load_identity(ctx: ssl.SSLContext, cert_pem_: bytes, key_pem_: bytes) -> None:
+    """Give `ctx` a certificate and key held in memory (`load_cert_chain` reads files only:
+    an anonymous in-memory file where the system has them, else a private temporary one)."""
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("dsage-identity")
         try:
-            subject = cert.to_cryptography().subject.rfc4514_string()
-        except Exception:
-            subject = "?"
-        try:
-            proto = conn.get_app_data().wrappedProtocol
-            proto.tls_refusal = f"{VERIFY_ERRORS.get(errno, f'verify error {errno}')} ({subject})"
-        except AttributeError:
-            pass
-    return bool(ok)
-
-
-def server_options(ca_pem: bytes, cert_pem_: bytes, key_pem_: bytes):
-    """TLS options of the server: its certificate, client certificates required from the CA,
-    and the reason of every refused certificate noted on its connection (`tls_refusal`)."""
-    from OpenSSL import SSL
-    from twisted.internet import ssl
-
-    class Options(ssl.CertificateOptions):
-        def _makeContext(self, *args, **kw):
-            # Once, when the context is made: a context in use cannot be changed.
-            ctx = super()._makeContext(*args, **kw)
-            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT, _note_refusal)
-            return ctx
-
-    ca = ssl.Certificate.loadPEM(ca_pem)
-    own = ssl.PrivateCertificate.loadPEM(cert_pem_ + key_pem_)
-    return Options(privateKey=own.privateKey.original, certificate=own.original,
-                   trustRoot=ca, raiseMinimumTo=ssl.TLSVersion.TLSv1_2)
-
-
-def client_options(bundle: Bundle):
-    """TLS options of a client or worker: verify the server against the CA, present own cert."""
-    from twisted.internet import ssl
-
-    return ssl.optionsForClientTLS(SERVER_NAME, trustRoot=ssl.Certificate.loadPEM(bundle.ca_pem),
-                                   clientCertificate=ssl.PrivateCertificate.loadPEM(bundle.cert_pem + bundle.key_pem))
+            os.write(fd, cert_pem_ + key_pem_)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    with tempfile.TemporaryDirectory() as folder:       # 0700
+        path = Path(folder) / "identity.pem"
+        write_private(path, cert_pem_ + key_pem_)
+        ctx.load_cert_chain(path)
 
 
 def peer_identity(transport) -> tuple[str, int]:
     """The (common name, serial number) of the verified peer certificate."""
-    cert = transport.getPeerCertificate()
-    if cert is None:
+    der = transport.getPeerCertificate()
+    if der is None:
         raise ValueError("no client certificate")
-    crt = cert.to_cryptography()
+    crt = x509.load_der_x509_certificate(der)
     names = crt.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
     if not names:
         raise ValueError("client certificate without a common name")
     return str(names[0].value), crt.serial_number
 
 
+def describe_error(error: BaseException) -> str:
+    """A TLS failure in words: the certificate problem, or OpenSSL's reason."""
+    if isinstance(error, ssl.SSLCertVerificationError):
+        return VERIFY_ERRORS.get(error.verify_code, error.verify_message or "certificate refused")
+    if isinstance(error, ssl.SSLError) and error.reason:
+        return "TLS: " + error.reason.lower().replace("_", " ")
+    return str(error)
+
+
 def client_endpoint(bundle: Bundle, reactor, host: str, port: int, timeout: float = 10):
     """An endpoint that dials `host:port` and speaks TLS as `bundle`'s identity; connect()
-    fires with the application's protocol (as `wrapClientTLS`, but see `_write_through`)."""
+    fires with the application's protocol once the TCP connection is made."""
     from twisted.internet.endpoints import HostnameEndpoint
 
     return _ClientTLSEndpoint(client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=timeout))
 
 
-def listen(reactor, port: int, options, factory, interface: str = ""):
-    """Listen on `port` with TLS (see `_write_through`); a Deferred of the listening port."""
+def listen(reactor, port: int, options: ssl.SSLContext, factory, interface: str = ""):
+    """Listen on `port` with TLS (see `TLSProtocol`); a Deferred of the listening port."""
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
-    return TCP4ServerEndpoint(reactor, port, interface=interface).listen(_write_through()(options, False, factory))
+    return TCP4ServerEndpoint(reactor, port, interface=interface).listen(_factory()(options, True, factory))
+
+
+def send_now(tcp, data: bytes) -> None:
+    """Write `data` to the TCP transport `tcp`, to its socket at once when nothing waits
+    there before it (Twisted's transports hold every write until the reactor's next poll;
+    a lease must leave before the server goes on to commit it)."""
+    if (hasattr(tcp, "writeSomeData") and tcp.connected and not tcp._writeDisconnected
+            and not tcp._tempDataLen and tcp.offset == len(tcp.dataBuffer)):
+        sent = tcp.writeSomeData(data)
+        if isinstance(sent, Exception):     # the connection is lost: the reactor says so
+            sent = 0
+        data = data[sent:]
+    if data:
+        tcp.write(data)
+
+
+#: bytes a TCP read may bring at once (Twisted's default, 64 KiB, is four TLS records).
+READ_SIZE = 1 << 18
+#: the largest plaintext of a TLS record.
+RECORD = 1 << 14
 
 
 @functools.cache
-def _write_through():
-    """A `TLSMemoryBIOFactory` whose connections encrypt and send each write at once.
+def _factory():
+    """The TLS wrapping factory and its protocol (Twisted imported on first use)."""
+    from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
+    from twisted.python.failure import Failure
 
-    Twisted's default TLS transport holds every write until the next turn of the reactor
-    (`callLater(0)`) to join small ones; a dsage message is one write already, so that only
-    delayed every message by a reactor turn (0.1-0.2 ms of a 2 ms round trip here).  And
-    the TCP transport under it holds its writes until the reactor's next poll: the
-    encrypted bytes go to the socket at once when nothing is waiting there before them
-    (a lease must leave before the server goes on to commit it)."""
-    from OpenSSL.SSL import WantReadError
-    from twisted.protocols.tls import TLSMemoryBIOFactory, TLSMemoryBIOProtocol
+    class TLSProtocol(ProtocolWrapper):
+        """TLS over a TCP transport with the standard library's `ssl` (memory BIOs).
 
-    class SendNowTLS(TLSMemoryBIOProtocol):
-        def _flushSendBIO(self) -> None:
+        Twisted's own TLS transport, on pyOpenSSL, runs a dozen Python calls per 16 KiB
+        record each way and holds every write until the next turn of the reactor; here a
+        whole message is encrypted in one call and sent at once, and a TCP read is
+        decrypted record by record in C and delivered as one chunk (see bench/README.md)."""
+
+        _ready = False          # the handshake is done
+        _lost = False           # the TLS connection is over (an error, or the peer closed it)
+        _reason = None          # the TLS failure to report to the application
+
+        def makeConnection(self, transport) -> None:
+            self._in, self._out = ssl.MemoryBIO(), ssl.MemoryBIO()
+            side = self.factory.server_side
+            self._tls = self.factory.context.wrap_bio(self._in, self._out, server_side=side,
+                                                      server_hostname=None if side else SERVER_NAME)
+            self._pending: list[bytes] = []
+            if hasattr(transport, "bufferSize"):
+                transport.bufferSize = READ_SIZE
+            super().makeConnection(transport)   # the application's connectionMade: it may write
+            self._handshake()
+
+        def getPeerCertificate(self) -> bytes | None:
+            """The peer's certificate (DER), verified against the cluster's CA."""
+            return self._tls.getpeercert(binary_form=True) if self._ready else None
+
+        def _handshake(self) -> bool:
             try:
-                data = self._tlsConnection.bio_read(2 ** 15)
-            except WantReadError:
+                self._tls.do_handshake()
+            except ssl.SSLWantReadError:
+                self._flush()
+                return False
+            except (ssl.SSLError, ValueError):
+                self._fail(Failure())
+                return False
+            self._ready = True
+            pending, self._pending = self._pending, []
+            for data in pending:
+                self._tls.write(data)
+            self._flush()
+            if self.disconnecting:
+                self._close()
+            return True
+
+        def dataReceived(self, data: bytes) -> None:
+            if self._lost:
                 return
-            tcp = self.transport
-            if (hasattr(tcp, "writeSomeData") and tcp.connected and not tcp._writeDisconnected
-                    and not tcp._tempDataLen and tcp.offset == len(tcp.dataBuffer)):
-                sent = tcp.writeSomeData(data)
-                if isinstance(sent, Exception):     # the connection is lost: the reactor says so
-                    sent = 0
-                data = data[sent:]
-            if data:
-                tcp.write(data)
+            self._in.write(data)
+            if not self._ready and (not self._handshake() or self._lost):
+                return
+            parts: list[bytes] = []
+            ended = None
+            while True:
+                try:
+                    data = self._tls.read(RECORD)
+                except ssl.SSLWantReadError:
+                    break
+                except ssl.SSLError:
+                    ended = Failure()
+                    break
+                if not data:                        # the peer's close_notify
+                    ended = False
+                    break
+                parts.append(data)
+            if parts:
+                self.wrappedProtocol.dataReceived(parts[0] if len(parts) == 1 else b"".join(parts))
+            if ended is not None:
+                self._fail(ended or None)
+            elif self._out.pending:             # a key update, a ticket
+                self._flush()
 
-    class WriteThroughTLS(TLSMemoryBIOFactory):
-        protocol = SendNowTLS
+        def write(self, data: bytes) -> None:
+            if self._lost or self.disconnecting:
+                return
+            if not self._ready:
+                self._pending.append(bytes(data))
+                return
+            try:
+                self._tls.write(data)
+            except ssl.SSLError:
+                self._fail(Failure())
+                return
+            self._flush()
 
-    return WriteThroughTLS
+        def writeSequence(self, data) -> None:
+            self.write(b"".join(data))
+
+        def _flush(self) -> None:
+            if self._out.pending:
+                send_now(self.transport, self._out.read())
+
+        def loseConnection(self) -> None:
+            """Send what was written, a close_notify, and close (a connection still in its
+            handshake sends its writes once it is done)."""
+            if self.disconnecting or not self.connected:
+                return
+            self.disconnecting = True
+            if self._ready or self._lost:
+                self._close()
+            elif not self._pending:
+                self.abortConnection()
+
+        def _close(self) -> None:
+            if not self._lost:
+                self._lost = True
+                try:
+                    self._tls.unwrap()
+                except (ssl.SSLError, ValueError):
+                    pass                        # ours is out; the peer's is not awaited
+                self._flush()
+            self.transport.loseConnection()
+
+        def abortConnection(self) -> None:
+            self.disconnecting = True
+            self._lost = True
+            self.transport.abortConnection()
+
+        def _fail(self, reason) -> None:
+            """The TLS connection is over (`reason`: a Failure, or None when the peer closed
+            it cleanly): send any alert, and close."""
+            if self._reason is None and reason is not None:
+                self._reason = reason
+            self._lost = True
+            self._flush()
+            self.transport.loseConnection()
+
+        def connectionLost(self, reason) -> None:
+            self.connected = False
+            reason, self._reason = self._reason or reason, None
+            super().connectionLost(reason)
+
+    class TLSFactory(WrappingFactory):
+        protocol = TLSProtocol
+
+        def __init__(self, context: ssl.SSLContext, server_side: bool, wrapped) -> None:
+            super().__init__(wrapped)
+            self.context, self.server_side = context, server_side
+
+    return TLSFactory
 
 
 class _ClientTLSEndpoint:
-    """A client endpoint wrapped in TLS (`WriteThroughTLS`)."""
+    """A client endpoint wrapped in TLS (`TLSProtocol`)."""
 
-    def __init__(self, options, wrapped) -> None:
-        self.options = options
+    def __init__(self, context: ssl.SSLContext, wrapped) -> None:
+        self.context = context
         self.wrapped = wrapped
 
     def connect(self, factory):
         """Connect; fires with `factory`'s protocol once the TCP connection is made."""
-        tls_factory = _write_through()(self.options, True, factory)
-        return self.wrapped.connect(tls_factory).addCallback(lambda proto: proto.wrappedProtocol)
+        return self.wrapped.connect(_factory()(self.context, False, factory)).addCallback(
+            lambda proto: proto.wrappedProtocol)

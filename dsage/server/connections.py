@@ -174,7 +174,7 @@ class ServerProtocol(MessageProtocol):
             self.log.info("{role} {name} disconnected", role=self.role, name=self.identity)
         elif reason is not None and self.hub.open_connections < self.hub.max_connections:
             # Refused certificates, plain TCP and garbage end here, before any hello.
-            why = getattr(self, "tls_refusal", None) or _describe_reason(reason)
+            why = tls.describe_error(getattr(reason, "value", reason))[:300]
             self.log.warn("connection from {peer} closed before hello: {why}", peer=self.peer_name(), why=why)
         super().connectionLost(reason)
         for d in list(self.takes):
@@ -477,18 +477,6 @@ def _function_args(args: dict) -> tuple[str, bytes]:
     if not isinstance(state, bytes):
         raise ValueError("a function's state must be bytes")
     return name, state
-
-
-def _describe_reason(reason) -> str:
-    value = getattr(reason, "value", reason)
-    text = str(value)
-    if value.__class__.__name__ == "Error" and getattr(value, "args", None):
-        # pyOpenSSL errors: [[(lib, func, reason)]]
-        try:
-            text = "TLS: " + "; ".join(r[2] for r in value.args[0])
-        except (TypeError, IndexError):
-            pass
-    return text[:300]
 
 
 def _session(args: dict) -> str:

@@ -164,7 +164,6 @@ def test_init_refuses_a_home_others_can_read(tmp_path):
 def test_clients_refuse_a_server_from_another_ca(strict, tmp_path):
     """A server whose certificate was not made by the cluster's CA is refused by the client,
     even when it has the right name."""
-    from twisted.internet.endpoints import SSL4ServerEndpoint
     from twisted.internet.protocol import Factory, Protocol
 
     from dsage.client import reactor as rt
@@ -175,7 +174,7 @@ def test_clients_refuse_a_server_from_another_ca(strict, tmp_path):
 
     def listen():
         from twisted.internet import reactor
-        return SSL4ServerEndpoint(reactor, 0, options, interface="127.0.0.1").listen(Factory.forProtocol(Protocol))
+        return tls.listen(reactor, 0, options, Factory.forProtocol(Protocol), interface="127.0.0.1")
     port = rt.call(listen, timeout=10)
     try:
         with pytest.raises(dsage.ConnectionLost):

@@ -1,13 +1,16 @@
 """Certificates and bundles; the TLS transport that sends at once."""
 from __future__ import annotations
 
+import datetime
+import os
 import stat
 
 import pytest
 from cryptography import x509
-from OpenSSL.SSL import WantReadError
-from twisted.internet import abstract
+from twisted.internet import abstract, error
+from twisted.internet.protocol import Factory, Protocol
 from twisted.internet.testing import MemoryReactor
+from twisted.test import iosim
 
 from dsage import tls
 
@@ -81,23 +84,8 @@ class _Wire(abstract.FileDescriptor):
         return n
 
 
-class _BIO:
-    """The encrypted bytes waiting in a TLS connection's send buffer."""
-
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    def bio_read(self, n: int) -> bytes:
-        if not self.data:
-            raise WantReadError()
-        out, self.data = self.data[:n], self.data[n:]
-        return out
-
-
 def _sending(wire, data: bytes):
-    proto = object.__new__(tls._write_through().protocol)
-    proto._tlsConnection, proto.transport = _BIO(data), wire
-    proto._flushSendBIO()
+    tls.send_now(wire, data)
     return wire
 
 
@@ -119,3 +107,73 @@ def test_bytes_already_waiting_keep_their_place():
     wire.write(b"first")
     _sending(wire, b"second")
     assert wire.sent == [] and wire._tempDataBuffer == [b"first", b"second"]
+
+
+# -- the TLS transport, two real TLS ends joined in memory (twisted.test.iosim) ------------
+class _Collect(Protocol):
+    def connectionMade(self) -> None:
+        self.data, self.lost = bytearray(), None
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+    def connectionLost(self, reason) -> None:
+        self.lost = reason
+
+
+def _ends(ca, server_ca=None, client_bundle=None):
+    """(server's application protocol, client's, TLS wrappers, pump) after the handshake."""
+    signer = server_ca or ca
+    cert, key = signer.issue(tls.SERVER_NAME, server_hosts=["127.0.0.1"])
+    server_ctx = tls.server_options(tls.cert_pem(ca.cert), tls.cert_pem(cert), tls.key_pem(key))
+    bundle = client_bundle or tls.make_bundle(ca, "alice", "client", "127.0.0.1:1")[0]
+    sp = tls._factory()(server_ctx, True, Factory.forProtocol(_Collect)).buildProtocol(None)
+    cp = tls._factory()(tls.client_options(bundle), False, Factory.forProtocol(_Collect)).buildProtocol(None)
+    server, client = sp.wrappedProtocol, cp.wrappedProtocol
+    pump = iosim.connect(sp, iosim.FakeTransport(sp, isServer=True), cp, iosim.FakeTransport(cp, isServer=False))
+    return server, client, (sp, cp), pump
+
+
+def test_large_and_small_writes_cross_intact_both_ways(ca):
+    """Writes made before the handshake ends, many records at once and single bytes all
+    arrive in order; the server sees the client's certificate."""
+    big = os.urandom(3 << 20)
+    server, client, (sp, _), pump = _ends(ca)
+    assert sp._ready
+    client.transport.write(b"x")
+    client.transport.write(big)
+    client.transport.writeSequence([b"a", b"b"])
+    pump.flush()
+    assert bytes(server.data) == b"x" + big + b"ab"
+    server.transport.write(big[::-1])
+    pump.flush()
+    assert bytes(client.data) == big[::-1]
+    name, _ = tls.peer_identity(server.transport)
+    assert name == "alice"
+
+
+def test_closing_ends_both_sides_cleanly(ca):
+    """A close_notify ends the peer's connection as done, not as an error (and does not
+    leave its reader spinning)."""
+    server, client, _, pump = _ends(ca)
+    client.transport.loseConnection()
+    pump.flush()
+    assert client.lost is not None and server.lost is not None
+    assert server.lost.check(error.ConnectionDone)
+
+
+def test_a_server_of_another_ca_is_refused_with_the_reason(ca):
+    server, client, _, pump = _ends(ca, server_ca=tls.Authority.create())
+    pump.flush()
+    assert client.lost is not None and server.data == b"" and client.data == b""
+    assert tls.describe_error(client.lost.value) == "certificate not signed by the cluster's CA"
+
+
+def test_an_expired_client_certificate_is_refused_with_the_reason(ca):
+    past = datetime.datetime.now(datetime.timezone.utc) - datetime.timedelta(days=30)
+    bundle, _ = tls.make_bundle(ca, "bob", "client", "127.0.0.1:1", not_before=past, days=1)
+    server, client, (_, cp), pump = _ends(ca, client_bundle=bundle)
+    cp.write(b"hello?")
+    pump.flush()
+    assert server.data == b"" and server.lost is not None and client.lost is not None
+    assert tls.describe_error(server.lost.value) == "certificate expired"
