@@ -285,8 +285,6 @@ def send_now(tcp, data: bytes) -> None:
         tcp.write(data)
 
 
-#: bytes a TCP read may bring at once (Twisted's default, 64 KiB, is four TLS records).
-READ_SIZE = 1 << 18
 #: the largest plaintext of a TLS record.
 RECORD = 1 << 14
 
@@ -315,8 +313,6 @@ def _factory():
             self._tls = self.factory.context.wrap_bio(self._in, self._out, server_side=side,
                                                       server_hostname=None if side else SERVER_NAME)
             self._pending: list[bytes] = []
-            if hasattr(transport, "bufferSize"):
-                transport.bufferSize = READ_SIZE
             super().makeConnection(transport)   # the application's connectionMade: it may write
             self._handshake()
 
