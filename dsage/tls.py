@@ -334,8 +334,6 @@ def _factory():
             for data in pending:
                 self._tls.write(data)
             self._flush()
-            if self.disconnecting:
-                self._close()
             return True
 
         def dataReceived(self, data: bytes) -> None:
@@ -387,13 +385,13 @@ def _factory():
 
         def loseConnection(self) -> None:
             """Send what was written, a close_notify, and close (a connection still in its
-            handshake sends its writes once it is done)."""
+            handshake, perhaps a peer that never speaks, is dropped with what it wrote)."""
             if self.disconnecting or not self.connected:
                 return
             self.disconnecting = True
             if self._ready or self._lost:
                 self._close()
-            elif not self._pending:
+            else:
                 self.abortConnection()
 
         def _close(self) -> None:

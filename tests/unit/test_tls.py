@@ -177,3 +177,16 @@ def test_an_expired_client_certificate_is_refused_with_the_reason(ca):
     pump.flush()
     assert server.data == b"" and server.lost is not None and client.lost is not None
     assert tls.describe_error(server.lost.value) == "certificate expired"
+
+
+def test_closing_during_the_handshake_drops_the_connection(ca):
+    """A peer that never finishes its handshake is dropped at once, not kept open for the
+    writes waiting behind it."""
+    cert, key = ca.issue(tls.SERVER_NAME, server_hosts=["127.0.0.1"])
+    server_ctx = tls.server_options(tls.cert_pem(ca.cert), tls.cert_pem(cert), tls.key_pem(key))
+    sp = tls._factory()(server_ctx, True, Factory.forProtocol(_Collect)).buildProtocol(None)
+    wire = iosim.FakeTransport(sp, isServer=True)
+    sp.makeConnection(wire)
+    sp.write(b"waiting for the handshake")
+    sp.loseConnection()
+    assert wire.disconnecting and wire.disconnectReason is not None
