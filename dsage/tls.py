@@ -425,6 +425,7 @@ def _factory():
 
     class TLSFactory(WrappingFactory):
         protocol = TLSProtocol
+        noisy = False           # as Twisted's own: no "Starting factory" line per connection
 
         def __init__(self, context: ssl.SSLContext, server_side: bool, wrapped) -> None:
             super().__init__(wrapped)

@@ -375,7 +375,7 @@ class Root(Packed):
     generation = 0
     next_seq = 1
     queued = None
-    tokens = None        # (owner, token) -> (time, job ids): submissions applied since tokens_since
+    tokens = None        # (owner, token) -> first job id, or (first, how many): submissions since tokens_since
     old_tokens = None    # the same, of the generation before; forgotten whole at the next turn
     tokens_since = 0.0
     token_times = None   # older versions' (time, owner, token) index of tokens; gone once upgraded
