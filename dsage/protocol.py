@@ -23,7 +23,7 @@ from __future__ import annotations
 import itertools
 import struct
 import threading
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import msgpack
 from twisted.internet import defer
@@ -44,6 +44,10 @@ MAX_MESSAGE = 256 << 20
 #: the largest buffer a thread's msgpack Packer keeps between messages.
 PACKER_KEEP = 16 << 20
 _packers = threading.local()
+#: the largest reassembly buffer kept for the next message (one per process: its threads'
+#: reactor is one; a buffer is taken whole, so a nested use makes its own).
+SPARE_KEEP = 16 << 20
+_spare: bytearray | None = None
 
 #: exception types that cross the wire by name.
 WIRE_ERRORS: dict[str, type[Exception]] = {
@@ -77,40 +81,79 @@ def decode(data: bytes) -> list:
     return message
 
 
+def _frame_heads(size: int) -> Iterator[tuple[int, int, bytes]]:
+    """(start, end, head) of each frame carrying a message of `size` bytes: one frame with
+    its 4-byte length when it fits, else fragments (their msgpack envelope written by
+    hand) of at most `FRAME_DATA` bytes."""
+    if size <= FRAME_DATA:
+        yield 0, size, struct.pack("!I", size)
+        return
+    for start in range(0, size, FRAME_DATA):
+        end = min(start + FRAME_DATA, size)
+        envelope = b"\x93\x03\xc3\xc6" if end < size else b"\x93\x03\xc2\xc6"
+        yield start, end, b"".join((struct.pack("!I", 8 + end - start), envelope, struct.pack("!I", end - start)))
+
+
 def fragments(packed: bytes | memoryview) -> list[bytes]:
     """An encoded message as the frames that carry it, each with its 4-byte length and
-    within `FRAME_LIMIT`: fragments (their msgpack envelope written by hand) when it is
-    larger than a frame.  Each byte of the message is copied once."""
-    if len(packed) <= FRAME_DATA:
-        return [b"".join((struct.pack("!I", len(packed)), packed))]
-    frames = []
+    within `FRAME_LIMIT`.  Each byte of the message is copied once."""
     with memoryview(packed) as view:
-        for start in range(0, len(view), FRAME_DATA):
-            with view[start:start + FRAME_DATA] as chunk:
-                more = start + FRAME_DATA < len(view)
-                frames.append(b"".join((struct.pack("!I", 8 + len(chunk)),
-                                        b"\x93\x03\xc3\xc6" if more else b"\x93\x03\xc2\xc6",
-                                        struct.pack("!I", len(chunk)), chunk)))
-    return frames
+        return [b"".join((head, view[start:end])) for start, end, head in _frame_heads(len(view))]
 
 
-def message_frames(message: list) -> list[bytes]:
-    """One message as the frames that carry it (`fragments` of its encoding), packed by
-    this thread's msgpack Packer, whose buffer is kept (large messages do not each cost
-    fresh memory) unless a message made it larger than `PACKER_KEEP`."""
+#: bytes of a frame's start sent joined to its head (one TLS record: the head is not a
+#: record of its own); the rest of a large frame goes as a view of the packed message.
+_JOINED = 16 << 10
+
+
+def frame_parts(view: memoryview) -> Iterator[list[bytes | memoryview]]:
+    """The frames of an encoded message as [head and start, rest]: the rest is a view of
+    `view` (not copied), to be written before `view` changes."""
+    for start, end, head in _frame_heads(len(view)):
+        split = min(end, start + _JOINED - len(head))
+        parts: list[bytes | memoryview] = [b"".join((head, view[start:split]))]
+        if split < end:
+            parts.append(view[split:end])
+        yield parts
+
+
+def _packer() -> msgpack.Packer:
+    """This thread's msgpack Packer (its buffer is kept: large messages do not each cost
+    fresh memory)."""
     packer = getattr(_packers, "packer", None)
     if packer is None:
         packer = _packers.packer = msgpack.Packer(use_bin_type=True, autoreset=False)
+    return packer
+
+
+def _packed(message: list, use: Callable[[memoryview], None]) -> None:
+    """Call `use` with the encoding of `message` in this thread's Packer, which is reset
+    after (and dropped if the message made it larger than `PACKER_KEEP`)."""
+    packer = _packer()
     try:
         packer.pack(message)
         with packer.getbuffer() as packed:
             size = len(packed)
-            frames = fragments(packed)
+            use(packed)
     finally:
         packer.reset()
     if size > PACKER_KEEP:
         _packers.packer = None
-    return frames
+
+
+def write_message(transport: Any, message: list) -> None:
+    """Write one message's frames to `transport`.  A transport that copies what it is given
+    before it returns (`copies_writes`: the TLS transport encrypts at once) gets each frame
+    as a `writeSequence` of its head and views of the Packer's buffer: no copy of ours."""
+    if getattr(transport, "copies_writes", False):
+        def write(packed: memoryview) -> None:
+            for parts in frame_parts(packed):
+                transport.writeSequence(parts)
+    else:
+        def write(packed: memoryview) -> None:
+            for frame in fragments(packed):
+                transport.write(frame)
+    _packed(message, write)
 
 
 def _fragment(buffer: bytes | bytearray, start: int, end: int) -> tuple[bool, int] | None:
@@ -155,12 +198,16 @@ class MessageProtocol(Protocol):
     """
 
     MAX_LENGTH = FRAME_LIMIT
+    #: dataReceived copies what it keeps: the TLS transport may hand it a view of a buffer
+    #: that it reuses once dataReceived returns.
+    takes_views = True
     log = Logger()
 
     def __init__(self) -> None:
         self._ids = itertools.count(1)
         self._pending: dict[int, defer.Deferred] = {}
-        self._assembly = bytearray()
+        self._assembly = bytearray()     # the message being reassembled from fragments...
+        self._assembled = 0              # ...is its first _assembled bytes
         self._buffer = bytearray()
         self._fragment_left = 0
         self._fragment_more = False
@@ -183,8 +230,7 @@ class MessageProtocol(Protocol):
         """Send one message, fragmented when it is larger than a frame."""
         if self.closed or self.transport is None:
             return
-        for frame in message_frames(message):
-            self.transport.write(frame)
+        write_message(self.transport, message)
 
     def call(self, verb: str, **args: Any) -> defer.Deferred:
         """Send a request; the Deferred fires with the reply or fails with its error."""
@@ -226,6 +272,7 @@ class MessageProtocol(Protocol):
                 fragment = _fragment(buffer, start, end)
                 if fragment is not None:        # the rest of its data will not wait here
                     self._fragment_more, self._fragment_left = fragment[0], end - fragment[1]
+                    self._reserve(end - fragment[1], fragment[0])
                     with memoryview(buffer) as whole, whole[fragment[1]:] as chunk:
                         self._fragment_data(chunk)
                     offset = len(buffer)
@@ -270,14 +317,42 @@ class MessageProtocol(Protocol):
             return self._reassemble(message[1], message[2])
         return message
 
+    def _reserve(self, size: int, more: bool) -> None:
+        """Room in the message being reassembled for a fragment of `size` bytes, made once
+        (not at each TCP read): the spare buffer of an earlier message when it is large
+        enough, else a quarter more than the first fragment when more follow (a message
+        just over a frame then fits), doubled when it grows."""
+        global _spare
+        need = self._assembled + size
+        if need <= len(self._assembly):
+            return
+        if not self._assembled and _spare is not None and len(_spare) >= need:
+            self._assembly, _spare = _spare, None
+            return
+        room = need + need // 4 if more and not self._assembled else max(need, 2 * len(self._assembly))
+        grown = bytearray(min(room, MAX_MESSAGE))
+        with memoryview(grown) as into, memoryview(self._assembly) as old:
+            into[:self._assembled] = old[:self._assembled]      # a view: one copy, not two
+        self._assembly = grown
+
     def _reassemble(self, more: bool, chunk: bytes | memoryview) -> list | None:
-        if len(self._assembly) + len(chunk) > MAX_MESSAGE:
+        global _spare
+        end = self._assembled + len(chunk)
+        if end > MAX_MESSAGE:
             raise errors.ProtocolError(f"message larger than {MAX_MESSAGE} bytes")
-        self._assembly += chunk
+        self._reserve(len(chunk), more)
+        with memoryview(self._assembly) as into:
+            into[self._assembled:end] = chunk
+        self._assembled = end
         if more:
             return None
-        whole, self._assembly = self._assembly, bytearray()
-        message = decode(whole)
+        whole, self._assembly, self._assembled = self._assembly, bytearray(), 0
+        try:
+            with memoryview(whole) as view:
+                message = decode(view[:end])
+        finally:
+            if len(whole) <= SPARE_KEEP and (_spare is None or len(_spare) < len(whole)):
+                _spare = whole
         if message[0] == FRAGMENT:
             raise errors.ProtocolError("a fragment inside a fragment")
         return message

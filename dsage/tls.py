@@ -274,19 +274,27 @@ def listen(reactor, port: int, options: ssl.SSLContext, factory, interface: str 
 def send_now(tcp, data: bytes) -> None:
     """Write `data` to the TCP transport `tcp`, to its socket at once when nothing waits
     there before it (Twisted's transports hold every write until the reactor's next poll;
-    a lease must leave before the server goes on to commit it)."""
+    a lease must leave before the server goes on to commit it).  What the socket does not
+    take then waits as the transport's send buffer itself, from where it stopped (written,
+    the rest would be copied once by the slice and again by the transport's join)."""
     if (hasattr(tcp, "writeSomeData") and tcp.connected and not tcp._writeDisconnected
             and not tcp._tempDataLen and tcp.offset == len(tcp.dataBuffer)):
         sent = tcp.writeSomeData(data)
         if isinstance(sent, Exception):     # the connection is lost: the reactor says so
             sent = 0
-        data = data[sent:]
-    if data:
+        if sent < len(data):
+            tcp.dataBuffer, tcp.offset = data, sent
+            tcp.startWriting()
+    elif data:
         tcp.write(data)
 
 
 #: the largest plaintext of a TLS record.
 RECORD = 1 << 14
+#: plaintext decrypted into one buffer, shared by the connections of the reactor's thread,
+#: before it is handed on (a TCP read of 64 KiB is one delivery, with no copy of ours).
+READ_BUFFER = 16 * RECORD
+_spare: bytearray | None = None
 
 
 @functools.cache
@@ -303,6 +311,7 @@ def _factory():
         whole message is encrypted in one call and sent at once, and a TCP read is
         decrypted record by record in C and delivered as one chunk (see bench/README.md)."""
 
+        copies_writes = True    # what is written is encrypted (or copied) before write returns
         _ready = False          # the handshake is done
         _lost = False           # the TLS connection is over (an error, or the peer closed it)
         _reason = None          # the TLS failure to report to the application
@@ -342,42 +351,67 @@ def _factory():
             self._in.write(data)
             if not self._ready and (not self._handshake() or self._lost):
                 return
-            parts: list[bytes] = []
-            ended = None
-            while True:
-                try:
-                    data = self._tls.read(RECORD)
-                except ssl.SSLWantReadError:
-                    break
-                except ssl.SSLError:
-                    ended = Failure()
-                    break
-                if not data:                        # the peer's close_notify
-                    ended = False
-                    break
-                parts.append(data)
-            if parts:
-                self.wrappedProtocol.dataReceived(parts[0] if len(parts) == 1 else b"".join(parts))
+            global _spare
+            buffer, _spare = _spare or bytearray(READ_BUFFER), None     # a nested call has its own
+            try:
+                ended = self._decrypt(buffer)
+            finally:
+                _spare = buffer
             if ended is not None:
                 self._fail(ended or None)
             elif self._out.pending:             # a key update, a ticket
                 self._flush()
 
+        def _decrypt(self, buffer: bytearray) -> Failure | bool | None:
+            """Decrypt the whole records received into `buffer` and hand them on; a Failure
+            if the TLS connection failed, False if the peer closed it, else None."""
+            ended, filled = None, 0
+            with memoryview(buffer) as whole:
+                while True:
+                    if filled > len(buffer) - RECORD:
+                        self._deliver(whole[:filled])
+                        filled = 0
+                    try:
+                        n = self._tls.read(RECORD, whole[filled:filled + RECORD])
+                    except ssl.SSLWantReadError:
+                        break
+                    except ssl.SSLError:
+                        ended = Failure()
+                        break
+                    if not n:                       # the peer's close_notify
+                        ended = False
+                        break
+                    filled += n
+                if filled:
+                    self._deliver(whole[:filled])
+            return ended
+
+        def _deliver(self, view: memoryview) -> None:
+            """Hand decrypted data to the application: a view of the shared buffer to a
+            protocol that copies what it keeps (`takes_views`), else bytes."""
+            with view:
+                if getattr(self.wrappedProtocol, "takes_views", False):
+                    self.wrappedProtocol.dataReceived(view)
+                else:
+                    self.wrappedProtocol.dataReceived(bytes(view))
+
         def write(self, data: bytes) -> None:
+            self.writeSequence((data,))
+
+        def writeSequence(self, data) -> None:
+            """Encrypt each part now (a view may change once this returns) and send."""
             if self._lost or self.disconnecting:
                 return
             if not self._ready:
-                self._pending.append(bytes(data))
+                self._pending.extend(bytes(part) for part in data)
                 return
             try:
-                self._tls.write(data)
+                for part in data:
+                    self._tls.write(part)
             except ssl.SSLError:
                 self._fail(Failure())
                 return
             self._flush()
-
-        def writeSequence(self, data) -> None:
-            self.write(b"".join(data))
 
         def _flush(self) -> None:
             if self._out.pending:

@@ -199,16 +199,39 @@ def test_frames_split_anywhere_are_reassembled():
     assert replies[5][3] == messages[5][3] and replies[20][3] == messages[20][3]
 
 
-def test_message_frames_reuse_the_packer_and_survive_an_unpackable_message():
+class CopyingTransport(StringTransport):
+    """A transport that copies what it is given at once, as the TLS transport does."""
+
+    copies_writes = True
+
+    def __init__(self):
+        super().__init__()
+        self.sequences = []
+
+    def writeSequence(self, parts):
+        self.sequences.append([type(p) for p in parts])
+        super().writeSequence([bytes(p) for p in parts])
+
+
+def test_written_messages_reuse_the_packer_and_survive_an_unpackable_message():
     """Frames of successive messages (small, fragmented, larger than the packer keeps) all
-    decode to their message, also after a message that could not be packed."""
+    decode to their message, also after a message that could not be packed; a transport
+    that copies at once gets the same bytes, large frames as a joined head and a view."""
     from dsage import protocol
 
     small = [EVENT, "x", {"n": 1}]
     large = [EVENT, "x", {"blob": bytes(range(256)) * (3 * FRAME_DATA // 256)}]
     huge = [EVENT, "x", {"blob": bytes(protocol.PACKER_KEEP + 1)}]
     for message in (small, large, small, huge, small):
-        assert frames(b"".join(protocol.message_frames(message))) == [message]
+        plain, copying = StringTransport(), CopyingTransport()
+        protocol.write_message(plain, message)
+        protocol.write_message(copying, message)
+        assert frames(plain.value()) == [message]
+        assert copying.value() == plain.value() == b"".join(fragments(encode(message)))
+    assert copying.sequences == [[bytes]]
+    protocol.write_message(copying, large)
+    assert copying.sequences[1:] == [[bytes, memoryview]] * 3 + [[bytes]]     # the last: a few bytes
     with pytest.raises(TypeError):
-        protocol.message_frames([EVENT, "x", {"bad": object()}])
-    assert frames(b"".join(protocol.message_frames(large))) == [large]
+        protocol.write_message(plain, [EVENT, "x", {"bad": object()}])
+    protocol.write_message(plain, large)
+    assert frames(plain.value())[-1] == large

@@ -96,9 +96,15 @@ def test_encrypted_bytes_go_to_the_socket_at_once():
 
 
 def test_what_the_socket_does_not_take_waits_in_the_transport():
-    wire = _sending(_Wire(room=3), b"lease")
-    assert wire.sent == [b"lea"] and wire._tempDataBuffer == [b"se"]
+    """The rest waits, uncopied, as the transport's send buffer; then later bytes behind it."""
+    data = b"lease"
+    wire = _sending(_Wire(room=3), data)
+    assert wire.sent == [b"lea"] and wire.dataBuffer is data and wire.offset == 3
     assert wire in wire.reactor.getWriters()
+    _sending(wire, b" and more")
+    wire.room = 1 << 20
+    wire.doWrite()
+    assert b"".join(wire.sent) == b"lease and more"
 
 
 def test_bytes_already_waiting_keep_their_place():
@@ -121,14 +127,28 @@ class _Collect(Protocol):
         self.lost = reason
 
 
-def _ends(ca, server_ca=None, client_bundle=None):
+class _CollectViews(_Collect):
+    """Takes views of the TLS transport's buffer (as MessageProtocol does), copying them."""
+
+    takes_views = True
+
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.kinds = set()
+
+    def dataReceived(self, data) -> None:
+        self.kinds.add(type(data))
+        self.data += data
+
+
+def _ends(ca, server_ca=None, client_bundle=None, app=_Collect):
     """(server's application protocol, client's, TLS wrappers, pump) after the handshake."""
     signer = server_ca or ca
     cert, key = signer.issue(tls.SERVER_NAME, server_hosts=["127.0.0.1"])
     server_ctx = tls.server_options(tls.cert_pem(ca.cert), tls.cert_pem(cert), tls.key_pem(key))
     bundle = client_bundle or tls.make_bundle(ca, "alice", "client", "127.0.0.1:1")[0]
-    sp = tls._factory()(server_ctx, True, Factory.forProtocol(_Collect)).buildProtocol(None)
-    cp = tls._factory()(tls.client_options(bundle), False, Factory.forProtocol(_Collect)).buildProtocol(None)
+    sp = tls._factory()(server_ctx, True, Factory.forProtocol(app)).buildProtocol(None)
+    cp = tls._factory()(tls.client_options(bundle), False, Factory.forProtocol(app)).buildProtocol(None)
     server, client = sp.wrappedProtocol, cp.wrappedProtocol
     pump = iosim.connect(sp, iosim.FakeTransport(sp, isServer=True), cp, iosim.FakeTransport(cp, isServer=False))
     return server, client, (sp, cp), pump
@@ -150,6 +170,21 @@ def test_large_and_small_writes_cross_intact_both_ways(ca):
     assert bytes(client.data) == big[::-1]
     name, _ = tls.peer_identity(server.transport)
     assert name == "alice"
+
+
+def test_views_written_and_received_are_copied_in_time(ca):
+    """A view written is encrypted before writeSequence returns (its memory may change
+    after); a protocol that takes views gets each read's plaintext as a view of the shared
+    buffer, several times over for a read larger than it, all intact."""
+    big = bytearray(os.urandom(3 << 20))
+    expected = bytes(big)
+    server, client, _, pump = _ends(ca, app=_CollectViews)
+    with memoryview(big) as view:
+        client.transport.writeSequence([b"head", view[:1 << 20], view[1 << 20:]])
+    big[:] = bytes(len(big))
+    pump.flush()
+    assert bytes(server.data) == b"head" + expected and server.kinds == {memoryview}
+    assert tls._spare is not None and len(tls._spare) < len(expected)
 
 
 def test_closing_ends_both_sides_cleanly(ca):
