@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import os
 import queue
 import threading
 import time
-import uuid
 from typing import Any, Callable, Iterable, Iterator
 
 from dsage import errors, tls
@@ -113,7 +113,7 @@ def outcome(summary: dict) -> Any:
 def _submission_token() -> str:
     """A new submission's token (unique; the server remembers it a day): its time first, so
     that the server's tree of tokens grows at its end instead of at random leaves."""
-    return f"{time.time_ns():016x}{uuid.uuid4().hex[:16]}"
+    return f"{time.time_ns():016x}{os.urandom(8).hex()}"
 
 
 class Dsage:

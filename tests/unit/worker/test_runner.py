@@ -45,6 +45,9 @@ class FakeProcess:
     def write(self, data: bytes) -> None:
         self.written.append(data)
 
+    def writeSequence(self, parts: list[bytes]) -> None:
+        self.written.append(b"".join(parts))
+
     def closeStdin(self) -> None:
         self.stdin_closed = True
 
