@@ -371,6 +371,8 @@ def _factory():
                     if filled > len(buffer) - RECORD:
                         self._deliver(whole[:filled])
                         filled = 0
+                        if self._lost or self.disconnecting:   # the application closed it
+                            break
                     try:
                         n = self._tls.read(RECORD, whole[filled:filled + RECORD])
                     except ssl.SSLWantReadError:
@@ -407,7 +409,8 @@ def _factory():
                 return
             try:
                 for part in data:
-                    self._tls.write(part)
+                    if part:
+                        self._tls.write(part)
             except ssl.SSLError:
                 self._fail(Failure())
                 return

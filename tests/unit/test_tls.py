@@ -187,6 +187,22 @@ def test_views_written_and_received_are_copied_in_time(ca):
     assert tls._spare is not None and len(tls._spare) < len(expected)
 
 
+class _CloseOnData(_CollectViews):
+    def dataReceived(self, data) -> None:
+        super().dataReceived(data)
+        self.transport.loseConnection()
+
+
+def test_a_protocol_that_closes_while_a_large_read_is_handed_on_is_not_read_further(ca):
+    """Closing from dataReceived, with more decrypted data of the same read to come, ends
+    the connection cleanly after that one delivery."""
+    server, client, _, pump = _ends(ca, app=_CloseOnData)
+    client.transport.write(os.urandom(3 << 20))
+    pump.flush()
+    assert 0 < len(server.data) <= tls.READ_BUFFER
+    assert server.lost is not None and server.lost.check(error.ConnectionDone)
+
+
 def test_closing_ends_both_sides_cleanly(ca):
     """A close_notify ends the peer's connection as done, not as an error (and does not
     leave its reader spinning)."""
