@@ -308,8 +308,9 @@ def _factory():
 
         Twisted's own TLS transport, on pyOpenSSL, runs a dozen Python calls per 16 KiB
         record each way and holds every write until the next turn of the reactor; here a
-        whole message is encrypted in one call and sent at once, and a TCP read is
-        decrypted record by record in C and delivered as one chunk (see bench/README.md)."""
+        whole message is encrypted as it is written and sent at once, and a TCP read is
+        decrypted record by record in C into one shared buffer and delivered as one chunk
+        (see bench/README.md)."""
 
         copies_writes = True    # what is written is encrypted (or copied) before write returns
         _ready = False          # the handshake is done
