@@ -153,7 +153,7 @@ class LeaseOps:
     def _expire(self, root: Root) -> list[dict]:
         now, out = self.now(), []
         root.turn_tokens(now, TOKEN_TTL)
-        for job_id in list(root.by_status.get("processing", ())):
+        for job_id in list(root.status_ids("processing")):
             job = root.jobs[job_id]
             if job.lease_expires < now:
                 self._fail(root, job, f"lease of worker {job.lease_worker} expired "
@@ -165,7 +165,7 @@ class LeaseOps:
         """At start: give running jobs a fresh lease, so that their workers can reconnect and
         report instead of the jobs being re-run; fires with how many there are."""
         def extend(root: Root) -> int:
-            ids = list(root.by_status.get("processing", ()))
+            ids = list(root.status_ids("processing"))
             for job_id in ids:
                 job = root.jobs[job_id]
                 job.lease_expires = max(job.lease_expires, self.now() + lease)

@@ -366,6 +366,10 @@ class FunctionRecord(Persistent):
         self.steps = 0
 
 
+#: jobs in status processing kept in the root itself, at most (see `Root.status_add`).
+INLINE_PROCESSING = 64
+
+
 class Root(Packed):
     """The dsage application root, under ``root()['dsage']``."""
 
@@ -380,6 +384,7 @@ class Root(Packed):
     tokens_since = 0.0
     token_times = None   # older versions' (time, owner, token) index of tokens; gone once upgraded
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
+    processing: tuple = ()   # ids of jobs in status processing, while few (see `status_add`)
 
     def __init__(self) -> None:
         self.jobs = JobTree()                 # job id -> JobRecord
@@ -447,6 +452,36 @@ class Root(Packed):
         else:
             self.queued.pop(owner, None)
         self._p_changed = True
+
+    def status_ids(self, status: str) -> list[int] | LLTreeSet:
+        """The ids of the jobs in `status`, ascending."""
+        ids = self.by_status.get(status)
+        if status == "processing" and self.processing:
+            return sorted({*self.processing, *(ids or ())})
+        return ids if ids is not None else []
+
+    def status_add(self, status: str, job_id: int) -> None:
+        """Index a job under its status.  The jobs in status processing are few (the leased
+        ones): up to INLINE_PROCESSING of them are kept in the root itself, written at every
+        transaction anyway, rather than in an id set that is written whenever it changes
+        (one object of the four or six a job's transactions write).  Beyond that they all
+        move to the id set, until it is empty again."""
+        if status == "processing":
+            ids = self.by_status.get(status)
+            if not ids and len(self.processing) < INLINE_PROCESSING:
+                self.processing = (*self.processing, job_id)
+                return
+            if self.processing:
+                self.index(self.by_status, status).update(self.processing)
+                self.processing = ()
+        self.index(self.by_status, status).add(job_id)
+
+    def status_remove(self, status: str, job_id: int) -> None:
+        """Take a job out of its status' index."""
+        if status == "processing" and job_id in self.processing:
+            self.processing = tuple(i for i in self.processing if i != job_id)
+            return
+        self.index(self.by_status, status).remove(job_id)
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:
         """The id set under `key` of an index tree, created on first use."""

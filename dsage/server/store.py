@@ -425,8 +425,8 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
               limit: int) -> list[dict]:
         if everyone and role != "admin":
             raise errors.AuthError("only an admin may list every user's jobs")
-        ids = root.by_status.get(status) if status else None
-        if status and ids is None:
+        ids = root.status_ids(status) if status else None
+        if status and not ids:
             return []
         mine = None if everyone else root.by_owner.get(requester)
         if not everyone and mine is None:
@@ -512,7 +512,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         if not fresh:
             old = job.status
             check_transition(old, status)
-            root.index(root.by_status, old).remove(job.job_id)
+            root.status_remove(old, job.job_id)
             root.count(old, -1)
             if old == "new":
                 root.count_queued(job.owner, -1)
@@ -523,7 +523,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         if status == "new":
             root.count_queued(job.owner, 1)
         job.status = status
-        root.index(root.by_status, status).add(job.job_id)
+        root.status_add(status, job.job_id)
         root.count(status, 1)
         if status == "new":
             if not keep_place:

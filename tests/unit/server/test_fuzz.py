@@ -83,7 +83,8 @@ def check_store(store) -> None:
     root = store.root
     store._tm.begin()
     try:
-        by_status = {s: set(ids) for s, ids in root.by_status.items()}
+        by_status = {s: set(root.status_ids(s)) for s in {*root.by_status.keys(), "processing"}}
+        by_status = {s: ids for s, ids in by_status.items() if ids}
         for status, ids in by_status.items():
             assert root.counts.get(status, 0) == len(ids), status
             assert all(root.jobs[i].status == status for i in ids)

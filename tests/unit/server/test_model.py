@@ -237,3 +237,37 @@ def test_trees_of_an_earlier_version_keep_working_beside_new_ones(tmp_path):
         assert value(s.status())["completed"] == 41
     finally:
         s.stop()
+
+
+def test_few_processing_jobs_live_in_the_root_and_many_in_an_id_set(tmp_path):
+    """Up to INLINE_PROCESSING processing ids are kept in the root (no id set written);
+    one more moves them all to the id set, which takes them until it is empty; both
+    forms list the same ids, ascending, and survive a reopen."""
+    from ZODB.FileStorage import FileStorage
+    import transaction
+    import ZODB
+
+    db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
+    with transaction.manager:
+        root = db.open().root()["r"] = model.Root()
+        for job_id in range(model.INLINE_PROCESSING, 0, -1):
+            root.status_add("processing", job_id)
+        assert "processing" not in root.by_status
+        assert list(root.status_ids("processing")) == list(range(1, model.INLINE_PROCESSING + 1))
+    with transaction.manager:
+        root.status_add("processing", 1000)
+        assert root.processing == () and len(root.by_status["processing"]) == model.INLINE_PROCESSING + 1
+        root.status_remove("processing", 5)
+        root.status_add("done", 5)
+    db.close()
+    db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
+    with transaction.manager:
+        root = db.open().root()["r"]
+        ids = list(root.status_ids("processing"))
+        assert ids == [i for i in range(1, model.INLINE_PROCESSING + 1) if i != 5] + [1000]
+        assert list(root.status_ids("done")) == [5] and list(root.status_ids("failed")) == []
+        for job_id in ids:
+            root.status_remove("processing", job_id)
+        root.status_add("processing", 7)
+        assert root.processing == (7,) and list(root.status_ids("processing")) == [7]
+    db.close()
