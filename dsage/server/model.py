@@ -479,7 +479,8 @@ class Root(Packed):
     def status_remove(self, status: str, job_id: int) -> None:
         """Take a job out of its status' index."""
         if status == "processing" and job_id in self.processing:
-            self.processing = tuple(i for i in self.processing if i != job_id)
+            at = self.processing.index(job_id)
+            self.processing = self.processing[:at] + self.processing[at + 1:]
             return
         self.index(self.by_status, status).remove(job_id)
 
