@@ -258,14 +258,14 @@ def test_few_processing_jobs_live_in_the_root_and_many_in_an_id_set(tmp_path):
         root.status_add("processing", 1000)
         assert root.processing == () and len(root.by_status["processing"]) == model.INLINE_PROCESSING + 1
         root.status_remove("processing", 5)
-        root.status_add("done", 5)
+        root.status_add("completed", 5)
     db.close()
     db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
     with transaction.manager:
         root = db.open().root()["r"]
         ids = list(root.status_ids("processing"))
         assert ids == [i for i in range(1, model.INLINE_PROCESSING + 1) if i != 5] + [1000]
-        assert list(root.status_ids("done")) == [5] and list(root.status_ids("failed")) == []
+        assert list(root.status_ids("completed")) == [5] and list(root.status_ids("failed")) == []
         for job_id in ids:
             root.status_remove("processing", job_id)
         root.status_add("processing", 7)
