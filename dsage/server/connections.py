@@ -64,9 +64,11 @@ class Hub:
                 conn.push_done(summary)
 
     def stop_running(self, running: dict | None) -> None:
-        """Order the worker that runs an attempt to kill it."""
+        """Order the worker that runs an attempt to kill it (it sends no report of a killed
+        attempt: its slot counts as free from now)."""
         if running and running.get("worker"):
             for conn in list(self.connections.get(running["worker"], ())):
+                conn.running.discard((running["job_id"], running["attempt"]))
                 conn.send_event("kill", {"job_id": running["job_id"], "attempt": running["attempt"]})
 
     def drop(self, name: str) -> None:

@@ -51,8 +51,8 @@ class FunctionOps:
             return {"job_ids": list(fn.last_ids), "killed": [], "running": []}
         if step != fn.steps + 1:
             raise errors.RemoteError(f"function {name!r}: step {step} out of order (last {fn.steps})")
-        if fn.done:
-            raise errors.RemoteError(f"function {name!r} is already done")
+        if fn.done and specs:
+            raise errors.RemoteError(f"function {name!r} is already done: it takes no new jobs")
         for job_id in processed:
             if job_id in fn.jobs:
                 fn.processed.add(job_id)
@@ -63,7 +63,7 @@ class FunctionOps:
         fn.jobs.update(ids)
         fn.last_ids = tuple(ids)
         killed, running = [], []
-        if done:
+        if done and not fn.done:
             fn.done = True
             for job_id in fn.jobs:
                 if job_id not in fn.processed and root.jobs[job_id].status not in FINAL:

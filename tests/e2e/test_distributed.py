@@ -42,8 +42,12 @@ def test_checkpointed_function_runs_to_the_right_answer(cluster):
         f = SumOfSquares(D, 200, 10, "plain")
         assert f.start().wait(timeout=120) == expected(200)
         assert sorted(f.seen) == sorted(set(f.seen)) and len(f.seen) == 20
+        f.note = "checked"          # a finished function can still be checkpointed
+        f.save()
         again = dsage.DistributedFunction.restore(D, "plain")
         assert again.done and again.result == expected(200) and again.outstanding_jobs == []
+        assert again.note == "checked" and again.start().wait(timeout=10) == expected(200)
+        again.save()
         with pytest.raises(dsage.RemoteError, match="no distributed function"):
             dsage.DistributedFunction.restore(D, "never-made")
     finally:

@@ -82,6 +82,7 @@ def test_kill_a_running_job_within_seconds(D, cluster):
     pid = int(wait_for(lambda: marker.exists() and marker.read_text(), what="the job to start"))
     start = time.monotonic()
     assert job.kill() == "killed"
+    assert D.status()["busy"] == 0, "a killed job's slot is free at once"
     with pytest.raises(dsage.JobKilled):
         job.wait(timeout=10)
 
