@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import heapq
 import itertools
 import mmap
 import os
 import tempfile
 import threading
 from collections import OrderedDict
+from typing import Iterator
 
 import msgpack
 from BTrees.LLBTree import LLTreeSet
@@ -366,8 +368,31 @@ class FunctionRecord(Persistent):
         self.steps = 0
 
 
-#: jobs in status processing kept in the root itself, at most (see `Root.status_add`).
-INLINE_PROCESSING = 64
+#: ids of jobs kept in the root itself, over all its indexes, at most (see `Root.index_add`).
+INLINE_IDS = 64
+
+
+class Ids:
+    """The ids of one index, ascending: those in its id set and those still in the root."""
+
+    __slots__ = ("tree", "inline")
+
+    def __init__(self, tree: LLTreeSet | None, inline: tuple) -> None:
+        self.tree = tree
+        self.inline = inline
+
+    def __iter__(self) -> Iterator[int]:
+        if self.tree is None:
+            return iter(self.inline)
+        if not self.inline:
+            return iter(self.tree)
+        return heapq.merge(self.tree, self.inline)
+
+    def __contains__(self, job_id: int) -> bool:
+        return job_id in self.inline or (self.tree is not None and job_id in self.tree)
+
+    def __bool__(self) -> bool:
+        return bool(self.inline) or bool(self.tree)
 
 
 class Root(Packed):
@@ -384,7 +409,8 @@ class Root(Packed):
     tokens_since = 0.0
     token_times = None   # older versions' (time, owner, token) index of tokens; gone once upgraded
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
-    processing: tuple = ()   # ids of jobs in status processing, while few (see `status_add`)
+    inline = None        # (index, key) -> ascending ids not in that index's id set (see `index_add`)
+    processing: tuple = ()   # the previous version's inline ids of status processing; moved by `upgrade`
 
     def __init__(self) -> None:
         self.jobs = JobTree()                 # job id -> JobRecord
@@ -409,6 +435,11 @@ class Root(Packed):
         if self.token_times is not None:        # its tokens become the older generation
             self.tokens_since = self.token_times.maxKey()[0] if self.token_times else 0.0
             self.old_tokens, self.tokens, self.token_times, changed = self.tokens, TokenTree(), None, True
+        if "processing" in self.__dict__:
+            processing = self.__dict__.pop("processing")
+            if processing:
+                self.inline = {**(self.inline or {}), ("status", "processing"): tuple(sorted(processing))}
+            self._p_changed = changed = True
         return changed
 
     def submission(self, owner: str, token: str) -> tuple[int, ...] | None:
@@ -453,36 +484,57 @@ class Root(Packed):
             self.queued.pop(owner, None)
         self._p_changed = True
 
-    def status_ids(self, status: str) -> list[int] | LLTreeSet:
+    def status_ids(self, status: str) -> Ids:
         """The ids of the jobs in `status`, ascending."""
-        ids = self.by_status.get(status)
-        if status == "processing" and self.processing:
-            return sorted({*self.processing, *(ids or ())})
-        return ids if ids is not None else []
+        return self.ids("status", status)
 
     def status_add(self, status: str, job_id: int) -> None:
-        """Index a job under its status.  The jobs in status processing are few (the leased
-        ones): up to INLINE_PROCESSING of them are kept in the root itself, written at every
-        transaction anyway, rather than in an id set that is written whenever it changes
-        (one object of the four or six a job's transactions write).  Beyond that they all
-        move to the id set, until it is empty again."""
-        if status == "processing":
-            ids = self.by_status.get(status)
-            if not ids and len(self.processing) < INLINE_PROCESSING:
-                self.processing = (*self.processing, job_id)
-                return
-            if self.processing:
-                self.index(self.by_status, status).update(self.processing)
-                self.processing = ()
-        self.index(self.by_status, status).add(job_id)
+        """Index a job under its status."""
+        self.index_add("status", status, job_id)
 
     def status_remove(self, status: str, job_id: int) -> None:
         """Take a job out of its status' index."""
-        if status == "processing" and job_id in self.processing:
-            at = self.processing.index(job_id)
-            self.processing = self.processing[:at] + self.processing[at + 1:]
+        self.index_remove("status", status, job_id)
+
+    def ids(self, index: str, key: str) -> Ids:
+        """The ids under `key` of an index ("status" or "owner"), ascending."""
+        return Ids(self._index_tree(index).get(key), (self.inline or {}).get((index, key), ()))
+
+    def index_add(self, index: str, key: str, job_id: int) -> None:
+        """Index a job under `key` of an index ("status" or "owner").  The id goes into the
+        root itself, which every transaction writes anyway, and not into an id set, whose
+        last leaf would be written at every job (two of the eight objects a job's
+        transactions wrote).  Once the root holds more than INLINE_IDS ids over all the
+        indexes, those of the key holding most go to its id set in one write."""
+        inline = self.inline
+        if inline is None:
+            inline = self.inline = {}
+        ids = inline.get((index, key))
+        if ids is None:
+            inline[(index, key)] = (job_id,)
+        else:
+            inline[(index, key)] = ids + (job_id,) if ids[-1] < job_id else tuple(sorted((*ids, job_id)))
+        self._p_changed = True
+        if sum(map(len, inline.values())) > INLINE_IDS:
+            fullest = max(inline, key=lambda k: len(inline[k]))
+            self.index(self._index_tree(fullest[0]), fullest[1]).update(inline.pop(fullest))
+
+    def index_remove(self, index: str, key: str, job_id: int) -> None:
+        """Take a job out of `key` of an index (KeyError if it is not there)."""
+        inline = self.inline
+        ids = inline.get((index, key), ()) if inline else ()
+        if job_id not in ids:
+            self.index(self.by_status if index == "status" else self.by_owner, key).remove(job_id)
             return
-        self.index(self.by_status, status).remove(job_id)
+        at = ids.index(job_id)
+        if len(ids) > 1:
+            inline[(index, key)] = ids[:at] + ids[at + 1:]
+        else:
+            del inline[(index, key)]
+        self._p_changed = True
+
+    def _index_tree(self, index: str) -> OOBTree:
+        return self.by_status if index == "status" else self.by_owner
 
     def index(self, tree: OOBTree, key: str) -> LLTreeSet:
         """The id set under `key` of an index tree, created on first use."""

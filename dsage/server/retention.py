@@ -30,7 +30,7 @@ class RetentionOps:
     def _expire_finished(self, root: Root, cutoff: float, limit: int) -> int:
         gone = 0
         for status in FINAL:
-            ids = root.by_status.get(status)
+            ids = root.status_ids(status)
             if not ids:
                 continue
             doomed = []
@@ -41,12 +41,11 @@ class RetentionOps:
                 if job.finished is not None and job.finished < cutoff and self._expendable(root, job):
                     doomed.append(job)
             for job in doomed:
-                ids.remove(job.job_id)
+                root.status_remove(status, job.job_id)
                 root.count(status, -1)
-                owned = root.by_owner.get(job.owner)
-                if owned is not None:
-                    owned.remove(job.job_id)
-                    if not owned:
+                if job.job_id in root.ids("owner", job.owner):
+                    root.index_remove("owner", job.owner, job.job_id)
+                    if not root.by_owner.get(job.owner, True):
                         del root.by_owner[job.owner]
                 del root.jobs[job.job_id]
             gone += len(doomed)

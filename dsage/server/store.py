@@ -407,7 +407,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             job = JobRecord(job_id, owner, spec, self._keep(spec["payload"]), files, now)
             job.function_id = function_id
             root.jobs[job_id] = job
-            root.index(root.by_owner, owner).add(job_id)
+            root.index_add("owner", owner, job_id)
             if fresh is None:
                 self._enter(root, job, "new", fresh=True)
             else:
@@ -435,8 +435,8 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         ids = root.status_ids(status) if status else None
         if status and not ids:
             return []
-        mine = None if everyone else root.by_owner.get(requester)
-        if not everyone and mine is None:
+        mine = None if everyone else root.ids("owner", requester)
+        if mine is not None and not mine:
             return []
         source = ids if ids is not None else (mine if mine is not None else root.jobs.keys())
         out = []

@@ -18,6 +18,7 @@ from twisted.logger import globalLogPublisher
 from dsage import errors
 from dsage.protocol import FRAGMENT, REQUEST, decode, encode
 from dsage.server.connections import HANDLERS, Hub, ServerProtocol
+from dsage.server.model import INLINE_IDS
 from tests.support.store import FakeTime, memory_store
 
 FRAMES = 100_000
@@ -83,7 +84,8 @@ def check_store(store) -> None:
     root = store.root
     store._tm.begin()
     try:
-        by_status = {s: set(root.status_ids(s)) for s in {*root.by_status.keys(), "processing"}}
+        statuses = {*root.by_status.keys(), *(key for index, key in root.inline or () if index == "status")}
+        by_status = {s: set(root.status_ids(s)) for s in statuses}
         by_status = {s: ids for s, ids in by_status.items() if ids}
         for status, ids in by_status.items():
             assert root.counts.get(status, 0) == len(ids), status
@@ -93,6 +95,8 @@ def check_store(store) -> None:
         assert len(queued) == len(set(queued)) and set(queued) == by_status.get("new", set())
         for owner in set(j.owner for j in root.jobs.values()):
             assert root.queued.get(owner, 0) == sum(1 for i in by_status.get("new", ()) if root.jobs[i].owner == owner)
+            assert list(root.ids("owner", owner)) == [i for i, j in root.jobs.items() if j.owner == owner]
+        assert sum(map(len, (root.inline or {}).values())) <= INLINE_IDS
     finally:
         store._tm.abort()
 

@@ -222,52 +222,88 @@ def test_trees_of_an_earlier_version_keep_working_beside_new_ones(tmp_path):
     with transaction.manager:
         root = db.open().root()["dsage"]
         root.jobs = LOBTree(root.jobs)
+        for (index, key), ids in root.inline.items():      # that version kept no ids in the root
+            tree = root.by_owner if index == "owner" else root.by_status
+            tree[key] = LLTreeSet(ids)
+        root.inline = None
         for tree in (root.by_owner, root.by_status):
             for key in list(tree.keys()):
                 tree[key] = LLTreeSet(tree[key])
     db.close()
     s = _file_store(path)
     try:
-        assert type(s.root.jobs) is LOBTree
+        assert type(s.root.jobs) is LOBTree and type(s.root.by_owner["alice"]) is LLTreeSet
         ids = [first] + [_run_one(s) for _ in range(40)]
-        [bob] = value(s.submit("bob", [spec("1")]))
+        bobs = value(s.submit("bob", [spec(str(i)) for i in range(model.INLINE_IDS + 1)]))
         assert [j["job_id"] for j in value(s.list("alice", "client"))] == ids[::-1]
-        assert value(s.get("bob", "client", bob))["status"] == "new"
+        assert [j["job_id"] for j in value(s.list("bob", "client"))] == bobs[::-1]
+        assert value(s.get("bob", "client", bobs[0]))["status"] == "new"
         assert type(s.root.by_owner["alice"]) is LLTreeSet and type(s.root.by_owner["bob"]) is model.IdSet
         assert value(s.status())["completed"] == 41
     finally:
         s.stop()
 
 
-def test_few_processing_jobs_live_in_the_root_and_many_in_an_id_set(tmp_path):
-    """Up to INLINE_PROCESSING processing ids are kept in the root (no id set written);
-    one more moves them all to the id set, which takes them until it is empty; both
-    forms list the same ids, ascending, and survive a reopen."""
+def test_index_ids_live_in_the_root_until_it_holds_too_many(tmp_path):
+    """New index entries go into the root (no id set written) until it holds more than
+    INLINE_IDS ids over all its indexes; then the fullest index's go to its id set.  Both
+    forms list the same ids, ascending, answer `in`, and survive a reopen; removals find
+    an id in either."""
     from ZODB.FileStorage import FileStorage
     import transaction
     import ZODB
 
+    n = model.INLINE_IDS
     db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
     with transaction.manager:
         root = db.open().root()["r"] = model.Root()
-        for job_id in range(model.INLINE_PROCESSING, 0, -1):
+        for job_id in range(n, 0, -2):                 # out of order: kept ascending
             root.status_add("processing", job_id)
-        assert "processing" not in root.by_status
-        assert list(root.status_ids("processing")) == list(range(1, model.INLINE_PROCESSING + 1))
+            root.index_add("owner", "alice", job_id - 1)
+        assert "processing" not in root.by_status and "alice" not in root.by_owner
+        assert list(root.status_ids("processing")) == list(range(2, n + 1, 2))
+        assert 4 in root.status_ids("processing") and 3 not in root.status_ids("processing")
     with transaction.manager:
-        root.status_add("processing", 1000)
-        assert root.processing == () and len(root.by_status["processing"]) == model.INLINE_PROCESSING + 1
-        root.status_remove("processing", 5)
-        root.status_add("completed", 5)
+        root.index_add("owner", "alice", 1000)          # one too many: alice's go to her id set
+        assert root.inline == {("status", "processing"): tuple(range(2, n + 1, 2))}
+        assert list(root.by_owner["alice"]) == [*range(1, n, 2), 1000]
+        root.index_add("owner", "alice", 2000)
+        root.status_remove("processing", 4)
+        root.index_remove("owner", "alice", 3)
+        root.status_add("completed", 4)
+        with pytest.raises(KeyError):
+            root.index_remove("owner", "alice", 4)
     db.close()
     db = ZODB.DB(FileStorage(str(tmp_path / "r.fs")))
     with transaction.manager:
         root = db.open().root()["r"]
-        ids = list(root.status_ids("processing"))
-        assert ids == [i for i in range(1, model.INLINE_PROCESSING + 1) if i != 5] + [1000]
-        assert list(root.status_ids("completed")) == [5] and list(root.status_ids("failed")) == []
-        for job_id in ids:
-            root.status_remove("processing", job_id)
-        root.status_add("processing", 7)
-        assert root.processing == (7,) and list(root.status_ids("processing")) == [7]
+        assert list(root.status_ids("processing")) == [i for i in range(2, n + 1, 2) if i != 4]
+        alice = [i for i in range(1, n, 2) if i != 3] + [1000, 2000]
+        assert list(root.ids("owner", "alice")) == alice and 2000 in root.ids("owner", "alice")
+        assert list(root.status_ids("completed")) == [4] and list(root.status_ids("failed")) == []
+        assert not root.status_ids("failed") and root.ids("owner", "alice")
     db.close()
+
+
+def test_a_root_of_the_previous_version_keeps_its_processing_ids(tmp_path):
+    """The previous version kept the ids of processing jobs in `Root.processing`: the
+    upgrade moves them to the root's inline ids."""
+    from ZODB.FileStorage import FileStorage
+    import transaction
+    import ZODB
+
+    path = tmp_path / "d.fs"
+    s = _file_store(path)
+    job_id = _run_one(s)
+    s.stop()
+    db = ZODB.DB(FileStorage(str(path)))
+    with transaction.manager:
+        root = db.open().root()["dsage"]
+        root.processing = (job_id + 5, job_id + 2)
+    db.close()
+    s = _file_store(path)
+    try:
+        assert list(s.root.status_ids("processing")) == [job_id + 2, job_id + 5]
+        assert "processing" not in s.root.__dict__
+    finally:
+        s.stop()
