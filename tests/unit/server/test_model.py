@@ -134,6 +134,23 @@ def _file_store(path):
     return JobStore(ZODB.DB(FileStorage(str(path))), threaded=False)
 
 
+def _one_job_then(path, edit) -> int:
+    """A database at `path` with one job run (its id), its root then changed by `edit`
+    (as an earlier version would have left it)."""
+    import transaction
+    import ZODB
+    from ZODB.FileStorage import FileStorage
+
+    s = _file_store(path)
+    job_id = _run_one(s)
+    s.stop()
+    db = ZODB.DB(FileStorage(str(path)))
+    with transaction.manager:
+        edit(db.open().root()["dsage"])
+    db.close()
+    return job_id
+
+
 def _run_one(store, output="hello\n", result=b"42"):
     """Submit, lease and complete one job; its id."""
     [job_id] = value(store.submit("alice", [spec("6 * 7")]))
@@ -208,19 +225,10 @@ def test_trees_of_an_earlier_version_keep_working_beside_new_ones(tmp_path):
     """A database made before the tuned trees holds a plain LOBTree of jobs and LLTreeSet
     index entries: jobs are added, found, listed and counted as before, and an index entry
     made now (a new owner) is an IdSet beside them."""
-    import transaction
-    import ZODB
     from BTrees.LLBTree import LLTreeSet
     from BTrees.LOBTree import LOBTree
-    from ZODB.FileStorage import FileStorage
 
-    path = tmp_path / "d.fs"
-    s = _file_store(path)
-    first = _run_one(s)
-    s.stop()
-    db = ZODB.DB(FileStorage(str(path)))
-    with transaction.manager:
-        root = db.open().root()["dsage"]
+    def as_then(root):
         root.jobs = LOBTree(root.jobs)
         for (index, key), ids in root.inline.items():      # that version kept no ids in the root
             tree = root.by_owner if index == "owner" else root.by_status
@@ -229,7 +237,8 @@ def test_trees_of_an_earlier_version_keep_working_beside_new_ones(tmp_path):
         for tree in (root.by_owner, root.by_status):
             for key in list(tree.keys()):
                 tree[key] = LLTreeSet(tree[key])
-    db.close()
+    path = tmp_path / "d.fs"
+    first = _one_job_then(path, as_then)
     s = _file_store(path)
     try:
         assert type(s.root.jobs) is LOBTree and type(s.root.by_owner["alice"]) is LLTreeSet
@@ -288,19 +297,8 @@ def test_index_ids_live_in_the_root_until_it_holds_too_many(tmp_path):
 def test_a_root_of_the_previous_version_keeps_its_processing_ids(tmp_path):
     """The previous version kept the ids of processing jobs in `Root.processing`: the
     upgrade moves them to the root's inline ids."""
-    from ZODB.FileStorage import FileStorage
-    import transaction
-    import ZODB
-
     path = tmp_path / "d.fs"
-    s = _file_store(path)
-    job_id = _run_one(s)
-    s.stop()
-    db = ZODB.DB(FileStorage(str(path)))
-    with transaction.manager:
-        root = db.open().root()["dsage"]
-        root.processing = (job_id + 5, job_id + 2)
-    db.close()
+    job_id = _one_job_then(path, lambda root: setattr(root, "processing", (root.next_job_id + 4, root.next_job_id + 1)))
     s = _file_store(path)
     try:
         assert list(s.root.status_ids("processing")) == [job_id + 2, job_id + 5]
