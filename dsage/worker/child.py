@@ -76,6 +76,17 @@ def _read(stream, n: int) -> bytes | None:
     return data
 
 
+def _write_all(fd: int, *parts: bytes) -> None:
+    """Write `parts` to `fd` whole (a write to a pipe may take only some of them)."""
+    views = [memoryview(p) for p in parts]
+    while views:
+        n = os.writev(fd, views)
+        while views and n >= len(views[0]):
+            n -= len(views.pop(0))
+        if views:
+            views[0] = views[0][n:]
+
+
 def empty(folder: str) -> bool:
     """Remove everything in `folder`; False if something could not be removed."""
     clean = True
@@ -151,6 +162,10 @@ def main() -> None:
         if header is None:
             break
         job = msgpack.unpackb(_read(jobs, struct.unpack("!I", header)[0]), raw=False)
+        size = _read(jobs, 4)           # the payload: a frame of its own
+        job["payload"] = _read(jobs, struct.unpack("!I", size)[0]) if size is not None else None
+        if job["payload"] is None:
+            break                       # the worker went away while sending it
         outcome = run_one(job)
         try:
             sys.stdout.flush()
@@ -161,7 +176,7 @@ def main() -> None:
         os.write(1, sentinel)
         os.write(2, sentinel)
         data = msgpack.packb(outcome, use_bin_type=True)
-        outcomes.write(struct.pack("!I", len(data)) + data)
+        _write_all(outcomes.fileno(), struct.pack("!I", len(data)), data)
     if settings.get("workdir"):
         shutil.rmtree(settings["workdir"], ignore_errors=True)
     os._exit(0)

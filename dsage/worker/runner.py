@@ -87,7 +87,7 @@ class Child(protocol.ProcessProtocol):
         self.runner = runner
         self.attempt: Attempt | None = None
         self.pending = {1: b"", 2: b""}
-        self.frames = b""
+        self.frames = bytearray()       # outcomes from the child, as they come (8 KiB reads)
         self.jobs_run = 0
         self.alive = True
         self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
@@ -95,33 +95,35 @@ class Child(protocol.ProcessProtocol):
     def connectionMade(self) -> None:
         self.send({"nice": self.runner.nice, "limits": self.runner.limits, "workdir": self.workdir})
 
-    def send(self, message: dict) -> None:
+    def send(self, message: dict, raw: bytes | None = None) -> None:
+        """Write a message to the child, and then `raw` as a frame of its own (not packed
+        with the message: a large payload is not copied on its way into the pipe)."""
         data = msgpack.packb(message, use_bin_type=True)
-        self.transport.writeSequence([struct.pack("!I", len(data)), data])     # joined once, by the pipe
+        parts = [struct.pack("!I", len(data)), data]
+        if raw is not None:
+            parts += [struct.pack("!I", len(raw)), raw]
+        self.transport.writeSequence(parts)     # joined once, by the pipe
 
     def run(self, attempt: Attempt) -> None:
-        """Hand a job to this child."""
+        """Hand a job to this child: its description, then its payload."""
         self.attempt = attempt
         self.jobs_run += 1
         job = attempt.job
-        self.send({"kind": job["kind"], "payload": job["payload"], "files": job.get("files"),
-                   "name": job.get("name"), "job_id": job["job_id"], "workdir": self.workdir,
-                   "sentinel": attempt.sentinel})
+        self.send({"kind": job["kind"], "files": job.get("files"), "name": job.get("name"),
+                   "job_id": job["job_id"], "workdir": self.workdir, "sentinel": attempt.sentinel},
+                  job["payload"])
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         attempt = self.attempt
         if fd == 3:
-            self.frames += data
+            self.frames += data         # a bytearray: appending does not copy what came before
             while len(self.frames) >= 4:
-                (n,) = struct.unpack("!I", self.frames[:4])
+                (n,) = struct.unpack_from("!I", self.frames)
                 if len(self.frames) < 4 + n:
                     break
-                frame, self.frames = self.frames[4:4 + n], self.frames[4 + n:]
                 if attempt is not None:
-                    try:
-                        attempt.outcome = msgpack.unpackb(frame, raw=False)
-                    except Exception:
-                        attempt.outcome = {"ok": False, "error": "dsage: undecodable outcome from the job process"}
+                    attempt.outcome = _outcome(self.frames, n)
+                del self.frames[:4 + n]
         elif fd in (1, 2):
             if attempt is None or fd in attempt.ended_streams:
                 return              # output of something the last job left running: dropped
@@ -263,6 +265,15 @@ class JobRunner:
         for child in list(self.idle):
             child.transport.closeStdin()
             shutil.rmtree(child.workdir, ignore_errors=True)
+
+
+def _outcome(frames: bytearray, n: int) -> dict:
+    """The outcome in the child's frame of `n` bytes at the start of `frames`."""
+    try:
+        with memoryview(frames) as view, view[4:4 + n] as frame:
+            return msgpack.unpackb(frame, raw=False)
+    except Exception:
+        return {"ok": False, "error": "dsage: undecodable outcome from the job process"}
 
 
 F_SETPIPE_SZ = 1031

@@ -132,3 +132,38 @@ def test_two_leases_of_one_attempt_are_kept_apart_by_their_tokens():
     attempt, child = runner.running[(5, 1, 22)]
     finish(child, attempt)
     assert [(r["lease"], r["outcome"]) for r in reports] == [(22, "completed")]
+
+
+def test_a_job_and_its_outcome_cross_the_pipes_as_frames():
+    """The payload follows the job's description as a frame of its own; an outcome that
+    comes back in 8 KiB reads (Twisted's), its frame split anywhere, is whole once its last
+    byte is there, also when it is 16 MiB."""
+    import struct
+
+    import msgpack
+
+    from dsage.worker.runner import JobRunner
+
+    runner = JobRunner(SpawningReactor())
+    reports = []
+    payload = bytes(range(256)) * 4096
+    runner.run({"job_id": 7, "attempt": 1, "lease": 3, "timeout": 60.0, "kind": "callable",
+                "payload": payload, "name": "j"}).addCallback(reports.append)
+    attempt, child = runner.running[(7, 1, 3)]
+    sent = child.transport.written[-1]
+    (n,) = struct.unpack_from("!I", sent)
+    described = msgpack.unpackb(sent[4:4 + n])
+    assert described["job_id"] == 7 and "payload" not in described
+    assert sent[4 + n:] == struct.pack("!I", len(payload)) + payload
+
+    result = b"x" * (16 << 20)
+    frame = msgpack.packb({"ok": True, "result": result, "clean": True, "cpu_time": 0.5})
+    stream = struct.pack("!I", len(frame)) + frame
+    child.childDataReceived(1, attempt.sentinel)
+    child.childDataReceived(2, attempt.sentinel)
+    for start in range(0, len(stream) - 1, 8192):
+        child.childDataReceived(3, stream[start:min(start + 8192, len(stream) - 1)])
+    assert attempt.outcome is None and reports == []
+    child.childDataReceived(3, stream[-1:])
+    assert [(r["job_id"], r["outcome"], len(r["result"])) for r in reports] == [(7, "completed", 16 << 20)]
+    assert reports[0]["result"] == result and len(child.frames) == 0
