@@ -5,6 +5,8 @@ import dataclasses
 import enum
 from typing import Any, Callable, Mapping
 
+from dsage import errors
+
 
 class JobStatus(str, enum.Enum):
     """Where a job is in its life; stored as the plain string value."""
@@ -32,6 +34,10 @@ KINDS = ("code", "callable", "file")
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_PRIORITY = 5
 DEFAULT_MAX_FAILURES = 3
+MIB = 1 << 20
+#: the most a job's payload and files together, or its pickled result, may hold: one
+#: message (`dsage.protocol.MAX_MESSAGE`, 256 MiB) carries it with room for the rest.
+MAX_JOB_BYTES = 252 * MIB
 
 
 class BadTransition(ValueError):
@@ -83,6 +89,12 @@ class Job:
             kind = "code"
             payload = self.code.encode("utf-8")
             name = self.name or _first_line(self.code)
+        size = len(payload) + sum(map(len, self.files.values()))
+        if size > MAX_JOB_BYTES:
+            raise errors.DsageError(
+                f"job {name!r} carries {size / MIB:.1f} MiB (its pickled call or code, and its files); "
+                f"a job may carry at most {MAX_JOB_BYTES // MIB} MiB: put large data where the "
+                f"workers can read it and pass its path")
         return {
             "kind": kind,
             "payload": payload,

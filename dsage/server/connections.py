@@ -18,6 +18,9 @@ HELLO_TIMEOUT = 15.0
 CLIENT_ROLES = ("client", "admin")
 ADMIN = ("admin",)
 WORKER = ("worker",)
+#: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
+#: finished in one commit go in as few events as fit.
+EVENT_BYTES = 64 << 20
 
 
 class Hub:
@@ -161,7 +164,14 @@ class ServerProtocol(MessageProtocol):
 
     def _flush_done(self) -> None:
         done, self._done = self._done, []
-        self.send_event("jobs_done", {"jobs": done})
+        start, size = 0, 0
+        for i, summary in enumerate(done):
+            more = len(summary.get("result") or b"")
+            if i > start and size + more > EVENT_BYTES:     # a message holds at most MAX_MESSAGE
+                self.send_event("jobs_done", {"jobs": done[start:i]})
+                start, size = i, 0
+            size += more
+        self.send_event("jobs_done", {"jobs": done[start:]})
 
     def _no_hello(self) -> None:
         self._hello_timer = None

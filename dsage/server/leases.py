@@ -13,7 +13,7 @@ from twisted.internet import defer
 
 from dsage.job import FINAL
 from dsage.server import scheduler
-from dsage.server.model import JobRecord, Root, large_fields, load_bytes
+from dsage.server.model import JobRecord, Root, large_fields, load_bytes, stored_size
 
 MAX_OUTPUT = 1 << 20
 OUTPUT_MARKER = "\n[... output truncated by dsage ...]\n"
@@ -26,6 +26,11 @@ def _cap_output(text: str) -> str:
         return text
     half = MAX_OUTPUT // 2
     return text[:half] + OUTPUT_MARKER + text[-half:]
+
+
+#: the most payload and files the jobs leased in one message may carry together (beyond
+#: one job's): a message holds at most `protocol.MAX_MESSAGE` bytes.
+LEASE_BYTES = 64 << 20
 
 
 class LeaseOps:
@@ -44,25 +49,37 @@ class LeaseOps:
         if fresh:
             fresh.sort(key=lambda job: scheduler.pending_key(job.priority, job.seq))
         out: list[list[dict]] = []
+        capped = False
         for worker, n in requests:
             got: list[dict] = []
+            size = 0
             while len(got) < n:
                 if fresh and (not root.pending or
                               scheduler.pending_key(fresh[0].priority, fresh[0].seq) < root.pending.minKey()):
-                    job = fresh.pop(0)      # made by this transaction, never queued
-                    self._enter(root, job, "processing", fresh=True)
+                    job, key = fresh[0], None       # made by this transaction, never queued
                 elif root.pending:
                     key = root.pending.minKey()
-                    job = root.jobs[root.pending.pop(key)]
+                    job = root.jobs[root.pending[key]]
+                else:
+                    break
+                more = stored_size(job.payload) + stored_size(job.files)
+                if got and size + more > LEASE_BYTES:
+                    capped = True                   # the rest in another message
+                    break
+                if key is None:
+                    fresh.pop(0)
+                    self._enter(root, job, "processing", fresh=True)
+                else:
+                    del root.pending[key]
                     if job.not_before > now:
                         self._delay(root, job)       # queued by a version without the delayed tree
                         continue
                     self._enter(root, job, "processing", unqueue=False)
-                else:
-                    break
+                size += more
                 got.append(self._lease(job, worker, now, lease))
             out.append(got)
-        self._retry_due = root.delayed.minKey()[0] if root.delayed else None
+        # A slot that got fewer jobs than it asked for because of their size asks again at once.
+        self._retry_due = now if capped else root.delayed.minKey()[0] if root.delayed else None
         return out
 
     def _lease(self, job: JobRecord, worker: str, now: float, lease: float) -> dict:

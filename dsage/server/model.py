@@ -224,6 +224,20 @@ def load_bytes(obj: Persistent | bytes | tuple | None, warm: WarmBytes | None = 
     return obj.data
 
 
+def stored_size(obj: Persistent | bytes | tuple | None) -> int:
+    """How many bytes `load_bytes(obj)` gives, without reading them (a Blob: its file's size)."""
+    if obj is None:
+        return 0
+    if isinstance(obj, bytes):
+        return len(obj)
+    if isinstance(obj, tuple):
+        return obj[2]
+    if isinstance(obj, Blob):
+        with obj.open("r") as fh:
+            return os.fstat(fh.fileno()).st_size
+    return len(obj.data)
+
+
 def large_fields(records: list[dict], keys: tuple[str, ...] = ("payload", "files")) -> list[tuple[dict, str]]:
     """The (record, key) pairs whose bytes are too large to keep out of a blob."""
     return [(r, k) for r in records for k in keys

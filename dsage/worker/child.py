@@ -21,6 +21,8 @@ import traceback
 
 import msgpack
 
+from dsage.job import MAX_JOB_BYTES, MIB
+
 LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
           "file_size": resource.RLIMIT_FSIZE}
 
@@ -113,7 +115,13 @@ def run_one(job: dict) -> dict:
         value = run(job)
         import cloudpickle
 
-        outcome = {"ok": True, "result": cloudpickle.dumps(value)}
+        result = cloudpickle.dumps(value)
+        if len(result) > MAX_JOB_BYTES:
+            outcome = {"ok": False, "error": f"dsage: the job's result is {len(result) / MIB:.1f} MiB pickled; "
+                                             f"a result may be at most {MAX_JOB_BYTES // MIB} MiB (write large "
+                                             f"results where the client can read them, return their path)"}
+        else:
+            outcome = {"ok": True, "result": result}
     except BaseException:
         outcome = {"ok": False, "error": traceback.format_exc()}
     finally:

@@ -39,3 +39,16 @@ def test_transitions():
     for old, new in [("new", "completed"), ("killed", "processing"), ("failed", "completed")]:
         with pytest.raises(BadTransition):
             check_transition(old, new)
+
+
+def test_a_job_too_large_for_one_message_is_refused_before_it_is_sent(monkeypatch):
+    """A job whose pickled call and files exceed MAX_JOB_BYTES is refused in the client, with
+    the sizes, instead of being sent (the server would drop such a message)."""
+    from dsage import errors, job
+
+    monkeypatch.setattr(job, "MAX_JOB_BYTES", 1 << 20)
+    assert Job(func=len, args=(bytes(1000 << 10),)).to_wire()["kind"] == "callable"
+    with pytest.raises(errors.DsageError, match=r"carries 1\.1 MiB .* at most 1 MiB"):
+        Job(func=len, args=(bytes(1100 << 10),)).to_wire()
+    with pytest.raises(errors.DsageError, match="at most 1 MiB"):
+        Job(code="1", files={"big": bytes(2 << 20)}).to_wire()

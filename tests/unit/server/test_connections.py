@@ -149,3 +149,26 @@ def test_batched_reports_apply_each_and_tell_the_owner_once_per_turn(parts):
     for bad in ({"reports": []}, {"reports": "x"}, {"reports": [{"job_id": 1}]}, {"reports": [done], "take": -1}):
         with pytest.raises(ValueError):
             value(worker.handle_request("reports", bad))
+
+
+def test_large_results_of_one_turn_are_told_in_several_events(parts, monkeypatch):
+    """The jobs that finish in one turn go to their owner in as few `jobs_done` events as
+    keep each event's results within EVENT_BYTES (one message holds at most 256 MiB)."""
+    from dsage.protocol import decode
+    from dsage.server import connections
+
+    monkeypatch.setattr(connections, "EVENT_BYTES", 10)
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec(str(i)) for i in range(4)]))
+    jobs = value(store.claim([("w1", 4)], 10.0))[0]
+    alice, worker = connect(hub, "alice", "client"), connect(hub, "w1", "worker")
+    reports = [dict(reported(j), outcome="completed", result=b"R" * size, output="", cpu_time=None, wall_time=0.1)
+               for j, size in zip(jobs, (4, 4, 20, 1))]
+    assert value(worker.handle_request("reports", {"reports": reports}))["applied"] == [True] * 4
+    clock.advance(0)
+    frames, events = alice.transport.value(), []
+    while frames:
+        n = int.from_bytes(frames[:4], "big")
+        events.append([s["job_id"] for s in decode(frames[4:4 + n])[2]["jobs"]])
+        frames = frames[4 + n:]
+    assert events == [[1, 2], [3], [4]]

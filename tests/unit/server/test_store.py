@@ -294,6 +294,23 @@ def test_a_filestorage_commit_does_not_check_what_it_only_read(tmp_path, monkeyp
         s.stop()
 
 
+def test_one_lease_message_carries_a_bounded_size_of_jobs(store, clock, monkeypatch):
+    """Jobs leased in one go carry at most LEASE_BYTES of payload and files together (a job
+    larger than that goes alone); a slot that got fewer than it asked for so is tried again
+    at once (`next_retry`), not when new work comes."""
+    from dsage.server import leases
+
+    monkeypatch.setattr(leases, "LEASE_BYTES", 100 << 10)
+    ids = value(store.submit("a", [spec(str(i), payload=bytes(size << 10))
+                                   for i, size in enumerate((30, 60, 20, 150, 10))]))
+    assert store.next_retry() is None
+    got = [[j["job_id"] for j in value(store.claim([("w", 5)], 60.0))[0]] for _ in range(4)]
+    assert got == [ids[:2], [ids[2]], [ids[3]], [ids[4]]]
+    assert store.next_retry() is None, "the last claim took everything it could"
+    value(store.submit("a", [spec("x", payload=bytes(80 << 10)), spec("y", payload=bytes(80 << 10))]))
+    assert len(value(store.claim([("w", 2)], 60.0))[0]) == 1 and store.next_retry() == clock()
+
+
 def test_submission_token_makes_a_retry_harmless(store, clock):
     """The same token submitted twice stores the jobs once and returns the same ids."""
     first = value(store.submit("a", [spec("x"), spec("y")], token="t1"))

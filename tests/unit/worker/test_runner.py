@@ -167,3 +167,15 @@ def test_a_job_and_its_outcome_cross_the_pipes_as_frames():
     child.childDataReceived(3, stream[-1:])
     assert [(r["job_id"], r["outcome"], len(r["result"])) for r in reports] == [(7, "completed", 16 << 20)]
     assert reports[0]["result"] == result and len(child.frames) == 0
+
+
+def test_a_result_too_large_for_one_message_fails_the_job_with_its_size(tmp_path, monkeypatch):
+    """The job process turns a result larger than MAX_JOB_BYTES into a failure that says so,
+    instead of an outcome that no message could carry to the server."""
+    from dsage.worker import child
+
+    monkeypatch.setattr(child, "MAX_JOB_BYTES", 1 << 20)
+    job = {"kind": "code", "payload": b"b'x' * (2 << 20)", "workdir": str(tmp_path), "name": "big"}
+    outcome = child.run_one(job)
+    assert not outcome["ok"] and "result is 2.0 MiB pickled; a result may be at most 1 MiB" in outcome["error"]
+    assert child.run_one(dict(job, payload=b"b'x' * 1000"))["ok"]
