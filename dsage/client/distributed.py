@@ -21,8 +21,11 @@ import cloudpickle
 from dsage import errors
 from dsage.client import reactor as rt
 from dsage.client.blocking import retrying
-from dsage.job import FINAL, Job
+from dsage.job import FINAL, MAX_JOB_BYTES, MIB, Job
 
+#: once the new jobs of a step carry this much payload and files, the rest wait for the
+#: next step: a step is one message, of at most 256 MiB with the checkpoint.
+STEP_BYTES = 64 << 20
 #: attributes that belong to one process's session, never to the checkpoint.
 _SESSION_ATTRS = ("dsage", "_thread", "_stopping", "_lock", "_events", "_session", "outstanding_jobs",
                   "processed_jobs", "error", "start_time", "end_time")
@@ -87,9 +90,13 @@ class DistributedFunction:
             raise errors.DsageError(f"{self.name} is already started")
         with self._lock:
             if not self._started:
-                self._started = True
-                retrying(self.dsage.client.call, "function_start", name=self.name, state=self._pickle(),
-                         session=self._session)
+                self._started = True        # part of the checkpoint
+                try:
+                    retrying(self.dsage.client.call, "function_start", name=self.name, state=self._pickle(),
+                             session=self._session)
+                except BaseException:
+                    self._started = False
+                    raise
         self.start_time = time.monotonic()
         self._thread = threading.Thread(target=self._drive, name=f"dsage-{self.name}", daemon=True)
         self._thread.start()
@@ -146,9 +153,13 @@ class DistributedFunction:
     # -- the driver ------------------------------------------------------------------------
     def _pickle(self) -> bytes:
         try:
-            return cloudpickle.dumps(self)
+            state = cloudpickle.dumps(self)
         except Exception as e:
             raise errors.DsageError(f"cannot checkpoint {self.name}: its state does not pickle: {e!r}") from None
+        if len(state) > MAX_JOB_BYTES:
+            raise errors.DsageError(f"cannot checkpoint {self.name}: its state is {len(state) / MIB:.1f} MiB "
+                                    f"pickled, more than the {MAX_JOB_BYTES // MIB} MiB a checkpoint may hold")
+        return state
 
     def _window(self) -> int:
         if self.window:
@@ -161,15 +172,23 @@ class DistributedFunction:
     def _watch(self, job_id: int) -> None:
         rt.call(lambda: self.dsage.client.watch(job_id).addBoth(lambda r: self._events.put((job_id, r))))
 
-    def _step(self, processed: list[int], jobs: list[Job]) -> None:
-        """One checkpoint on the server; new jobs become outstanding."""
+    def _step(self, processed: list[int], wires: list[dict]) -> None:
+        """One checkpoint on the server; new jobs (`Job.to_wire()`s) become outstanding."""
         from dsage.client.blocking import JobHandle
 
-        self._step_no += 1
+        self._step_no += 1              # part of the checkpoint: pickled after it changes
+        try:
+            state = self._pickle()
+            size = len(state) + sum(len(w["payload"]) + sum(map(len, w["files"].values())) for w in wires)
+            if size > MAX_JOB_BYTES:
+                raise errors.DsageError(f"{self.name}: a checkpoint with its new jobs is {size / MIB:.1f} MiB, "
+                                        f"more than the {MAX_JOB_BYTES // MIB} MiB one step may carry")
+        except errors.DsageError:
+            self._step_no -= 1
+            raise
         reply = retrying(self.dsage.client.call, "function_step", name=self.name, session=self._session,
-                         step=self._step_no, state=self._pickle(), processed=processed,
-                         jobs=[j.to_wire() for j in jobs], done=bool(self.done), timeout=None,
-                         give_up=self._stopping.is_set)
+                         step=self._step_no, state=state, processed=processed,
+                         jobs=wires, done=bool(self.done), timeout=None, give_up=self._stopping.is_set)
         for job_id in reply["job_ids"]:
             self.outstanding_jobs.append(JobHandle(self.dsage, job_id))
             self._watch(job_id)
@@ -196,12 +215,15 @@ class DistributedFunction:
             while not self._stopping.is_set():
                 with self._lock:
                     processed = self._process(self._next_events() if self.outstanding_jobs or starved else [])
-                    new: list[Job] = []
-                    while not self.done and len(self.outstanding_jobs) + len(new) < window:
+                    new: list[dict] = []
+                    size = 0
+                    while (not self.done and len(self.outstanding_jobs) + len(new) < window
+                           and size < STEP_BYTES):      # more in the next step
                         job = self.waiting_jobs.pop(0) if self.waiting_jobs else self.next_job()
                         if job is None:
                             break
-                        new.append(job)
+                        new.append(job.to_wire())
+                        size += len(new[-1]["payload"]) + sum(map(len, new[-1]["files"].values()))
                     if processed or new or self.done:
                         self._step(processed, new)
                     if self.done:

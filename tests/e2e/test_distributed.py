@@ -130,3 +130,50 @@ def test_a_second_client_takes_the_function_over(cluster):
     finally:
         D1.close()
         D2.close()
+
+
+class Lengths(dsage.DistributedFunction):
+    """Sums the lengths of `n` payloads of `size` bytes, one job each."""
+
+    window = 6
+
+    def __init__(self, D, name, n, size):
+        super().__init__(D, name=name)
+        self.left, self.size, self.result = n, size, 0
+        self.sent = 0
+
+    def next_job(self):
+        if self.sent == self.left:
+            return None
+        self.sent += 1
+        return dsage.Job(func=len, args=(bytes(self.size),))
+
+    def process_result(self, job):
+        self.result += job.result
+        self.left -= 1
+        self.sent -= 1
+        if self.left == 0:
+            self.done = True
+
+
+def test_large_jobs_of_a_function_go_in_several_steps_and_a_huge_state_is_refused(cluster, monkeypatch):
+    """A step (one message) takes new jobs until they carry STEP_BYTES; a checkpoint larger
+    than MAX_JOB_BYTES is refused with its size instead of being sent."""
+    from dsage.client import distributed
+
+    monkeypatch.setattr(distributed, "STEP_BYTES", 1000)
+    D = cluster.connect()
+    try:
+        f = Lengths(D, "lengths", 6, 600)
+        steps = []
+        step = f._step
+        f._step = lambda processed, wires: steps.append(len(wires)) or step(processed, wires)
+        assert f.start().wait(timeout=120) == 6 * 600
+        assert max(steps) == 2 and sum(steps) == 6
+        monkeypatch.setattr(distributed, "MAX_JOB_BYTES", 1 << 20)
+        big = Lengths(D, "big-state", 1, 10)
+        big.ballast = bytes(2 << 20)
+        with pytest.raises(dsage.DsageError, match=r"state is 2\.0 MiB pickled, more than the 1 MiB"):
+            big.start()
+    finally:
+        D.close()
