@@ -85,7 +85,9 @@ def check_store(store) -> None:
     store._tm.begin()
     try:
         statuses = {*root.by_status.keys(), *(key for index, key in root.inline or () if index == "status")}
-        by_status = {s: set(root.status_ids(s)) for s in statuses}
+        listed = {s: list(root.status_ids(s)) for s in statuses}
+        assert all(ids == sorted(set(ids)) for ids in listed.values()), "ascending, once each"
+        by_status = {s: set(ids) for s, ids in listed.items()}
         by_status = {s: ids for s, ids in by_status.items() if ids}
         for status, ids in by_status.items():
             assert root.counts.get(status, 0) == len(ids), status

@@ -666,3 +666,44 @@ def test_leases_go_out_before_their_commit_and_a_lost_commit_voids_them(store, m
     assert value(store.report("w2", reported(lost, result=b"void")))["applied"] is False
     assert value(store.report("w2", reported(again, result=b"ok")))["applied"]
     assert value(store.get("a", "client", 2))["result"] == b"ok"
+
+
+def test_random_work_keeps_every_index_consistent(store, clock):
+    """Thousands of submissions by three owners, leases, outcomes, kills, reruns and
+    expiries, with far more than INLINE_IDS ids moving between the root and the id sets:
+    statuses, owners, counts and the queue always agree with the jobs themselves."""
+    import random
+
+    from tests.unit.server.test_fuzz import check_store
+
+    rng = random.Random(4242)
+    held = []
+    for step in range(1500):
+        op = rng.random()
+        owner = rng.choice(("alice", "bob", "carol"))
+        if op < 0.3:
+            value(store.submit(owner, [spec(str(step), max_failures=2)] * rng.choice((1, 1, 3, 40))))
+        elif op < 0.55:
+            held += value(store.claim([("w", rng.choice((1, 5, 70)))], 60.0))[0]
+        elif op < 0.8 and held:
+            job = held.pop(rng.randrange(len(held)))
+            value(store.report("w", reported(job, rng.choice(("completed", "failed")), result=b"r")))
+        elif op < 0.88:
+            jobs = value(store.list(owner, "client", limit=5))
+            if jobs:
+                value(store.kill(owner, "client", rng.choice(jobs)["job_id"]))
+        elif op < 0.95:
+            done = value(store.list(owner, "client", status=rng.choice(("completed", "failed", "killed")), limit=3))
+            if done:
+                value(store.rerun(owner, "client", done[-1]["job_id"]))
+        else:
+            clock.now += rng.choice((10.0, 86400.0 * 2))
+            value(store.expire_finished(1.0, limit=rng.choice((5, 500))))
+        if step % 100 == 0:
+            check_store(store)
+    check_store(store)
+    root = store.root
+    assert root.inline and all(root.by_owner.get(o) for o in ("alice", "bob", "carol")), "both forms in use"
+    for owner in ("alice", "bob", "carol"):
+        listed = [j["job_id"] for j in value(store.list(owner, "client", limit=100000))]
+        assert listed == sorted(listed, reverse=True) and len(listed) == len(set(listed))
