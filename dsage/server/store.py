@@ -541,6 +541,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             else:
                 root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
+
 def _read_alone(obj: Any) -> None:
     """`Connection.readCurrent` of a connection that no other one can write beside."""
 

@@ -111,7 +111,7 @@ class Child(protocol.ProcessProtocol):
         job = attempt.job
         self.send({"kind": job["kind"], "files": job.get("files"), "name": job.get("name"),
                    "job_id": job["job_id"], "workdir": self.workdir, "sentinel": attempt.sentinel},
-                  job["payload"])
+                  job["payload"] or b"")
 
     def childDataReceived(self, fd: int, data: bytes) -> None:
         attempt = self.attempt
