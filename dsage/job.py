@@ -89,13 +89,7 @@ class Job:
             kind = "code"
             payload = self.code.encode("utf-8")
             name = self.name or _first_line(self.code)
-        size = len(payload) + sum(map(len, self.files.values()))
-        if size > MAX_JOB_BYTES:
-            raise errors.DsageError(
-                f"job {name!r} carries {size / MIB:.1f} MiB (its pickled call or code, and its files); "
-                f"a job may carry at most {MAX_JOB_BYTES // MIB} MiB: put large data where the "
-                f"workers can read it and pass its path")
-        return {
+        wire = {
             "kind": kind,
             "payload": payload,
             "name": str(name)[:200],
@@ -104,6 +98,17 @@ class Job:
             "max_failures": int(self.max_failures),
             "files": dict(self.files),
         }
+        if carried(wire) > MAX_JOB_BYTES:
+            raise errors.DsageError(
+                f"job {name!r} carries {carried(wire) / MIB:.1f} MiB (its pickled call or code, and its "
+                f"files); a job may carry at most {MAX_JOB_BYTES // MIB} MiB: put large data where the "
+                f"workers can read it and pass its path")
+        return wire
+
+
+def carried(wire: dict) -> int:
+    """The bytes of payload and files a job's wire form (`Job.to_wire`) carries."""
+    return len(wire["payload"]) + sum(map(len, (wire.get("files") or {}).values()))
 
 
 def _as_bytes(value: Any) -> bytes:

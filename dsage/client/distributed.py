@@ -21,7 +21,7 @@ import cloudpickle
 from dsage import errors
 from dsage.client import reactor as rt
 from dsage.client.blocking import retrying
-from dsage.job import FINAL, MAX_JOB_BYTES, MIB, Job
+from dsage.job import FINAL, MAX_JOB_BYTES, MIB, Job, carried
 
 #: once the new jobs of a step carry this much payload and files, the rest wait for the
 #: next step: a step is one message, of at most 256 MiB with the checkpoint.
@@ -179,7 +179,7 @@ class DistributedFunction:
         self._step_no += 1              # part of the checkpoint: pickled after it changes
         try:
             state = self._pickle()
-            size = len(state) + sum(len(w["payload"]) + sum(map(len, w["files"].values())) for w in wires)
+            size = len(state) + sum(map(carried, wires))
             if size > MAX_JOB_BYTES:
                 raise errors.DsageError(f"{self.name}: a checkpoint with its new jobs is {size / MIB:.1f} MiB, "
                                         f"more than the {MAX_JOB_BYTES // MIB} MiB one step may carry")
@@ -223,7 +223,7 @@ class DistributedFunction:
                         if job is None:
                             break
                         new.append(job.to_wire())
-                        size += len(new[-1]["payload"]) + sum(map(len, new[-1]["files"].values()))
+                        size += carried(new[-1])
                     if processed or new or self.done:
                         self._step(processed, new)
                     if self.done:

@@ -538,7 +538,7 @@ class Root(Packed):
         inline = self.inline
         ids = inline.get((index, key), ()) if inline else ()
         if job_id not in ids:
-            self.index(self.by_status if index == "status" else self.by_owner, key).remove(job_id)
+            self.index(self._index_tree(index), key).remove(job_id)
             return
         at = ids.index(job_id)
         if len(ids) > 1:

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsage import errors
-from dsage.job import KINDS, MAX_JOB_BYTES, MIB
+from dsage.job import KINDS, MAX_JOB_BYTES, MIB, carried
 from dsage.protocol import encode
 
 MAX_PRIORITY = 1_000_000
@@ -45,7 +45,7 @@ def validate_spec(spec: Any) -> dict:
     for name in files:
         if not name or name.startswith(("/", ".")) or "/" in name or "\\" in name:
             raise ValueError(f"bad job file name {name!r}: plain file names only")
-    if len(payload) + sum(map(len, files.values())) > MAX_JOB_BYTES:
+    if carried(spec) > MAX_JOB_BYTES:
         raise ValueError(f"a job may carry at most {MAX_JOB_BYTES // MIB} MiB of payload and files")
     name = spec.get("name") or kind
     timeout = spec.get("timeout", 600.0)
