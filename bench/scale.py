@@ -4,7 +4,9 @@
            N jobs queued behind them (priority 9): dispatch cost flat in queue length; the
            server's resident memory after each run.
 - restart: with N jobs stored, seconds from starting dsage_server to listening and to the
-           first job's result, after a clean stop (SIGTERM) and after kill -9.
+           first job's result, after a clean stop (SIGTERM) and after kill -9; then after
+           kill -9 at the end of a run of --since jobs since the start, with the index saved
+           every 30 s (index_seconds, the default) and never (index_seconds = 0).
 - slots:   1,000 simulated worker slots (connections in 4 processes; each takes jobs and
            reports them at once) heartbeating every 2 s while a client runs 10,000 jobs:
            heartbeat round trips (p50, p99) and jobs/s.
@@ -113,7 +115,7 @@ def timed_start(cluster: LocalCluster) -> tuple[float, float]:
     return listening, first
 
 
-def cell_restart(n: int) -> list[tuple[str, str]]:
+def cell_restart(n: int, since: int) -> list[tuple[str, str]]:
     rows = []
     with LocalCluster() as cluster:
         cluster.init()
@@ -131,6 +133,17 @@ def cell_restart(n: int) -> list[tuple[str, str]]:
                     index.unlink()
             listening, first = timed_start(cluster)
             rows.append((f"restart after {how}", f"{listening:.2f} s to listening, {first:.2f} s to a first result"))
+        for every in (30.0, 0.0):
+            cluster.stop_server()
+            cluster.configure(index_seconds=every)
+            cluster.start_server(timeout=600)
+            D = connect(cluster)
+            rate = run_jobs(D, since)
+            D.close()
+            cluster.stop_server(signal.SIGKILL)
+            listening, first = timed_start(cluster)
+            rows.append((f"kill -9 after {since:,} jobs ({rate:,.0f}/s), index every {every:g} s",
+                         f"{listening:.2f} s to listening, {first:.2f} s to a first result"))
     return rows
 
 
@@ -199,6 +212,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cell", choices=CELLS, action="append")
     ap.add_argument("--jobs", type=int, default=1_000_000, help="jobs in the database (queue, restart)")
+    ap.add_argument("--since", type=int, default=100_000, help="jobs run before the last kill -9 (restart)")
     ap.add_argument("--run", type=int, default=5000, help="jobs per throughput run")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--slots", type=int, default=1000)
@@ -211,7 +225,7 @@ def main() -> int:
         if cell == "queue":
             rows += cell_queue(args.jobs, args.run, args.repeats)
         elif cell == "restart":
-            rows += cell_restart(args.jobs)
+            rows += cell_restart(args.jobs, args.since)
         elif cell == "slots":
             rows += cell_slots(args.slots, args.procs, args.run * 2, args.heartbeat)
         else:

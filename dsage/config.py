@@ -32,6 +32,7 @@ class ServerConfig:
     pack_growth: float = 2.0
     pack_min_mb: float = 64.0
     maintenance_seconds: float = 600.0
+    index_seconds: float = 30.0
 
     @property
     def db_uri(self) -> str:

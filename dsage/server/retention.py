@@ -4,6 +4,7 @@ A mixin of `JobStore` (the one class that writes to ZODB): the expiry runs throu
 store's writer thread with `self._run`; packing runs in a thread of its own."""
 from __future__ import annotations
 
+import os
 import threading
 
 from twisted.internet import defer
@@ -12,6 +13,7 @@ from twisted.python.failure import Failure
 from dsage import errors
 from dsage.job import FINAL
 from dsage.server.model import JobRecord, Root
+from dsage.server.syncer import file_storage
 
 #: finished jobs deleted per transaction by `expire_finished`.
 EXPIRE_BATCH = 5000
@@ -103,3 +105,23 @@ class RetentionOps:
     def size(self) -> int:
         """The storage's size in bytes."""
         return self.db.getSize()
+
+    def save_index(self) -> bool:
+        """Write a FileStorage's index file now; False for other storages and during a pack.
+
+        FileStorage writes it only when it closes or packs, and a start after a crash reads
+        every record written since (the whole file, after months without a clean stop)."""
+        fs = file_storage(self.db.storage)
+        if fs is None or self._packing:
+            return False
+        with fs._lock:                       # commits run in the reactor: none is under way
+            try:
+                fs._save_index()
+            except OSError:
+                # A full disk: the index file of before stays, as does the database.
+                try:
+                    os.unlink(fs.__name__ + ".index.index_tmp")
+                except OSError:
+                    pass
+                raise
+        return True

@@ -76,7 +76,8 @@ class ServerService(service.MultiService):
         reaper.setServiceParent(self)
         Maintenance(self.store, self.reactor, keep_days=self.config.keep_days,
                     pack_growth=self.config.pack_growth, pack_min_mb=self.config.pack_min_mb,
-                    interval=self.config.maintenance_seconds).setServiceParent(self)
+                    interval=self.config.maintenance_seconds,
+                    index_interval=self.config.index_seconds).setServiceParent(self)
         super().startService()
         d = self._listen()
         d.addErrback(self._listen_failed)

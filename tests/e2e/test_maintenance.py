@@ -2,6 +2,10 @@
 database file is packed, while the server keeps serving."""
 from __future__ import annotations
 
+import signal
+
+from ZODB.fsIndex import fsIndex
+
 from dsage import errors
 from dsage.client.local import LocalCluster
 from tests.e2e.conftest import connected, wait_for
@@ -34,3 +38,26 @@ def test_finished_jobs_expire_and_the_database_is_packed(tmp_path):
             wait_for(lambda: "packed the database" in log(), timeout=30, what="a pack")
             assert "jobs finished more than" in log()
             assert D.eval("6 * 7").wait(timeout=30) == 42
+
+
+def test_the_server_saves_its_index_so_a_restart_after_kill9_reads_little(tmp_path):
+    """With index_seconds = 0.5 the server's index file soon covers all that was written,
+    so a start after kill -9 reads no record again; every result is there after it."""
+    with LocalCluster(tmp_path / "home") as cluster:
+        cluster.init()
+        cluster.configure(index_seconds=0.5)
+        cluster.start_server()
+        cluster.add_worker(slots=2)
+        fs = cluster.home / "db" / "dsage.fs"
+        covered = lambda: int(fsIndex.load(f"{fs}.index")["pos"])
+        with connected(cluster) as D:
+            jobs = D.map(abs, range(-1500, 0))
+            assert [j.wait(timeout=120) for j in jobs] == list(range(1500, 0, -1))
+            size = fs.stat().st_size
+            assert covered() < size
+            wait_for(lambda: covered() == fs.stat().st_size, timeout=30, what="the index saved")
+        cluster.stop_server(signal.SIGKILL)
+        cluster.start_server()
+        with connected(cluster) as D:
+            assert [D.job(j.job_id).wait(timeout=30) for j in jobs[:3]] == [1500, 1499, 1498]
+        assert "Ignoring index" not in (cluster.home / "server.log").read_text()

@@ -1,10 +1,14 @@
-"""Maintenance: old finished jobs expire and the FileStorage is packed when it has grown."""
+"""Maintenance: old finished jobs expire, the FileStorage is packed when it has grown, and its
+index is saved as it grows."""
 from __future__ import annotations
+
+import shutil
 
 import ZODB
 from twisted.internet import defer
 from twisted.internet.task import Clock
 from ZODB.FileStorage import FileStorage
+from ZODB.fsIndex import fsIndex
 
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
@@ -64,5 +68,51 @@ def test_no_expiry_when_keep_days_is_zero(tmp_path):
         now.now += 1000 * 86400
         assert run(maintenance) == {"expired": 0, "packed": None}
         assert value(store.status())["completed"] == 1
+    finally:
+        store.stop()
+
+
+def saved_index_pos(fs_path) -> int:
+    """The file position FileStorage's index file covers: a start reads the records after it."""
+    return int(fsIndex.load(str(fs_path) + ".index")["pos"])
+
+
+def test_index_is_saved_as_the_file_grows_so_a_start_after_a_crash_reads_little(tmp_path):
+    """FileStorage saves its index only when it closes: after a crash, a start reads every
+    record since.  The maintenance saves it once the file has grown, and a copy of the files
+    taken without closing (a crash) opens from that index with every job in it."""
+    path = tmp_path / "d.fs"
+    store = JobStore(ZODB.DB(FileStorage(str(path))), threaded=False, now=FakeTime())
+    maintenance = Maintenance(store, Clock(), keep_days=0.0, pack_growth=0.0, pack_min_mb=0.0, interval=60.0)
+    try:
+        at_open = saved_index_pos(path)
+        assert maintenance.save_index()                     # the first tick saves
+        cycle(store, 300)
+        assert saved_index_pos(path) < store.size()
+        assert maintenance.save_index()
+        assert saved_index_pos(path) == store.size()
+        assert not maintenance.save_index()                 # has not grown since
+        crashed = tmp_path / "crashed"
+        crashed.mkdir()
+        for name in ("d.fs", "d.fs.index"):
+            shutil.copy(tmp_path / name, crashed / name)
+    finally:
+        store.stop()
+    fs = FileStorage(str(crashed / "d.fs"))
+    assert fs._used_index and at_open < fs._pos == saved_index_pos(crashed / "d.fs")
+    reopened = JobStore(ZODB.DB(fs), threaded=False)
+    try:
+        assert value(reopened.status())["completed"] == 300
+    finally:
+        reopened.stop()
+
+
+def test_index_is_not_saved_for_other_storages():
+    """A storage without an index file of ours (here a MappingStorage) is left alone."""
+    store = JobStore(ZODB.DB(None), threaded=False)
+    maintenance = Maintenance(store, Clock(), keep_days=0.0, pack_growth=0.0, pack_min_mb=0.0, interval=60.0)
+    try:
+        cycle(store, 10)
+        assert not maintenance.save_index()
     finally:
         store.stop()
