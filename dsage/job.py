@@ -3,7 +3,10 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-from typing import Any, Callable, Mapping
+import operator
+import os
+import pathlib
+from typing import Any, Callable, Iterable, Mapping, Union
 
 from dsage import errors
 
@@ -62,7 +65,9 @@ class Job:
     timeout: float = DEFAULT_TIMEOUT
     priority: int = DEFAULT_PRIORITY
     max_failures: int = DEFAULT_MAX_FAILURES
-    files: Mapping[str, bytes] = dataclasses.field(default_factory=dict)
+    #: files written into the job's folder before it runs: {name: bytes, text or a local
+    #: pathlib.Path to read}, or a list of local paths (each under its own base name).
+    files: Union[Mapping[str, Any], Iterable[Union[str, os.PathLike]]] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if (self.code is None) == (self.func is None):
@@ -75,7 +80,11 @@ class Job:
             raise ValueError("timeout must be a positive number of seconds")
         if int(self.max_failures) < 1:
             raise ValueError("max_failures must be at least 1")
-        self.files = {str(k): _as_bytes(v) for k, v in dict(self.files).items()}
+        try:
+            self.priority = operator.index(self.priority)
+        except TypeError:
+            raise TypeError(f"priority must be an integer (lower runs first), not {self.priority!r}") from None
+        self.files = _files(self.files)
 
     def to_wire(self) -> dict[str, Any]:
         """The submission message: plain data, the callable pickled with cloudpickle."""
@@ -109,6 +118,31 @@ class Job:
 def carried(wire: dict) -> int:
     """The bytes of payload and files a job's wire form (`Job.to_wire`) carries."""
     return len(wire["payload"]) + sum(map(len, (wire.get("files") or {}).values()))
+
+
+def _files(files: Any) -> dict[str, bytes]:
+    """A job's files as {name: bytes}, read now from what `Job.files` accepts."""
+    if isinstance(files, (str, os.PathLike)):
+        files = [files]
+    if isinstance(files, Mapping):
+        items = [(str(name), value) for name, value in files.items()]
+    else:
+        try:
+            items = [(os.path.basename(os.fspath(path)), pathlib.Path(path)) for path in files]
+        except TypeError:
+            raise TypeError("files must be a mapping {name: bytes} or a list of file paths") from None
+        names = [name for name, _ in items]
+        if len(set(names)) < len(names):
+            raise ValueError(f"files: two paths have the same name: {sorted(names)}")
+    out = {}
+    for name, value in items:
+        if isinstance(value, os.PathLike):
+            try:
+                value = pathlib.Path(value).read_bytes()
+            except OSError as e:
+                raise ValueError(f"cannot read the job's file {os.fspath(value)}: {e.strerror}") from None
+        out[name] = _as_bytes(value)
+    return out
 
 
 def _as_bytes(value: Any) -> bytes:

@@ -134,6 +134,13 @@ def test_files_are_placed_in_the_working_directory(D):
     assert job.wait(timeout=30) == "ABC"
 
 
+def test_files_from_local_paths(D, tmp_path):
+    """A list of local paths: each file is read at submission and placed under its name."""
+    (tmp_path / "data.txt").write_text("from a path")
+    job = D.eval("open('data.txt').read()", files=[str(tmp_path / "data.txt")])
+    assert job.wait(timeout=30) == "from a path"
+
+
 def test_listing_and_lookup(D):
     """jobs(), job(id), workers() and status() describe what is there."""
     job = D.eval("'listed'")
@@ -141,6 +148,8 @@ def test_listing_and_lookup(D):
     assert job.job_id in [j.job_id for j in D.jobs()]
     assert D.job(job.job_id).result == "listed"
     assert job.job_id in [j.job_id for j in D.jobs(status="completed")]
+    with pytest.raises(dsage.DsageError, match="unknown status 'done': one of new, processing"):
+        D.jobs(status="done")
     workers = D.workers()
     assert workers[0]["slots"] == 2 and workers[0]["facts"]["cores"] >= 1
     status = D.status()

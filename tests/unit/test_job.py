@@ -1,6 +1,8 @@
 """The Job description and the status lifecycle."""
 from __future__ import annotations
 
+import pathlib
+
 import cloudpickle
 import pytest
 
@@ -24,11 +26,27 @@ def test_callable_job_pickles_closures():
 
 
 @pytest.mark.parametrize("kw", [{}, {"code": "1", "func": print}, {"code": "1", "timeout": 0},
-                                {"code": "1", "max_failures": 0}, {"func": 3}, {"code": b"1"}])
+                                {"code": "1", "max_failures": 0}, {"func": 3}, {"code": b"1"},
+                                {"code": "1", "priority": "high"}, {"code": "1", "priority": 1.5},
+                                {"code": "1", "files": [3]}, {"code": "1", "files": ["/no/such/file"]},
+                                {"code": "1", "files": ["/a/x", "/b/x"]}])
 def test_invalid_jobs_are_refused(kw):
     """A Job needs exactly one of code or a callable, and sane options."""
     with pytest.raises((ValueError, TypeError)):
         Job(**kw)
+
+
+def test_files_are_read_from_local_paths(tmp_path):
+    """`files` takes {name: bytes or text}, {name: Path} or a list of local paths, each
+    read now and sent under its base name."""
+    (tmp_path / "a.txt").write_text("hello")
+    (tmp_path / "b.bin").write_bytes(b"\0\1")
+    expected = {"a.txt": b"hello", "b.bin": b"\0\1"}
+    assert Job(code="1", files=[str(tmp_path / "a.txt"), tmp_path / "b.bin"]).files == expected
+    assert Job(code="1", files={"a.txt": tmp_path / "a.txt", "b.bin": b"\0\1"}).files == expected
+    assert Job(code="1", files=str(tmp_path / "a.txt")).files == {"a.txt": b"hello"}
+    with pytest.raises(ValueError, match="cannot read the job's file .*nope: No such file"):
+        Job(code="1", files={"x": pathlib.Path(tmp_path / "nope")})
 
 
 def test_transitions():
