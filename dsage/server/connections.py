@@ -23,6 +23,9 @@ STATUS_NAMES = tuple(s.value for s in JobStatus)
 #: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
 #: finished in one commit go in as few events as fit.
 EVENT_BYTES = 64 << 20
+#: the most of a running job's output the server keeps in memory to show (a worker sends
+#: the last 16 KiB).
+LIVE_OUTPUT_CHARS = 32 << 10
 
 
 class Hub:
@@ -45,6 +48,9 @@ class Hub:
         self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
         self.finished_times: collections.deque = collections.deque(maxlen=100_000)
         self.finished_total = 0
+        #: job id -> (attempt, worker, the end of its output), for running jobs: not stored,
+        #: shown by get_job until the job's report brings the whole output.
+        self.live_output: dict[int, tuple[int, str, str]] = {}
         self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
                                      store.next_retry, clock)
 
@@ -59,6 +65,14 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self.connections[conn.identity]
+
+    def with_live_output(self, rec: dict) -> dict:
+        """`rec` (a job's summary) with the output its worker last sent, if it is running."""
+        live = self.live_output.get(rec["job_id"])
+        if live is not None and rec["status"] == "processing" and rec["attempts"] and \
+                (rec["attempts"][-1].get("attempt"), rec["attempts"][-1].get("worker")) == live[:2]:
+            rec["output"] = live[2]
+        return rec
 
     def job_finished(self, summary: dict) -> None:
         """Tell the owner's client connections that a job reached a final status."""
@@ -185,6 +199,8 @@ class ServerProtocol(MessageProtocol):
             self._hello_timer.cancel()
         if self.identity is not None and self.role is not None:
             self.hub.detach(self)
+            for job_id, _ in self.running:
+                self.hub.live_output.pop(job_id, None)
             self.log.info("{role} {name} disconnected", role=self.role, name=self.identity)
         elif reason is not None and self.hub.open_connections < self.hub.max_connections:
             # Refused certificates, plain TCP and garbage end here, before any hello.
@@ -285,8 +301,10 @@ class ServerProtocol(MessageProtocol):
         return d.addCallbacks(stored, refused)
 
     def get_job(self, args: dict) -> defer.Deferred:
-        """One job, with its result unless ``result`` is false."""
-        return self.hub.store.get(self.identity, self.role, _job_id(args), bool(args.get("result", True)))
+        """One job, with its result unless ``result`` is false; a running job's output is
+        what its worker sent with its last heartbeat."""
+        return self.hub.store.get(self.identity, self.role, _job_id(args),
+                                  bool(args.get("result", True))).addCallback(self.hub.with_live_output)
 
     def list_jobs(self, args: dict) -> defer.Deferred:
         """The caller's jobs (everyone's with ``all``, for admins)."""
@@ -432,6 +450,7 @@ class ServerProtocol(MessageProtocol):
     def _apply_reports(self, reps: list[dict], take: int) -> defer.Deferred:
         for rep in reps:
             self.running.discard((rep["job_id"], rep["attempt"]))
+            self.hub.live_output.pop(rep["job_id"], None)
 
         def applied(out: dict) -> dict:
             self.running.update((j["job_id"], j["attempt"]) for j in out["jobs"])
@@ -453,6 +472,9 @@ class ServerProtocol(MessageProtocol):
         """Renew the leases of the attempts this worker holds; replies with those it lost."""
         held = _held(args)
         self.running = {(h[0], h[1]) for h in held}
+        for job_id, attempt, text in _live_output(args):
+            if (job_id, attempt) in self.running:
+                self.hub.live_output[job_id] = (attempt, self.identity, text)
         return self.hub.store.renew(self.identity, held, self.hub.lease_seconds).addCallback(
             lambda lost: {"lost": lost})
 
@@ -470,6 +492,16 @@ class ServerProtocol(MessageProtocol):
                 self.hub.dispatcher.work_arrived()
             return {"released": n}
         return self.hub.store.release(self.identity, held).addCallback(released)
+
+
+def _live_output(args: dict) -> list[tuple[int, int, str]]:
+    """(job id, attempt, text) of a heartbeat's `output`: [[job_id, attempt, lease, text], ...]."""
+    output = args.get("output") or []
+    if not isinstance(output, list) or not all(
+            isinstance(o, list) and len(o) == 4 and _is_int(o[0]) and _is_int(o[1]) and isinstance(o[3], str)
+            for o in output):
+        raise ValueError("output must be [[job_id, attempt, lease, text], ...]")
+    return [(o[0], o[1], o[3][-LIVE_OUTPUT_CHARS:]) for o in output]
 
 
 def _held(args: dict) -> list[list[int]]:

@@ -63,7 +63,8 @@ class Jobs(_Async):
     def render_async(self, request):
         if request.postpath and request.postpath[0]:
             job_id = int(request.postpath[0])
-            return self.hub.store.get("", "admin", job_id, False).addCallback(_json)
+            d = self.hub.store.get("", "admin", job_id, False)
+            return d.addCallback(self.hub.with_live_output).addCallback(_json)
         status = (request.args.get(b"status") or [b""])[0].decode() or None
         limit = int((request.args.get(b"limit") or [b"100"])[0])
         return self.hub.store.list("", "admin", status, True, max(1, min(limit, 10_000))).addCallback(_json)

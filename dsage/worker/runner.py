@@ -24,12 +24,16 @@ from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
+LIVE_MARKER = b"[... earlier output not shown while the job runs ...]\n"
 KILL_GRACE = 2.0
 #: jobs one child runs before it is replaced (bounds what jobs leave behind in it).
 JOBS_PER_CHILD = 1000
 #: a child's successor starts this many jobs before it retires, so that it is ready by then
 #: (a Python starting up would leave the slot idle for tens of milliseconds).
 WARM_AHEAD = 200
+#: the end of a running job's output sent with each heartbeat when it has grown (what
+#: `job.output` shows while the job runs).
+LIVE_OUTPUT = 16 << 10
 ENV_KEEP = ("PATH", "HOME", "LANG", "LC_ALL", "LC_CTYPE", "PYTHONPATH", "VIRTUAL_ENV", "USER", "LOGNAME")
 
 
@@ -41,9 +45,11 @@ class OutputBuffer:
         self.head = bytearray()
         self.tail = bytearray()
         self.dropped = 0
+        self.total = 0
 
     def write(self, data: bytes) -> None:
         """Add bytes."""
+        self.total += len(data)
         room = self.limit // 2 - len(self.head)
         if room > 0:
             self.head += data[:room]
@@ -60,6 +66,13 @@ class OutputBuffer:
         middle = OUTPUT_MARKER if self.dropped else b""
         return bytes(self.head + middle + self.tail).decode("utf-8", "replace")
 
+    def recent(self, limit: int) -> str:
+        """The last `limit` bytes of the output so far as text, after a marker if that is not all."""
+        if self.total <= limit:
+            return bytes(self.head + self.tail).decode("utf-8", "replace")
+        end = bytes((self.head + self.tail)[-limit:])
+        return (LIVE_MARKER + end).decode("utf-8", "replace")
+
 
 class Attempt:
     """One job running in a child: where its output goes and when it is complete."""
@@ -73,6 +86,7 @@ class Attempt:
         self.ended_streams: set[int] = set()
         self.outcome: dict | None = None
         self.reason: str | None = None
+        self.shown = 0               # output bytes the server has seen (`JobRunner.live_output`)
         self.timer = None
         self.done = defer.Deferred()
 
@@ -134,9 +148,12 @@ class Child(protocol.ProcessProtocol):
                 attempt.ended_streams.add(fd)
                 self.pending[fd] = b""
             else:
-                keep = len(attempt.sentinel) - 1
-                attempt.output.write(buffer[:-keep] if len(buffer) > keep else b"")
-                self.pending[fd] = buffer[-keep:] if len(buffer) > keep else buffer
+                # Held back: only what may be the sentinel's beginning (it starts with a NUL),
+                # so that output is seen as soon as it comes (`JobRunner.live_output`).
+                cut = buffer.find(b"\x00", max(0, len(buffer) - len(attempt.sentinel) + 1))
+                cut = len(buffer) if cut < 0 else cut
+                attempt.output.write(buffer[:cut])
+                self.pending[fd] = buffer[cut:]
         if attempt is not None and attempt.complete():
             self.attempt = None
             self.runner.finished(self, attempt)
@@ -255,6 +272,17 @@ class JobRunner:
     def held(self) -> list[list[int]]:
         """The leases (job id, attempt, token) running now."""
         return [list(k) for k in self.running]
+
+    def live_output(self, again: bool = False) -> list[list]:
+        """[job id, attempt, token, the end of its output] of each running job whose output
+        grew since the last call (every one with output when `again`: a new connection)."""
+        out = []
+        for key, (attempt, _) in self.running.items():
+            total = attempt.output.total
+            if total and (again or total != attempt.shown):
+                attempt.shown = total
+                out.append([*key, attempt.output.recent(LIVE_OUTPUT)])
+        return out
 
     def stop_all(self) -> None:
         """Kill every running job and end the idle children (worker shutdown); their

@@ -121,6 +121,10 @@ class WorkerService(service.MultiService):
         """Every lease (job id, attempt, token) of this worker: running or waiting here."""
         return self.runner.held() + [list(lease_key(j)) for j in self.queue]
 
+    def live_output(self, again: bool = False) -> list[list]:
+        """The end of each running job's output, where it grew (`JobRunner.live_output`)."""
+        return self.runner.live_output(again)
+
     def start_job(self, job: dict) -> None:
         """Take a leased job: run it when a slot is free."""
         job["queued_at"] = self.reactor.seconds()

@@ -57,6 +57,7 @@ class WorkerSession:
         self.clock = clock
         self.asking = 0
         self.heartbeat: task.LoopingCall | None = None
+        self.first_beat = True           # this connection's first: every running job's output
         self.unanswered = 0
         self.outbox: list[dict] = []
         self.reporting = False
@@ -153,7 +154,8 @@ class WorkerSession:
             self.proto.transport.abortConnection()
             return None
         self.unanswered += 1
-        d = self.proto.call("heartbeat", held=self.worker.held())
+        d = self.proto.call("heartbeat", held=self.worker.held(), output=self.worker.live_output(self.first_beat))
+        self.first_beat = False
 
         def lost(reply: dict) -> None:
             self.unanswered = 0

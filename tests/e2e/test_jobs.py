@@ -254,3 +254,29 @@ def test_a_stopped_worker_leaves_no_job_folders(tmp_path_factory):
             assert not any(os.path.exists(f) for f in folders), folders
     finally:
         cluster.stop()
+
+
+def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
+    """What a running job prints reaches job.output with its worker's next heartbeat (every
+    second here); once it ends, the whole output."""
+    from tests.e2e.conftest import connected, start_cluster
+
+    cluster = start_cluster(tmp_path_factory, lease_seconds=4)
+    try:
+        with connected(cluster) as D:
+            job = D.eval("import sys, time\nprint('step 1', flush=True)\nsys.stderr.write('warned\\n')\n"
+                         "while True: time.sleep(0.05)\n", max_failures=1)
+            # stdout and stderr come through two pipes: their order is the worker's reads'.
+            wait_for(lambda: sorted(job.output.splitlines()) == ["step 1", "warned"], timeout=20,
+                     what="the output so far")
+            assert job.status == "processing"
+            assert job.kill() == "killed"
+            done = D.eval("import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(2)\n'ok'")
+            seen, deadline = set(), time.monotonic() + 60
+            while not done.done() and time.monotonic() < deadline:
+                seen.add(done.output)
+                time.sleep(0.1)
+            assert done.wait(timeout=30) == "ok" and done.output == "0\n1\n2\n"
+            assert seen & {"0\n", "0\n1\n"}, seen
+    finally:
+        cluster.stop()

@@ -172,3 +172,27 @@ def test_large_results_of_one_turn_are_told_in_several_events(parts, monkeypatch
         events.append([s["job_id"] for s in decode(frames[4:4 + n])[2]["jobs"]])
         frames = frames[4 + n:]
     assert events == [[1, 2], [3], [4]]
+
+
+def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
+    """A heartbeat's output is what get_job shows for a running job (its owner's record),
+    only from the worker that holds it, until the report brings the whole output."""
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec(), spec()]))
+    [[one, two]] = value(store.claim([("w1", 2)], 10.0))
+    worker, intruder = connect(hub, "w1", "worker"), connect(hub, "w2", "worker")
+    alice = connect(hub, "alice", "client")
+    beat = {"held": [[1, one["attempt"], one["lease"]], [2, two["attempt"], two["lease"]]],
+            "output": [[1, one["attempt"], one["lease"], "step 1\nstep 2\n"]]}
+    assert value(worker.handle_request("heartbeat", beat)) == {"lost": []}
+    value(intruder.handle_request("heartbeat", {"held": [], "output": [[2, two["attempt"], 0, "forged"]]}))
+    shown = lambda job_id: value(alice.handle_request("get_job", {"job_id": job_id}))["output"]
+    assert (shown(1), shown(2)) == ("step 1\nstep 2\n", "")
+    with pytest.raises(ValueError, match="output must be"):
+        worker.handle_request("heartbeat", {"held": [], "output": [[1, 1, 0, b"bytes"]]})
+    value(worker.handle_request("report", reported(one, output="step 1\nstep 2\ndone\n")))
+    assert shown(1) == "step 1\nstep 2\ndone\n" and 1 not in hub.live_output
+    value(worker.handle_request("heartbeat", {**beat, "output": [[2, two["attempt"], two["lease"], "x"]]}))
+    assert shown(2) == "x"
+    worker.connectionLost(None)
+    assert shown(2) == "" and not hub.live_output

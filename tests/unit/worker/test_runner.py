@@ -24,6 +24,19 @@ def test_small_output_is_kept_whole():
     assert buf.text() == "héllo\n"
 
 
+def test_recent_output_is_the_end_with_a_marker_when_cut():
+    """What a heartbeat shows of a running job: its output so far, or the end of it."""
+    from dsage.worker.runner import LIVE_MARKER
+
+    buf = OutputBuffer(1000)
+    buf.write(b"line 1\n")
+    assert buf.recent(100) == "line 1\n"
+    for i in range(2, 200):
+        buf.write(f"line {i}\n".encode())
+    assert buf.recent(30) == LIVE_MARKER.decode() + buf.text()[-30:] and buf.text().endswith("line 199\n")
+    assert buf.total == 7 * 9 + 8 * 90 + 9 * 100
+
+
 def test_code_result_is_last_expression_or_dsage_result():
     """The value of the last expression, unless DSAGE_RESULT is set."""
     assert run_code("x = 2\nx ** 10") == 1024
@@ -134,6 +147,27 @@ def test_two_leases_of_one_attempt_are_kept_apart_by_their_tokens():
     assert [(r["lease"], r["outcome"]) for r in reports] == [(22, "completed")]
 
 
+def test_live_output_is_sent_when_it_grew():
+    """Each running job's output goes with the next heartbeat once it has grown; a new
+    connection's first heartbeat carries every job's again."""
+    from dsage.worker.runner import JobRunner
+
+    runner = JobRunner(SpawningReactor())
+    for job_id in (1, 2):
+        runner.run({"job_id": job_id, "attempt": 1, "lease": 7, "timeout": 60.0, "kind": "code",
+                    "payload": b"1", "name": "j"})
+    one, child = runner.running[(1, 1, 7)]
+    assert runner.live_output() == []
+    child.childDataReceived(1, b"working\n")
+    assert runner.live_output() == [[1, 1, 7, "working\n"]]
+    assert runner.live_output() == []
+    child.childDataReceived(2, b"warning\n")
+    assert runner.live_output() == [[1, 1, 7, "working\nwarning\n"]]
+    assert runner.live_output(again=True) == [[1, 1, 7, "working\nwarning\n"]]
+    finish(child, one)
+    assert runner.live_output(again=True) == []
+
+
 def test_a_job_and_its_outcome_cross_the_pipes_as_frames():
     """The payload follows the job's description as a frame of its own; an outcome that
     comes back in 8 KiB reads (Twisted's), its frame split anywhere, is whole once its last
@@ -179,3 +213,26 @@ def test_a_result_too_large_for_one_message_fails_the_job_with_its_size(tmp_path
     outcome = child.run_one(job)
     assert not outcome["ok"] and "result is 2.0 MiB pickled; a result may be at most 1 MiB" in outcome["error"]
     assert child.run_one(dict(job, payload=b"b'x' * 1000"))["ok"]
+
+
+def test_output_ends_at_the_sentinel_however_the_pipe_splits_it():
+    """Output (NUL bytes too) is kept exactly, up to the job's sentinel, whatever the reads."""
+    import random
+
+    from dsage.worker.runner import JobRunner
+
+    rng = random.Random(5)
+    for trial in range(30):
+        runner = JobRunner(SpawningReactor())
+        reports = []
+        runner.run({"job_id": 1, "attempt": 1, "lease": 1, "timeout": 60.0, "kind": "code", "payload": b"1",
+                    "name": "j"}).addCallback(reports.append)
+        attempt, child = runner.running[(1, 1, 1)]
+        text = bytes(rng.choice(b"ab\n\x00d") for _ in range(rng.randrange(0, 200)))
+        stream, at = text + attempt.sentinel, 0
+        while at < len(stream):
+            step = rng.randrange(1, 12)
+            child.childDataReceived(1, stream[at:at + step])
+            at += step
+        finish(child, attempt)
+        assert reports[0]["output"] == text.decode(), trial
