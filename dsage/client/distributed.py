@@ -222,6 +222,9 @@ class DistributedFunction:
                         job = self.waiting_jobs.pop(0) if self.waiting_jobs else self.next_job()
                         if job is None:
                             break
+                        if not isinstance(job, Job):
+                            raise TypeError(f"{self.name}: next_job() must return a dsage.Job or None, "
+                                            f"not {type(job).__name__}")
                         new.append(job.to_wire())
                         size += carried(new[-1])
                     if processed or new or self.done:

@@ -54,6 +54,24 @@ def test_checkpointed_function_runs_to_the_right_answer(cluster):
         D.close()
 
 
+class NotAJob(dsage.DistributedFunction):
+    def next_job(self):
+        return "2 + 2"
+
+    def process_result(self, job):
+        pass
+
+
+def test_next_job_returning_something_else_than_a_job_is_a_clear_error(cluster):
+    """What next_job() returns must be a dsage.Job (or None): wait() says so."""
+    D = cluster.connect()
+    try:
+        with pytest.raises(TypeError, match=r"next_job\(\) must return a dsage.Job or None, not str"):
+            NotAJob(D, name="not-a-job").start().wait(timeout=30)
+    finally:
+        D.close()
+
+
 def test_restore_of_another_users_function_is_refused(cluster):
     """A function belongs to its owner."""
     path = cluster.home / "dave.pem"
