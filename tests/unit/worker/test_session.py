@@ -48,3 +48,37 @@ def test_reports_wait_for_the_one_in_flight_then_go_together_within_the_size_lim
         d.callback({"applied": [True] * len(args["reports"]), "jobs": []})
     assert sent == [[1], [2, 3, 4], [5], [6]]
     assert not session.reporting and session.outbox == []
+
+
+def test_heartbeats_carry_output_and_a_refused_one_is_logged():
+    """A heartbeat holds the leases and the running jobs' new output (all of it on a new
+    connection's first); the server refusing one is logged, a lost link is not."""
+    from twisted.logger import globalLogPublisher
+
+    from dsage import errors
+
+    class Worker(FakeWorker):
+        def held(self):
+            return [[1, 1, 7]]
+
+        def live_output(self, again=False):
+            return [[1, 1, 7, "all so far" if again else "more"]]
+
+    proto = FakeProto()
+    session = WorkerSession(proto, Worker(), Clock())
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        session.beat()
+        session.beat()
+        session.beat()
+        [(_, first, d1), (_, second, d2), (_, _, d3)] = proto.calls
+        assert first == {"held": [[1, 1, 7]], "output": [[1, 1, 7, "all so far"]]}
+        assert second["output"] == [[1, 1, 7, "more"]]
+        d1.callback({"lost": []})
+        d2.errback(errors.ConnectionLost("gone"))
+        assert not [e for e in logged if "refused a heartbeat" in e.get("log_format", "")]
+        d3.errback(errors.RemoteError("output must be [[job_id, attempt, lease, text], ...]"))
+        assert [e for e in logged if "refused a heartbeat" in e.get("log_format", "")]
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
