@@ -44,6 +44,7 @@ class AsyncClient:
         self.identity: str | None = None
         self.role: str | None = None
         self.watchers: dict[int, list[defer.Deferred]] = {}
+        self.closed = False              # stop() was called: every request fails at once
         self.finished: collections.OrderedDict[int, dict] = collections.OrderedDict()
         #: unfinished jobs submitted on this connection: their end will be pushed to us.
         self.pushed: set[int] = set()
@@ -91,10 +92,17 @@ class AsyncClient:
         return defer.Deferred.fromCoroutine(self._start())
 
     def stop(self) -> defer.Deferred:
-        """Disconnect for good."""
+        """Disconnect for good; what waits for a job fails."""
+        self.closed = True
+        watchers, self.watchers = self.watchers, {}
+        for waiting in watchers.values():
+            for d in waiting:
+                d.errback(_closed())
         return self.link.stop()
 
     async def _call(self, verb: str, args: dict):
+        if self.closed:
+            raise _closed()
         if self._auth_error is not None:
             raise self._auth_error
         try:
@@ -203,6 +211,8 @@ class AsyncClient:
     def watch(self, job_id: int) -> defer.Deferred:
         """Fires with the job's final record (result included) when it is finished."""
         known = self.finished.get(job_id)
+        if self.closed:
+            return defer.fail(_closed())
         if known is not None and known.get("status") in FINAL and (known["status"] != "completed" or "result" in known):
             return defer.succeed(known)
         d = defer.Deferred(lambda d: self._unwatch(job_id, d))
@@ -230,6 +240,10 @@ class AsyncClient:
             waiting.remove(d)
         if not waiting:
             self.watchers.pop(job_id, None)
+
+
+def _closed() -> errors.DsageError:
+    return errors.DsageError("this dsage session is closed: connect again")
 
 
 def connect_async(address: str | None = None, cert: str | None = None, reactor=None) -> defer.Deferred:

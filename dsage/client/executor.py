@@ -34,7 +34,10 @@ class DsageExecutor(concurrent.futures.Executor):
                     future.set_exception(rec.value)
             except BaseException as e:
                 future.set_exception(e)
-        rt.call(lambda: self.dsage.client.watch(handle.job_id).addBoth(finished))
+
+        def watch() -> None:        # returns nothing: `rt.call` would wait for a Deferred
+            self.dsage.client.watch(handle.job_id).addBoth(finished)
+        rt.call(watch)
         return future
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:

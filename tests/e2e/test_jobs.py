@@ -7,7 +7,7 @@ import time
 import pytest
 
 import dsage
-from tests.e2e.conftest import wait_for
+from tests.e2e.conftest import connected, wait_for
 
 
 def test_eval_returns_last_expression_and_output(D):
@@ -163,6 +163,13 @@ def test_executor_and_as_completed(D):
         fut = ex.submit(divmod, 7, 0)
         with pytest.raises(dsage.JobFailed):
             fut.result(timeout=60)
+        slow = ex.submit(time.sleep, 60)          # returns at once, the job running
+        assert slow.running() and not slow.done()
+        with pytest.raises(TimeoutError):
+            list(ex.map(time.sleep, [2], timeout=0.5))
+        slow.job.kill()
+        with pytest.raises(dsage.JobKilled):
+            slow.result(timeout=60)
     jobs = [D.eval(f"import time\ntime.sleep({d})\n{d}") for d in (0.6, 0.0, 0.3)]
     done = [j.result for j in dsage.as_completed(jobs, timeout=60)]
     assert sorted(done) == [0.0, 0.3, 0.6]
@@ -237,7 +244,7 @@ def test_scatter_example(D):
 def test_a_stopped_worker_leaves_no_job_folders(tmp_path_factory):
     """dsage_worker stopped (SIGTERM) with one job running and one slot idle removes both
     slots' folders."""
-    from tests.e2e.conftest import connected, start_cluster
+    from tests.e2e.conftest import start_cluster
 
     cluster = start_cluster(tmp_path_factory, workers=1, slots=2)
     try:
@@ -259,7 +266,7 @@ def test_a_stopped_worker_leaves_no_job_folders(tmp_path_factory):
 def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
     """What a running job prints reaches job.output with its worker's next heartbeat (every
     second here); once it ends, the whole output."""
-    from tests.e2e.conftest import connected, start_cluster
+    from tests.e2e.conftest import start_cluster
 
     cluster = start_cluster(tmp_path_factory, lease_seconds=4)
     try:
@@ -280,3 +287,31 @@ def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
             assert seen & {"0\n", "0\n1\n"}, seen
     finally:
         cluster.stop()
+
+
+def test_a_closed_session_refuses_at_once_and_releases_its_waiters(cluster):
+    """close() fails a wait in another thread at once, and every call after it says the
+    session is closed (they used to retry until their timeouts)."""
+    import threading
+
+    session = cluster.connect()
+    job = session.eval("import time; time.sleep(60)")
+    errors_seen = []
+
+    def waiter():
+        try:
+            job.wait(timeout=120)
+        except dsage.DsageError as e:
+            errors_seen.append(str(e))
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    wait_for(lambda: job.status == "processing", what="the job running")
+    session.close()
+    thread.join(timeout=30)
+    assert errors_seen == ["this dsage session is closed: connect again"]
+    for call in (lambda: session.submit(abs, 1), lambda: session.job(job.job_id), lambda: job.wait(timeout=60),
+                 session.status):
+        with pytest.raises(dsage.DsageError, match="session is closed"):
+            call()
+    with connected(cluster) as again:
+        assert again.job(job.job_id).kill() == "killed"
