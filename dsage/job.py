@@ -37,6 +37,10 @@ KINDS = ("code", "callable", "file")
 DEFAULT_TIMEOUT = 600.0
 DEFAULT_PRIORITY = 5
 DEFAULT_MAX_FAILURES = 3
+#: the bounds of a job's options (the server checks them too).
+MAX_TIMEOUT = 30 * 86400.0
+MAX_PRIORITY = 1_000_000
+MAX_FAILURES = 1000
 MIB = 1 << 20
 #: the most a job's payload and files together, or its pickled result, may hold: one
 #: message (`dsage.protocol.MAX_MESSAGE`, 256 MiB) carries it with room for the rest.
@@ -76,14 +80,12 @@ class Job:
             raise TypeError(f"func must be callable, not {type(self.func).__name__}")
         if self.code is not None and not isinstance(self.code, str):
             raise TypeError("code must be a str")
-        if not self.timeout or self.timeout <= 0:
-            raise ValueError("timeout must be a positive number of seconds")
-        if int(self.max_failures) < 1:
-            raise ValueError("max_failures must be at least 1")
-        try:
-            self.priority = operator.index(self.priority)
-        except TypeError:
-            raise TypeError(f"priority must be an integer (lower runs first), not {self.priority!r}") from None
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or \
+                not 0 < self.timeout <= MAX_TIMEOUT:
+            raise ValueError(f"timeout must be a number of seconds, more than 0 and at most 30 days, "
+                             f"not {self.timeout!r}")
+        self.priority = _integer("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY, " (lower runs first)")
+        self.max_failures = _integer("max_failures", self.max_failures, 1, MAX_FAILURES)
         self.files = _files(self.files)
 
     def to_wire(self) -> dict[str, Any]:
@@ -118,6 +120,17 @@ class Job:
 def carried(wire: dict) -> int:
     """The bytes of payload and files a job's wire form (`Job.to_wire`) carries."""
     return len(wire["payload"]) + sum(map(len, (wire.get("files") or {}).values()))
+
+
+def _integer(name: str, value: Any, low: int, high: int, note: str = "") -> int:
+    """`value` as an int from `low` to `high`, else TypeError or ValueError naming `name`."""
+    try:
+        number = operator.index(value)
+    except TypeError:
+        raise TypeError(f"{name} must be an integer{note}, not {value!r}") from None
+    if not low <= number <= high:
+        raise ValueError(f"{name} must be from {low:,} to {high:,}, not {number:,}")
+    return number
 
 
 def _files(files: Any) -> dict[str, bytes]:

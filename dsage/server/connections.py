@@ -285,10 +285,16 @@ class ServerProtocol(MessageProtocol):
         def leased(out: dict) -> None:
             if entries:
                 self.hub.dispatcher.deliver(out["claims"], entries, arrivals)
-        d = self.hub.store.submit_and_claim(
-            self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
-            self.hub.max_queued_per_user, [(w, n) for _key, (w, n, _d) in entries], self.hub.lease_seconds,
-            leased)
+        try:
+            d = self.hub.store.submit_and_claim(
+                self.identity, jobs, function_id if isinstance(function_id, str) else None, token,
+                self.hub.max_queued_per_user, [(w, n) for _key, (w, n, _d) in entries], self.hub.lease_seconds,
+                leased)
+        except Exception:
+            # Refused at once (a job's description is bad): the reserved slots must not
+            # stay reserved for a claim that will never come, or they wait forever.
+            self.hub.dispatcher.unreserve(entries)
+            raise
 
         def stored(out: dict) -> dict:
             if sum(map(len, out["claims"])) < len(out["ids"]):

@@ -8,10 +8,9 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsage import errors
-from dsage.job import KINDS, MAX_JOB_BYTES, MIB, carried
+from dsage.job import KINDS, MAX_FAILURES, MAX_JOB_BYTES, MAX_PRIORITY, MAX_TIMEOUT, MIB, carried
 from dsage.protocol import encode
 
-MAX_PRIORITY = 1_000_000
 RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 
@@ -51,12 +50,12 @@ def validate_spec(spec: Any) -> dict:
     timeout = spec.get("timeout", 600.0)
     priority = spec.get("priority", 5)
     max_failures = spec.get("max_failures", 3)
-    if not isinstance(timeout, (int, float)) or not 0 < timeout <= 30 * 86400:
+    if not isinstance(timeout, (int, float)) or not 0 < timeout <= MAX_TIMEOUT:
         raise ValueError("timeout must be a number of seconds between 0 and 30 days")
     if not isinstance(priority, int) or not -MAX_PRIORITY <= priority <= MAX_PRIORITY:
         raise ValueError("priority must be an integer")
-    if not isinstance(max_failures, int) or not 1 <= max_failures <= 1000:
-        raise ValueError("max_failures must be an integer from 1 to 1000")
+    if not isinstance(max_failures, int) or not 1 <= max_failures <= MAX_FAILURES:
+        raise ValueError(f"max_failures must be an integer from 1 to {MAX_FAILURES}")
     return {"kind": kind, "payload": payload, "name": str(name)[:200], "timeout": float(timeout),
             "priority": priority, "max_failures": max_failures,
             "files": encode(files) if files else b""}
@@ -140,8 +139,13 @@ class Dispatcher:
         a commit that failed are refused when reported, and their jobs are still queued)."""
         if not failure.check(errors.DsageError):
             self.log.failure("claim failed", failure)
-        self.claiming.difference_update(key for key, _ in entries)
+        self.unreserve(entries)
         self.maybe_pending = True
+
+    def unreserve(self, entries: list) -> None:
+        """`entries` from `snapshot` whose claim was not made (a submission refused before
+        it): they wait unreserved again, for the next claim."""
+        self.claiming.difference_update(key for key, _ in entries)
 
     def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
         """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""

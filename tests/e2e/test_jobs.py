@@ -315,3 +315,16 @@ def test_a_closed_session_refuses_at_once_and_releases_its_waiters(cluster):
             call()
     with connected(cluster) as again:
         assert again.job(job.job_id).kill() == "killed"
+
+
+def test_a_refused_submission_does_not_stall_the_idle_workers(D):
+    """A job description the server refuses (sent past the client's own checks) fails
+    alone: the idle slots it was offered take the next job at once (they used to wait for
+    ever)."""
+    from dsage.client import reactor as rt
+
+    wait_for(lambda: D.status()["busy"] == 0, what="idle slots")
+    bad = dict(dsage.Job(code="1").to_wire(), timeout=float("nan"))
+    with pytest.raises(dsage.RemoteError, match="timeout must be"):
+        rt.call(D.client.submit_many, [bad], timeout=30)
+    assert D.submit(abs, -7).wait(timeout=30) == 7

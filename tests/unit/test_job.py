@@ -28,6 +28,9 @@ def test_callable_job_pickles_closures():
 @pytest.mark.parametrize("kw", [{}, {"code": "1", "func": print}, {"code": "1", "timeout": 0},
                                 {"code": "1", "max_failures": 0}, {"func": 3}, {"code": b"1"},
                                 {"code": "1", "priority": "high"}, {"code": "1", "priority": 1.5},
+                                {"code": "1", "priority": 10**30}, {"code": "1", "timeout": float("nan")},
+                                {"code": "1", "timeout": float("inf")}, {"code": "1", "timeout": "60"},
+                                {"code": "1", "max_failures": 2.5}, {"code": "1", "max_failures": 10**6},
                                 {"code": "1", "files": [3]}, {"code": "1", "files": ["/no/such/file"]},
                                 {"code": "1", "files": ["/a/x", "/b/x"]}])
 def test_invalid_jobs_are_refused(kw):

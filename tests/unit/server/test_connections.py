@@ -196,3 +196,18 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
     assert shown(2) == "x"
     worker.connectionLost(None)
     assert shown(2) == "" and not hub.live_output
+
+
+def test_a_refused_submission_leaves_the_waiting_slots_free(parts):
+    """A submission refused for a bad job description must not keep the slots that were
+    waiting reserved: the next good submission goes to them (it used to wait forever)."""
+    clock, now, store, hub = parts
+    worker, alice = connect(hub, "w1", "worker"), connect(hub, "alice", "client")
+    got = []
+    worker.take({"n": 1}).addCallback(got.append)
+    bad = dict(spec(), timeout=float("nan"))
+    with pytest.raises(ValueError, match="timeout must be"):
+        alice.handle_request("submit", {"jobs": [bad]})
+    assert hub.dispatcher.claiming == set()
+    assert value(alice.handle_request("submit", {"jobs": [spec()]})) == {"job_ids": [1]}
+    assert got and [j["job_id"] for j in got[0]] == [1]
