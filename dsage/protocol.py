@@ -239,7 +239,11 @@ class MessageProtocol(Protocol):
         msg_id = next(self._ids)
         d = defer.Deferred(lambda _: self._pending.pop(msg_id, None))
         self._pending[msg_id] = d
-        self.send_message([REQUEST, msg_id, verb, args])
+        try:
+            self.send_message([REQUEST, msg_id, verb, args])
+        except Exception:               # arguments msgpack cannot carry: nothing was sent
+            self._pending.pop(msg_id, None)
+            return defer.fail()
         return d
 
     def send_event(self, event: str, data: dict) -> None:

@@ -180,6 +180,17 @@ def test_pending_calls_fail_when_the_connection_is_lost():
     assert proto.call("echo").addErrback(failures.append) is not None and len(failures) == 2
 
 
+def test_a_call_whose_arguments_cannot_be_sent_fails_alone():
+    """Arguments msgpack cannot carry fail that call's Deferred; nothing stays pending (it
+    used to fail again, unhandled, when the connection closed)."""
+    proto, transport = connect()
+    failures = []
+    proto.call("echo", n=10**30).addErrback(failures.append)
+    assert failures and failures[0].check(OverflowError) and proto._pending == {}
+    assert transport.value() == b""
+    proto.connectionLost(None)
+
+
 def test_frames_split_anywhere_are_reassembled():
     """A stream cut at arbitrary points yields the same messages, in order."""
     proto, transport = connect()
