@@ -18,6 +18,7 @@ import signal
 import struct
 import sys
 import traceback
+from typing import Any
 
 import msgpack
 
@@ -150,6 +151,34 @@ def die_with(parent: int) -> None:
         os._exit(1)
 
 
+def _private_fds() -> tuple[Any, Any, tuple[int, int]]:
+    """Move the pipes to the worker off the numbers jobs see: the job stream (was 0) and
+    the outcomes (was 3) to descriptors no process a job starts inherits, stdin to
+    /dev/null; and keep copies of stdout and stderr.  A job reading stdin, or passing its
+    descriptors to a subprocess, cannot take the next job's bytes or write outcomes."""
+    jobs, outcomes = os.dup(0), os.dup(3)           # os.dup: not inheritable
+    null = os.open(os.devnull, os.O_RDONLY)
+    os.dup2(null, 0)
+    os.close(null)
+    os.close(3)
+    sys.stdin = open(0, closefd=False)
+    return os.fdopen(jobs, "rb"), os.fdopen(outcomes, "wb", buffering=0), (os.dup(1), os.dup(2))
+
+
+def _restore_streams(saved: tuple[int, int]) -> None:
+    """Point stdout and stderr (the descriptors and sys's objects) at the worker's pipes
+    again, whatever the job did to them (closed, redirected with dup2, replaced), so that
+    the end of its output reaches the worker."""
+    for fd, copy in zip((1, 2), saved):
+        os.dup2(copy, fd)
+    for fd, name in ((1, "stdout"), (2, "stderr")):
+        stream = getattr(sys, f"__{name}__")
+        if stream is None or stream.closed:
+            stream = open(fd, "w", buffering=1, closefd=False, errors="backslashreplace")
+            setattr(sys, f"__{name}__", stream)
+        setattr(sys, name, stream)
+
+
 def main() -> None:
     """Serve jobs from stdin until it closes."""
     parent = os.getppid()
@@ -158,13 +187,12 @@ def main() -> None:
     except OSError:
         pass
     die_with(parent)
-    settings = msgpack.unpackb(_read(sys.stdin.buffer, struct.unpack("!I", _read(sys.stdin.buffer, 4))[0]))
+    jobs, outcomes, streams = _private_fds()
+    settings = msgpack.unpackb(_read(jobs, struct.unpack("!I", _read(jobs, 4))[0]))
     if settings.get("nice"):
         os.nice(int(settings["nice"]))
     apply_limits(settings.get("limits"))
     import cloudpickle  # noqa: F401  (now, not in the first job: a successor starts warm)
-    jobs, outcomes = sys.stdin.buffer, os.fdopen(3, "wb", buffering=0)
-    sys.stdin = open(os.devnull)
     while True:
         header = _read(jobs, 4)
         if header is None:
@@ -180,6 +208,7 @@ def main() -> None:
             sys.stderr.flush()
         except Exception:
             pass
+        _restore_streams(streams)
         sentinel = job["sentinel"]
         os.write(1, sentinel)
         os.write(2, sentinel)

@@ -328,3 +328,21 @@ def test_a_refused_submission_does_not_stall_the_idle_workers(D):
     with pytest.raises(dsage.RemoteError, match="timeout must be"):
         rt.call(D.client.submit_many, [bad], timeout=30)
     assert D.submit(abs, -7).wait(timeout=30) == 7
+
+
+@pytest.mark.parametrize("code, value", [
+    ("import os\nnull = os.open(os.devnull, os.O_WRONLY)\nos.dup2(null, 1)\nos.dup2(null, 2)\n7", 7),
+    ("import os\nos.close(1)\nos.close(2)\n5", 5),
+    ("import sys\nsys.stdout.close()\nsys.stdout = None\n6", 6),
+    ("import os, sys\n(sys.stdin.read(), os.read(0, 100))", ("", b"")),
+    ("import subprocess\nsubprocess.run(['cat'], capture_output=True, timeout=10).stdout", b""),
+])
+def test_what_a_job_does_to_its_streams_does_not_stall_its_slot(D, code, value):
+    """A job that closes or redirects stdout and stderr, or reads stdin (itself or in a
+    subprocess), ends as soon as it returns, and the jobs after it in the same job process
+    run and print as usual (stdout was the worker's only sign that a job had ended: such a
+    job held its slot until its timeout)."""
+    jobs = [D.eval(code, max_failures=1, timeout=30)] + [D.eval(f"print('after', {i})\n{i}") for i in range(4)]
+    assert jobs[0].wait(timeout=60) == value
+    assert [j.wait(timeout=60) for j in jobs[1:]] == [0, 1, 2, 3]
+    assert [j.output for j in jobs[1:]] == [f"after {i}\n" for i in range(4)]
