@@ -103,6 +103,7 @@ class Child(protocol.ProcessProtocol):
         self.pending = {1: b"", 2: b""}
         self.frames = bytearray()       # outcomes from the child, as they come (8 KiB reads)
         self.jobs_run = 0
+        self.owner: str | None = None     # whose jobs it runs: no other user's (`JobRunner.run`)
         self.alive = True
         self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
 
@@ -192,12 +193,30 @@ class JobRunner:
     def run(self, job: dict) -> defer.Deferred:
         """Run a leased job; fires with a report dict (outcome, result/error, output, times)."""
         attempt = Attempt(job, self.max_output)
-        child = self.idle.pop() if self.idle else self._spawn()
+        child = self._child_for(job.get("owner"))
         self.running[attempt.key] = (attempt, child)
         attempt.timer = self.reactor.callLater(job["timeout"], self._stop, attempt.key,
                                                f"timed out after {job['timeout']:g} s")
         child.run(attempt)
         return attempt.done
+
+    def _child_for(self, owner: str | None) -> Child:
+        """An idle job process that has run only `owner`'s jobs, or none yet; else a new one
+        (an idle process of another user's retires).  What a job leaves in its process
+        (modules it patched, precision it set, hooks it installed) reaches that user's later
+        jobs, never another user's."""
+        for candidates in ([c for c in self.idle if c.owner == owner], [c for c in self.idle if c.owner is None]):
+            if candidates:
+                child = candidates[-1]
+                self.idle.remove(child)
+                break
+        else:
+            if self.idle:
+                other = self.idle.pop(0)
+                other.transport.closeStdin()      # retire it: the slot's process is the new one
+            child = self._spawn()
+        child.owner = owner
+        return child
 
     def finished(self, child: Child, attempt: Attempt) -> None:
         """A child reported a job's outcome and its output is complete."""

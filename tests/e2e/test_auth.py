@@ -31,6 +31,22 @@ def test_users_see_and_kill_only_their_own_jobs(cluster, D, users):
         bob.close()
 
 
+def test_a_users_job_never_runs_where_another_users_job_ran(cluster, users):
+    """Job processes are reused, but per user: what alice's job leaves in its process (a
+    patched builtin, a hook) is seen by alice's next job and by none of bob's."""
+    alice = cluster.connect(users["alice"])
+    bob = cluster.connect(users["bob"])
+    mark = "import builtins\nbuiltins.MARK = getattr(builtins, 'MARK', 0) + 1\nbuiltins.MARK"
+    try:
+        assert [alice.eval(mark).wait(timeout=30) for _ in range(4)][-1] >= 2      # reused: 2 slots
+        assert [bob.eval(mark).wait(timeout=30) for _ in range(4)][0] == 1
+        assert all(bob.eval("__import__('os').getpid()").wait(timeout=30) !=
+                   alice.eval("__import__('os').getpid()").wait(timeout=30) for _ in range(3))
+    finally:
+        alice.close()
+        bob.close()
+
+
 def test_worker_certificate_cannot_submit(cluster, D):
     """A worker's certificate is refused as a client, even with its bundle relabelled."""
     path = cluster.home / "worker1.pem"

@@ -236,3 +236,23 @@ def test_output_ends_at_the_sentinel_however_the_pipe_splits_it():
             at += step
         finish(child, attempt)
         assert reports[0]["output"] == text.decode(), trial
+
+
+def test_a_job_process_runs_one_users_jobs_only():
+    """An idle job process is reused for its user's next job; another user's job gets a
+    fresh process (the idle one of the first user retires), so no job runs where another
+    user's job has run."""
+    from dsage.worker.runner import JobRunner
+
+    reactor = SpawningReactor()
+    runner = JobRunner(reactor)
+    used = []
+    for n, owner in enumerate(["alice", "alice", "bob", "bob", "alice"], 1):
+        runner.run({"job_id": n, "attempt": 1, "lease": 1, "owner": owner, "timeout": 60.0, "kind": "code",
+                    "payload": b"1", "name": "j"})
+        attempt, child = runner.running[(n, 1, 1)]
+        used.append(reactor.spawned.index(child))
+        finish(child, attempt)
+    assert used == [0, 0, 1, 1, 2]
+    assert reactor.spawned[0].transport.stdin_closed and reactor.spawned[1].transport.stdin_closed
+    assert runner.idle == [reactor.spawned[2]] and reactor.spawned[2].owner == "alice"
