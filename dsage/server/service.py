@@ -89,6 +89,7 @@ class ServerService(service.MultiService):
         self.port = await tls.listen(self.reactor, self.config.port, options, ServerFactory(self.hub),
                                      interface=self.config.interface)
         port = self.port.getHost().port
+        self.hub.address = f"{self.config.host}:{port}"     # in bundles issued: the port chosen, if 0
         addr_file = home / "server.addr"
         tmp = addr_file.with_name("server.addr.tmp")
         tmp.write_text(f"{self.config.host}:{port}\n")

@@ -94,6 +94,16 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     assert "workers 1" in status and "worker1" in status
 
 
+def test_a_bundle_issued_by_a_running_server_has_its_real_port(cluster, D, tmp_path):
+    """A server configured with port 0 listens on a port of its choosing; the bundles it
+    issues name that port, so `--cert` alone reaches it (they said port 0)."""
+    bundle = tmp_path / "carol.pem"
+    assert run(cluster.home, "user", "add", "carol", "--out", str(bundle)).returncode == 0
+    out = run(cluster.home, "submit", "-c", "6 * 7", "--wait", "--cert", str(bundle))
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines()[-1] == "42"
+
+
 def test_pack_online_and_offline(cluster, D, tmp_path):
     """dsage pack works through the running server and on a stopped one's database."""
     D.eval("1").wait(timeout=30)
