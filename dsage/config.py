@@ -81,6 +81,9 @@ def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
     if not sep:
         return address, default_port
     try:
-        return host.strip("[]"), int(port)
+        number = int(port)
     except ValueError:
         raise ValueError(f"bad server address {address!r}: expected HOST:PORT") from None
+    if not 0 <= number < 65536:
+        raise ValueError(f"bad server address {address!r}: the port must be from 1 to 65535")
+    return host.strip("[]"), number
