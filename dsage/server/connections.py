@@ -86,6 +86,7 @@ class Hub:
         """Order the worker that runs an attempt to kill it (it sends no report of a killed
         attempt: its slot counts as free from now)."""
         if running and running.get("worker"):
+            self.live_output.pop(running["job_id"], None)
             for conn in list(self.connections.get(running["worker"], ())):
                 conn.running.discard((running["job_id"], running["attempt"]))
                 conn.send_event("kill", {"job_id": running["job_id"], "attempt": running["attempt"]})

@@ -196,6 +196,14 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
     assert shown(2) == "x"
     worker.connectionLost(None)
     assert shown(2) == "" and not hub.live_output
+    value(store.submit("alice", [spec()]))
+    [[three]] = value(store.claim([("w1", 1)], 10.0))
+    worker = connect(hub, "w1", "worker")
+    value(worker.handle_request("heartbeat", {"held": [[3, three["attempt"], three["lease"]]],
+                                              "output": [[3, three["attempt"], three["lease"], "y"]]}))
+    assert shown(3) == "y"
+    value(alice.handle_request("kill", {"job_id": 3}))     # a killed attempt is not reported
+    assert not hub.live_output
 
 
 def test_a_refused_submission_leaves_the_waiting_slots_free(parts):
