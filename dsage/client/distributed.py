@@ -128,7 +128,10 @@ class DistributedFunction:
 
     @classmethod
     def restore(cls, dsage, name: str) -> DistributedFunction:
-        """The function `name` as of its last checkpoint, ready to `start()` again."""
+        """The function `name` as of its last checkpoint, ready to `start()` again.  Called
+        on a subclass (`Factor.restore(D, name)`), the state comes back into that class as
+        it is defined now: a class defined in a script or notebook is checkpointed by value,
+        and its code as it was then, bugs included, would come back with it."""
         session = uuid.uuid4().hex
         rec = dsage._call("function_get", name=name, session=session)
         try:
@@ -138,6 +141,10 @@ class DistributedFunction:
                                     f"(is its class importable in this program?)") from None
         if not isinstance(self, DistributedFunction):
             raise errors.DsageError(f"{name!r} is not a DistributedFunction")
+        if cls is not DistributedFunction and not isinstance(self, cls):
+            if type(self).__qualname__ != cls.__qualname__:
+                raise errors.DsageError(f"{name!r} is a {type(self).__qualname__}, not a {cls.__qualname__}")
+            self.__class__ = cls        # today's code for the checkpointed state
         self._attach(dsage)
         self._session = session
         from dsage.client.blocking import JobHandle

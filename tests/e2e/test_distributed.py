@@ -72,6 +72,51 @@ def test_next_job_returning_something_else_than_a_job_is_a_clear_error(cluster):
         D.close()
 
 
+def test_restore_on_the_class_runs_the_code_of_today(cluster):
+    """A class defined in a script is checkpointed by value, old code and all:
+    `TheClass.restore(D, name)` puts the state back into the class as defined now, so a
+    bug fixed in process_result does not come back; the results it failed on are seen
+    again (they were not processed as of the checkpoint)."""
+    def step(self):
+        if self.i >= 4:
+            return None
+        self.i += 1
+        return dsage.Job(code=str(self.i))
+
+    class Steps(dsage.DistributedFunction):
+        def __init__(self, D, name):
+            super().__init__(D, name=name)
+            self.i, self.seen = 0, []
+        next_job = step
+
+        def process_result(self, job):
+            if job.result == 3:
+                raise ValueError("a bug at 3")
+            self.seen.append(job.result)
+
+    D = cluster.connect()
+    try:
+        with pytest.raises(ValueError, match="a bug at 3"):
+            Steps(D, "todays-code").start().wait(timeout=60)
+
+        class Steps(dsage.DistributedFunction):     # noqa: F811 (the same class, fixed)
+            next_job = step
+
+            def process_result(self, job):
+                self.seen.append(job.result)
+                if len(self.seen) == 4:
+                    self.done, self.result = True, sorted(self.seen)
+
+        class Other(dsage.DistributedFunction):
+            pass
+        with pytest.raises(dsage.DsageError, match="is a .*Steps, not a .*Other"):
+            Other.restore(D, "todays-code")
+        fixed = Steps.restore(D, "todays-code")
+        assert type(fixed) is Steps and fixed.start().wait(timeout=60) == [1, 2, 3, 4]
+    finally:
+        D.close()
+
+
 def test_restore_of_another_users_function_is_refused(cluster):
     """A function belongs to its owner."""
     path = cluster.home / "dave.pem"
