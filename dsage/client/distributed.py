@@ -85,9 +85,17 @@ class DistributedFunction:
         return (self.end_time or time.monotonic()) - self.start_time
 
     def start(self) -> DistributedFunction:
-        """Start (or, after `restore`, resume) feeding jobs and processing results."""
+        """Start (or, after `restore` or `stop`, resume) feeding jobs and processing results;
+        a function already done has nothing to do."""
         if self._thread is not None:
-            raise errors.DsageError(f"{self.name} is already started")
+            if self._thread.is_alive():
+                raise errors.DsageError(f"{self.name} is already started")
+            if self.done:
+                return self
+            if self.error is not None:
+                raise errors.DsageError(f"{self.name} stopped on an error ({self.error!r}): fix it, then "
+                                        f"restore the function to go on from its last checkpoint")
+            self._stopping.clear()              # stopped by stop(): go on
         with self._lock:
             if not self._started:
                 self._started = True        # part of the checkpoint

@@ -117,6 +117,23 @@ def test_restore_on_the_class_runs_the_code_of_today(cluster):
         D.close()
 
 
+def test_stop_then_start_again_goes_on_and_a_done_function_has_nothing_to_start(cluster):
+    """stop() ends this client's driver; start() on the same object goes on from there, and
+    once done, start() again does nothing."""
+    D = cluster.connect()
+    try:
+        f = SumOfSquares(D, 300, 10, "stop-start").start()
+        wait_until = time.monotonic() + 30
+        while not f.processed_jobs and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        f.stop()
+        assert not f.done
+        assert f.start().wait(timeout=120) == expected(300)
+        assert f.start() is f and f.wait(timeout=1) == expected(300)
+    finally:
+        D.close()
+
+
 def test_restore_of_another_users_function_is_refused(cluster):
     """A function belongs to its owner."""
     path = cluster.home / "dave.pem"
