@@ -22,6 +22,8 @@ class JobStatus(str, enum.Enum):
 
 
 FINAL = frozenset({JobStatus.COMPLETED.value, JobStatus.FAILED.value, JobStatus.KILLED.value})
+#: every status's name, in lifecycle order.
+STATUSES = tuple(s.value for s in JobStatus)
 
 #: status -> the statuses it may move to.
 ALLOWED_TRANSITIONS: dict[str, frozenset[str]] = {

@@ -11,7 +11,7 @@ from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 
 from dsage import errors, tls
-from dsage.job import JobStatus
+from dsage.job import STATUSES
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
 from dsage.server.scheduler import Dispatcher
 
@@ -19,7 +19,6 @@ HELLO_TIMEOUT = 15.0
 CLIENT_ROLES = ("client", "admin")
 ADMIN = ("admin",)
 WORKER = ("worker",)
-STATUS_NAMES = tuple(s.value for s in JobStatus)
 #: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
 #: finished in one commit go in as few events as fit.
 EVENT_BYTES = 64 << 20
@@ -317,8 +316,8 @@ class ServerProtocol(MessageProtocol):
         """The caller's jobs (everyone's with ``all``, for admins)."""
         status = args.get("status")
         limit = args.get("limit", 1000)
-        if status is not None and status not in STATUS_NAMES:
-            raise ValueError(f"unknown status {status!r}: one of {', '.join(STATUS_NAMES)}")
+        if status is not None and status not in STATUSES:
+            raise ValueError(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
         if not isinstance(limit, int) or limit < 1:
             raise ValueError("limit must be a positive integer")
         return self.hub.store.list(self.identity, self.role, status, bool(args.get("all")), limit)

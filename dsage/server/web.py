@@ -10,6 +10,7 @@ from twisted.internet import defer
 from twisted.web import resource, server
 
 from dsage import errors
+from dsage.job import STATUSES
 
 
 class _Async(resource.Resource):
@@ -31,7 +32,7 @@ class _Async(resource.Resource):
             request.finish()
 
         def failed(f) -> None:
-            code = 404 if f.check(errors.RemoteError, KeyError, ValueError) else 500
+            code = 400 if f.check(BadRequest) else 404 if f.check(errors.RemoteError, KeyError) else 500
             request.setResponseCode(code)
             request.write(json.dumps({"error": str(f.value)}).encode())
             request.finish()
@@ -62,12 +63,25 @@ class Jobs(_Async):
 
     def render_async(self, request):
         if request.postpath and request.postpath[0]:
-            job_id = int(request.postpath[0])
+            job_id = _integer(request.postpath[0], "a job id")
             d = self.hub.store.get("", "admin", job_id, False)
             return d.addCallback(self.hub.with_live_output).addCallback(_json)
-        status = (request.args.get(b"status") or [b""])[0].decode() or None
-        limit = int((request.args.get(b"limit") or [b"100"])[0])
+        status = (request.args.get(b"status") or [b""])[0].decode("utf-8", "replace") or None
+        if status is not None and status not in STATUSES:
+            raise BadRequest(f"unknown status {status!r}: one of {', '.join(STATUSES)}")
+        limit = _integer((request.args.get(b"limit") or [b"100"])[0], "limit")
         return self.hub.store.list("", "admin", status, True, max(1, min(limit, 10_000))).addCallback(_json)
+
+
+class BadRequest(ValueError):
+    """A request the API cannot answer as asked (HTTP 400)."""
+
+
+def _integer(raw: bytes, what: str) -> int:
+    try:
+        return int(raw)
+    except ValueError:
+        raise BadRequest(f"{what} must be an integer, not {raw.decode('utf-8', 'replace')!r}") from None
 
 
 class Metrics(_Async):

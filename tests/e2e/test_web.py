@@ -34,3 +34,14 @@ def test_json_api_and_metrics(cluster, D):
     assert 'dsage_jobs{status="completed"}' in metrics and "dsage_workers 1" in metrics
     page = get(cluster, "/")[1]
     assert "<h1>dsage</h1>" in page and "worker1" in page
+
+
+@pytest.mark.parametrize("path, message", [
+    ("/api/v1/jobs/abc", "a job id must be an integer, not 'abc'"),
+    ("/api/v1/jobs?limit=many", "limit must be an integer, not 'many'"),
+    ("/api/v1/jobs?status=done", "unknown status 'done': one of new, processing, completed, failed, killed"),
+])
+def test_bad_api_requests_are_400_with_what_is_wrong(cluster, D, path, message):
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get(cluster, path)
+    assert info.value.code == 400 and json.loads(info.value.read()) == {"error": message}
