@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from dsage import __version__, errors
+from dsage.job import STATUSES
 
 
 class UserError(Exception):
@@ -469,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, default=600, help="the job's time limit in seconds")
     p.set_defaults(func=cmd_submit)
     p = client_parser("jobs", "list your jobs")
-    p.add_argument("--status", choices=["new", "processing", "completed", "failed", "killed"])
+    p.add_argument("--status", choices=STATUSES)
     p.add_argument("--all", action="store_true", help="every user's jobs (admins)")
     p.add_argument("--limit", type=int, default=50)
     p.set_defaults(func=cmd_jobs)
