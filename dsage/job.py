@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import numbers
 import operator
 import os
 import pathlib
@@ -82,7 +83,7 @@ class Job:
             raise TypeError(f"func must be callable, not {type(self.func).__name__}")
         if self.code is not None and not isinstance(self.code, str):
             raise TypeError("code must be a str")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, (int, float)) or \
+        if isinstance(self.timeout, bool) or not isinstance(self.timeout, numbers.Real) or \
                 not 0 < self.timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be a number of seconds, more than 0 and at most 30 days, "
                              f"not {self.timeout!r}")

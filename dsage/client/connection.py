@@ -210,9 +210,9 @@ class AsyncClient:
 
     def watch(self, job_id: int) -> defer.Deferred:
         """Fires with the job's final record (result included) when it is finished."""
-        known = self.finished.get(job_id)
         if self.closed:
             return defer.fail(_closed())
+        known = self.finished.get(job_id)
         if known is not None and known.get("status") in FINAL and (known["status"] != "completed" or "result" in known):
             return defer.succeed(known)
         d = defer.Deferred(lambda d: self._unwatch(job_id, d))

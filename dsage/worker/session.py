@@ -163,6 +163,7 @@ class WorkerSession:
                 if self.worker.drop(job_id, attempt, token[0] if token else None):
                     self.log.info("job {job_id} attempt {attempt} is no longer ours: stopped",
                                   job_id=job_id, attempt=attempt)
+
         def refused(f) -> None:
             if not f.check(errors.ConnectionLost):      # a lost link is found out by the beats
                 self.log.failure("the server refused a heartbeat", f)
