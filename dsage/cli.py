@@ -234,8 +234,44 @@ def _serve(args) -> int:
     service = ServerService(config, reactor, db)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    _stop_with_parent(reactor)
     reactor.run()
     return 0
+
+
+#: set by `LocalCluster` to its own pid: a server or worker it started stops once that
+#: program is gone (killed, or ended without stopping its cluster), instead of running on.
+PARENT_ENV = "DSAGE_PARENT_PID"
+
+
+def _stop_with_parent(reactor) -> None:
+    """Stop the reactor once the process named by $DSAGE_PARENT_PID has ended."""
+    try:
+        parent = int(os.environ.get(PARENT_ENV) or 0)
+    except ValueError:
+        return
+    if parent <= 0:
+        return
+    from twisted.internet import task
+    from twisted.logger import Logger
+
+    direct = os.getppid() == parent      # else started through another program (ip netns exec)
+
+    def check() -> None:
+        try:
+            os.kill(parent, 0)
+            gone = direct and os.getppid() != parent
+        except ProcessLookupError:
+            gone = True
+        except PermissionError:
+            gone = False
+        if gone:
+            Logger().info("the program that started this process ({pid}) has ended: stopping", pid=parent)
+            loop.stop()
+            reactor.stop()
+    loop = task.LoopingCall(check)
+    loop.clock = reactor
+    reactor.callWhenRunning(loop.start, 1.0)
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -300,6 +336,7 @@ def _work(args) -> int:
                             max_output=max(1024, int(args.max_output * 2**20)), limits=limits)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
+    _stop_with_parent(reactor)
     reactor.run()
     return service.exit_code
 

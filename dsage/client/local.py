@@ -32,7 +32,8 @@ class LocalCluster:
         self.own_home = home is None
         self.home = Path(home or tempfile.mkdtemp(prefix="dsage-"))
         self.quiet = quiet
-        self.env = dict(os.environ, DSAGE_HOME=str(self.home))
+        # The server and workers stop by themselves once this program is gone (dsage.cli).
+        self.env = dict(os.environ, DSAGE_HOME=str(self.home), DSAGE_PARENT_PID=str(os.getpid()))
         self.server: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []
         self.address: str | None = None

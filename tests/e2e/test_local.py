@@ -53,3 +53,41 @@ def test_workers_that_never_connect_end_the_wait_with_their_last_log_lines(tmp_p
             cluster.wait_for_workers(D, timeout=3)
         assert "0 of 1 workers connected within 3 s (worker1.log: " in str(e.value)
         assert "cannot reach the dsage server at 127.0.0.1:1: Connection was refused" in str(e.value)
+
+
+def test_a_local_cluster_stops_when_the_program_that_started_it_is_killed():
+    """A notebook kernel or script killed (no atexit) takes its local server and workers with
+    it: they used to run on, the workers retrying a dead server for ever."""
+    import signal
+    import time
+
+    code = textwrap.dedent("""
+        import dsage, time
+        D, cluster = dsage.start_all(workers=1)
+        print(cluster.server.pid, cluster.workers[0].pid, flush=True)
+        time.sleep(600)
+    """)
+    program = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True,
+                               env=dict(os.environ, DSAGE_HOME="/nonexistent"))
+    try:
+        pids = [int(p) for p in program.stdout.readline().split()]
+        assert len(pids) == 2
+    finally:
+        program.send_signal(signal.SIGKILL)
+        program.wait()
+
+    def alive(pid):
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return False
+        try:
+            with open(f"/proc/{pid}/stat") as fh:
+                return fh.read().split(")")[1].split()[0] != "Z"       # a zombie has ended
+        except FileNotFoundError:
+            return False
+
+    deadline = time.monotonic() + 30
+    while any(alive(p) for p in pids) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(alive(p) for p in pids)
