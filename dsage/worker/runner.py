@@ -104,6 +104,7 @@ class Child(protocol.ProcessProtocol):
         self.frames = bytearray()       # outcomes from the child, as they come (8 KiB reads)
         self.jobs_run = 0
         self.owner: str | None = None     # whose jobs it runs: no other user's (`JobRunner.run`)
+        self.last_used = 0.0
         self.alive = True
         self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
 
@@ -170,8 +171,12 @@ class JobRunner:
 
     log = Logger()
 
-    def __init__(self, reactor, *, nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None) -> None:
+    def __init__(self, reactor, *, nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None,
+                 keep_idle: int = 4) -> None:
         self.reactor = reactor
+        #: idle job processes kept at most (the least recently used retire): room for the
+        #: processes of a few users whose jobs take turns.
+        self.keep_idle = keep_idle
         self.nice = nice
         self.max_output = max_output
         #: resource limits of the job processes: memory (bytes of address space), open_files, file_size.
@@ -201,22 +206,27 @@ class JobRunner:
         return attempt.done
 
     def _child_for(self, owner: str | None) -> Child:
-        """An idle job process that has run only `owner`'s jobs, or none yet; else a new one
-        (an idle process of another user's retires).  What a job leaves in its process
-        (modules it patched, precision it set, hooks it installed) reaches that user's later
-        jobs, never another user's."""
+        """An idle job process that has run only `owner`'s jobs, or none yet; else a new one.
+        What a job leaves in its process (modules it patched, precision it set, hooks it
+        installed) reaches that user's later jobs, never another user's."""
         for candidates in ([c for c in self.idle if c.owner == owner], [c for c in self.idle if c.owner is None]):
             if candidates:
                 child = candidates[-1]
                 self.idle.remove(child)
                 break
         else:
-            if self.idle:
-                other = self.idle.pop(0)
-                other.transport.closeStdin()      # retire it: the slot's process is the new one
             child = self._spawn()
         child.owner = owner
+        child.last_used = self.reactor.seconds()
         return child
+
+    def _trim_idle(self) -> None:
+        """Retire the least recently used idle processes beyond `keep_idle` (fresh ones last)."""
+        while len(self.idle) > self.keep_idle:
+            used = [c for c in self.idle if c.owner is not None] or self.idle
+            oldest = min(used, key=lambda c: c.last_used)
+            self.idle.remove(oldest)
+            oldest.transport.closeStdin()
 
     def finished(self, child: Child, attempt: Attempt) -> None:
         """A child reported a job's outcome and its output is complete."""
@@ -226,6 +236,7 @@ class JobRunner:
             self.idle.append(child)
             if child.jobs_run == JOBS_PER_CHILD - WARM_AHEAD:
                 self.idle.insert(0, self._spawn())      # taken last: when a child retires
+            self._trim_idle()
         elif child.alive:
             child.transport.closeStdin()          # retire it; it exits by itself
         self._report(attempt, None)

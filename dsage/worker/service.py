@@ -57,7 +57,8 @@ class WorkerService(service.MultiService):
         self.recent: collections.deque = collections.deque(maxlen=2 * self.slots)
         self.queue: collections.deque = collections.deque()
         self._hold_check = None
-        self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits)
+        self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits,
+                                keep_idle=2 * self.slots)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
         self._sessions: list[WorkerSession] = []

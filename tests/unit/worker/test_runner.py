@@ -78,6 +78,11 @@ class SpawningReactor:
 
     def __init__(self) -> None:
         self.spawned: list = []
+        self.now = 0.0
+
+    def seconds(self) -> float:
+        self.now += 1.0
+        return self.now
 
     def spawnProcess(self, proto, *args, **kw):
         process = FakeProcess()
@@ -239,20 +244,20 @@ def test_output_ends_at_the_sentinel_however_the_pipe_splits_it():
 
 
 def test_a_job_process_runs_one_users_jobs_only():
-    """An idle job process is reused for its user's next job; another user's job gets a
-    fresh process (the idle one of the first user retires), so no job runs where another
-    user's job has run."""
+    """An idle job process is reused for its user's next job only; another user's job gets
+    a process of its own; beyond `keep_idle` idle processes the least recently used retire."""
     from dsage.worker.runner import JobRunner
 
     reactor = SpawningReactor()
-    runner = JobRunner(reactor)
+    runner = JobRunner(reactor, keep_idle=2)
     used = []
-    for n, owner in enumerate(["alice", "alice", "bob", "bob", "alice"], 1):
+    for n, owner in enumerate(["alice", "alice", "bob", "bob", "alice", "carol", "bob"], 1):
         runner.run({"job_id": n, "attempt": 1, "lease": 1, "owner": owner, "timeout": 60.0, "kind": "code",
                     "payload": b"1", "name": "j"})
         attempt, child = runner.running[(n, 1, 1)]
         used.append(reactor.spawned.index(child))
         finish(child, attempt)
-    assert used == [0, 0, 1, 1, 2]
-    assert reactor.spawned[0].transport.stdin_closed and reactor.spawned[1].transport.stdin_closed
-    assert runner.idle == [reactor.spawned[2]] and reactor.spawned[2].owner == "alice"
+    assert used == [0, 0, 1, 1, 0, 2, 3]
+    alice, bob, carol, bob_again = reactor.spawned
+    assert bob.transport.stdin_closed and alice.transport.stdin_closed and not carol.transport.stdin_closed
+    assert runner.idle == [carol, bob_again] and (carol.owner, bob_again.owner) == ("carol", "bob")
