@@ -83,7 +83,8 @@ class Job:
             raise TypeError(f"func must be callable, not {type(self.func).__name__}")
         if self.code is not None and not isinstance(self.code, str):
             raise TypeError("code must be a str")
-        if isinstance(self.timeout, bool) or not isinstance(self.timeout, numbers.Real) or \
+        if type(self.timeout) not in (int, float) and (isinstance(self.timeout, bool) or
+                                                        not isinstance(self.timeout, numbers.Real)) or \
                 not 0 < self.timeout <= MAX_TIMEOUT:
             raise ValueError(f"timeout must be a number of seconds, more than 0 and at most 30 days, "
                              f"not {self.timeout!r}")
@@ -127,6 +128,8 @@ def carried(wire: dict) -> int:
 
 def _integer(name: str, value: Any, low: int, high: int, note: str = "") -> int:
     """`value` as an int from `low` to `high`, else TypeError or ValueError naming `name`."""
+    if type(value) is int and low <= value <= high:
+        return value
     try:
         number = operator.index(value)
     except TypeError:
@@ -138,6 +141,8 @@ def _integer(name: str, value: Any, low: int, high: int, note: str = "") -> int:
 
 def _files(files: Any) -> dict[str, bytes]:
     """A job's files as {name: bytes}, read now from what `Job.files` accepts."""
+    if not files:
+        return {}
     if isinstance(files, (str, os.PathLike)):
         files = [files]
     if isinstance(files, Mapping):
