@@ -26,6 +26,8 @@ from twisted.logger import Logger
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
 LIVE_MARKER = b"[... earlier output not shown while the job runs ...]\n"
 KILL_GRACE = 2.0
+#: seconds a job process's pipes are still read after it exits (see `Child.processExited`).
+PIPE_GRACE = 1.0
 #: jobs one child runs before it is replaced (bounds what jobs leave behind in it).
 JOBS_PER_CHILD = 1000
 #: a child's successor starts this many jobs before it retires, so that it is ready by then
@@ -105,6 +107,7 @@ class Child(protocol.ProcessProtocol):
         self.jobs_run = 0
         self.owner: str | None = None     # whose jobs it runs: no other user's (`JobRunner.run`)
         self.last_used = 0.0
+        self.pipes_timer = None
         self.alive = True
         self.workdir = tempfile.mkdtemp(prefix="dsage-job-")
 
@@ -160,8 +163,21 @@ class Child(protocol.ProcessProtocol):
             self.attempt = None
             self.runner.finished(self, attempt)
 
+    def processExited(self, reason) -> None:
+        """The process is gone.  A process it started outside its process group may still
+        hold its pipes open, which would hold back `processEnded` (and the slot) until that
+        one exits: what is left in them is read for `PIPE_GRACE`, then they are closed."""
+        self.alive = False
+        self.pipes_timer = self.runner.reactor.callLater(PIPE_GRACE, self._close_pipes)
+
+    def _close_pipes(self) -> None:
+        for fd in (1, 2, 3):
+            self.transport.closeChildFD(fd)
+
     def processEnded(self, reason) -> None:
         self.alive = False
+        if self.pipes_timer is not None and self.pipes_timer.active():
+            self.pipes_timer.cancel()
         attempt, self.attempt = self.attempt, None
         self.runner.child_ended(self, attempt, reason.value)
 

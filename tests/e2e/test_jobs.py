@@ -346,3 +346,14 @@ def test_what_a_job_does_to_its_streams_does_not_stall_its_slot(D, code, value):
     assert jobs[0].wait(timeout=60) == value
     assert [j.wait(timeout=60) for j in jobs[1:]] == [0, 1, 2, 3]
     assert [j.output for j in jobs[1:]] == [f"after {i}\n" for i in range(4)]
+
+
+def test_a_process_a_job_left_behind_does_not_hold_its_slot(D):
+    """A job that starts a process outside its process group (which keeps the job's stdout
+    open) and then times out: the failure comes once the job's own process is gone, not when
+    the other one exits a minute later, and the slot takes the next job."""
+    job = D.eval("import subprocess, time\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+                 "time.sleep(60)", timeout=2, max_failures=1)
+    with pytest.raises(dsage.JobFailed, match="timed out after 2 s"):
+        job.wait(timeout=25)
+    assert [D.eval(str(i)).wait(timeout=25) for i in range(3)] == [0, 1, 2]
