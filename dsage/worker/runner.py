@@ -225,7 +225,8 @@ class JobRunner:
         """An idle job process that has run only `owner`'s jobs, or none yet; else a new one.
         What a job leaves in its process (modules it patched, precision it set, hooks it
         installed) reaches that user's later jobs, never another user's."""
-        for candidates in ([c for c in self.idle if c.owner == owner], [c for c in self.idle if c.owner is None]):
+        idle = [c for c in self.idle if c.alive]          # not one that exited while idle
+        for candidates in ([c for c in idle if c.owner == owner], [c for c in idle if c.owner is None]):
             if candidates:
                 child = candidates[-1]
                 self.idle.remove(child)

@@ -261,3 +261,19 @@ def test_a_job_process_runs_one_users_jobs_only():
     alice, bob, carol, bob_again = reactor.spawned
     assert bob.transport.stdin_closed and alice.transport.stdin_closed and not carol.transport.stdin_closed
     assert runner.idle == [carol, bob_again] and (carol.owner, bob_again.owner) == ("carol", "bob")
+
+
+def test_an_idle_process_that_exited_is_not_given_a_job():
+    """A job process that exited while idle (its end not yet seen whole) is passed over."""
+    from dsage.worker.runner import JobRunner
+
+    reactor = SpawningReactor()
+    runner = JobRunner(reactor)
+    job = {"job_id": 1, "attempt": 1, "lease": 1, "owner": "alice", "timeout": 60.0, "kind": "code",
+           "payload": b"1", "name": "j"}
+    runner.run(job)
+    attempt, first = runner.running[(1, 1, 1)]
+    finish(first, attempt)
+    first.processExited(None)
+    runner.run(dict(job, job_id=2))
+    assert runner.running[(2, 1, 1)][1] is not first and len(reactor.spawned) == 2
