@@ -1,9 +1,8 @@
-"""The server side of the wire: one `ServerProtocol` per connection, and the `Hub` that
-knows every connection.  Handlers are thin: they check the caller's role, then call the
-store and the dispatcher."""
+"""The server side of the wire: one `ServerProtocol` per connection (the `Hub` knows them
+all).  Handlers are thin: they check the caller's role, then call the store and the
+dispatcher."""
 from __future__ import annotations
 
-import collections
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -13,131 +12,15 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.job import STATUSES
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
-from dsage.server.scheduler import Dispatcher
+from dsage.server.hub import ADMIN, CLIENT_ROLES, WORKER, Hub
 
 HELLO_TIMEOUT = 15.0
-CLIENT_ROLES = ("client", "admin")
-ADMIN = ("admin",)
-WORKER = ("worker",)
 #: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
 #: finished in one commit go in as few events as fit.
 EVENT_BYTES = 64 << 20
 #: the most of a running job's output the server keeps in memory to show (a worker sends
 #: the last 16 KiB).
 LIVE_OUTPUT_CHARS = 32 << 10
-
-
-class Hub:
-    """What the connections share: the store, the dispatcher and who is connected."""
-
-    log = Logger()
-
-    def __init__(self, store, clock, *, lease_seconds: float, heartbeat_seconds: float,
-                 ca: tls.Authority | None = None, address: str = "", max_queued_per_user: int = 1_000_000,
-                 max_connections: int = 5_000) -> None:
-        self.store = store
-        self.max_queued_per_user = max_queued_per_user
-        self.max_connections = max_connections
-        self.open_connections = 0
-        self.clock = clock
-        self.lease_seconds = lease_seconds
-        self.heartbeat_seconds = heartbeat_seconds
-        self.ca = ca
-        self.address = address
-        self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
-        self.finished_times: collections.deque = collections.deque(maxlen=100_000)
-        self.finished_total = 0
-        #: job id -> (attempt, worker, the end of its output), for running jobs: not stored,
-        #: shown by get_job until the job's report brings the whole output.
-        self.live_output: dict[int, tuple[int, str, str]] = {}
-        self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
-                                     store.next_retry, clock)
-
-    def attach(self, conn: ServerProtocol) -> None:
-        """A connection said hello."""
-        self.connections[conn.identity].add(conn)
-
-    def detach(self, conn: ServerProtocol) -> None:
-        """A connection closed."""
-        conns = self.connections.get(conn.identity)
-        if conns is not None:
-            conns.discard(conn)
-            if not conns:
-                del self.connections[conn.identity]
-
-    def with_live_output(self, rec: dict) -> dict:
-        """`rec` (a job's summary) with the output its worker last sent, if it is running."""
-        live = self.live_output.get(rec["job_id"])
-        if live is not None and rec["status"] == "processing" and rec["attempts"] and \
-                (rec["attempts"][-1].get("attempt"), rec["attempts"][-1].get("worker")) == live[:2]:
-            rec["output"] = live[2]
-        return rec
-
-    def job_finished(self, summary: dict) -> None:
-        """Tell the owner's client connections that a job reached a final status."""
-        self.finished_times.append(self.clock.seconds())
-        self.finished_total += 1
-        for conn in list(self.connections.get(summary["owner"], ())):
-            if conn.role in CLIENT_ROLES:
-                conn.push_done(summary)
-
-    def stop_running(self, running: dict | None) -> None:
-        """Order the worker that runs an attempt to kill it (it sends no report of a killed
-        attempt: its slot counts as free from now)."""
-        if running and running.get("worker"):
-            self.live_output.pop(running["job_id"], None)
-            for conn in list(self.connections.get(running["worker"], ())):
-                conn.running.discard((running["job_id"], running["attempt"]))
-                conn.send_event("kill", {"job_id": running["job_id"], "attempt": running["attempt"]})
-
-    def drop(self, name: str) -> None:
-        """Close every connection of an identity (it was revoked)."""
-        for conn in list(self.connections.get(name, ())):
-            conn.transport.loseConnection()
-
-    def worker_connections(self) -> list[ServerProtocol]:
-        """The connected workers."""
-        return [c for conns in self.connections.values() for c in conns if c.role == "worker"]
-
-    def workers(self) -> list[dict]:
-        """The connected workers and how many of their slots are busy."""
-        return [dict(c.info, busy=len(c.running)) for c in self.worker_connections()]
-
-    def status(self) -> defer.Deferred:
-        """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
-        now = self.clock.seconds()
-        recent = sum(1 for t in self.finished_times if t >= now - 60)
-        workers = self.worker_connections()
-
-        def build(counts: dict) -> dict:
-            return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
-                    "slots": sum(c.info.get("slots", 0) for c in workers),
-                    "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0,
-                    "finished_total": self.finished_total}
-        return self.store.status().addCallback(build)
-
-    def drop_silent_workers(self) -> None:
-        """Close worker connections that have been silent longer than a lease (a cut link
-        leaves TCP open for minutes; their pending takes must not get jobs)."""
-        limit = max(self.lease_seconds, 3 * self.heartbeat_seconds)
-        now = self.clock.seconds()
-        for conn in self.worker_connections():
-            if now - conn.last_heard > limit:
-                self.log.warn("worker {name} silent for {s:.0f} s: dropping its connection",
-                              name=conn.identity, s=now - conn.last_heard)
-                conn.transport.abortConnection()
-
-    def reap(self) -> defer.Deferred:
-        """Return jobs with expired leases to the queue, or fail them."""
-        self.drop_silent_workers()
-        def done(summaries: list[dict]) -> None:
-            for s in summaries:
-                self.log.warn("job {job_id}: lease expired ({status} now)", job_id=s["job_id"], status=s["status"])
-                if s["status"] == "failed":
-                    self.job_finished(s)
-            if summaries:
-                self.dispatcher.work_arrived()
-        return self.store.expire().addCallback(done)
 
 
 class ServerProtocol(MessageProtocol):

@@ -12,7 +12,8 @@ from twisted.logger import Logger
 
 from dsage import tls
 from dsage.config import ServerConfig
-from dsage.server.connections import Hub, ServerFactory
+from dsage.server.connections import ServerFactory
+from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
 

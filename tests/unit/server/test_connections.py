@@ -6,7 +6,8 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 
 from dsage import errors
-from dsage.server.connections import HANDLERS, Hub, ServerProtocol
+from dsage.server.connections import HANDLERS, ServerProtocol
+from dsage.server.hub import Hub
 from tests.support.store import FakeTime, memory_store, reported, spec, value
 
 

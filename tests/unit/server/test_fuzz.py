@@ -17,7 +17,8 @@ from twisted.logger import globalLogPublisher
 
 from dsage import errors
 from dsage.protocol import FRAGMENT, REQUEST, decode, encode
-from dsage.server.connections import HANDLERS, Hub, ServerProtocol
+from dsage.server.connections import HANDLERS, ServerProtocol
+from dsage.server.hub import Hub
 from dsage.server.model import INLINE_IDS
 from tests.support.store import FakeTime, memory_store
 
