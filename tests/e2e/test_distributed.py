@@ -122,7 +122,8 @@ def test_stop_then_start_again_goes_on_and_a_done_function_has_nothing_to_start(
     once done, start() again does nothing."""
     D = cluster.connect()
     try:
-        f = SumOfSquares(D, 300, 10, "stop-start").start()
+        # 0.1 s per result: 30 results take 3 s, so the function cannot end before stop()
+        f = SumOfSquares(D, 300, 10, "stop-start", delay=0.1).start()
         wait_until = time.monotonic() + 30
         while not f.processed_jobs and time.monotonic() < wait_until:
             time.sleep(0.05)
