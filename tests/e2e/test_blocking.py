@@ -8,11 +8,14 @@ import sys
 import textwrap
 import time
 
+from tests.support import interruptible
+
 
 def python(cluster, code: str) -> subprocess.Popen:
     return subprocess.Popen([sys.executable, "-c", textwrap.dedent(code)], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True,
-                            env={"DSAGE_HOME": str(cluster.home), "PATH": "/usr/bin:/bin"})
+                            env={"DSAGE_HOME": str(cluster.home), "PATH": "/usr/bin:/bin"},
+                            preexec_fn=interruptible)
 
 
 def test_ctrl_c_interrupts_a_wait(cluster, D):

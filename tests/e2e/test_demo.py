@@ -8,11 +8,13 @@ import subprocess
 import time
 
 from dsage.client.local import command
+from tests.support import interruptible
 
 
 def demo(*args: str) -> subprocess.Popen:
     return subprocess.Popen(command("dsage") + ["demo", *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env=dict(os.environ, DSAGE_HOME="/nonexistent"))
+                            text=True, start_new_session=True, env=dict(os.environ, DSAGE_HOME="/nonexistent"),
+                            preexec_fn=interruptible)
 
 
 def processes_with(text: str) -> list[str]:
