@@ -12,8 +12,10 @@ class JobFailed(DsageError):
     def __init__(self, job_id: int, traceback: str | None) -> None:
         self.job_id = job_id
         self.traceback = traceback or ""
-        last = self.traceback.strip().splitlines()[-1:] or ["(no traceback)"]
-        super().__init__(f"job {job_id} failed: {last[0]}\n{self.traceback}")
+        lines = self.traceback.strip().splitlines() or ["(no traceback)"]
+        # a one-line error (the job's process died, a timeout) is said once
+        details = f"\n{self.traceback}" if len(lines) > 1 else ""
+        super().__init__(f"job {job_id} failed: {lines[-1]}{details}")
 
 
 class JobKilled(DsageError):

@@ -49,11 +49,12 @@ def connect(address: str | None = None, cert: str | None = None, timeout: float 
 
 
 def split_item(item: Any) -> tuple[tuple, dict]:
-    """A starmap item as (args, kwargs): ``(tuple, dict)`` pairs carry kwargs, tuples are args."""
+    """A starmap item as (args, kwargs): ``(tuple, dict)`` pairs carry kwargs, tuples and
+    lists are args (as in `itertools.starmap`), anything else is the one argument."""
     if isinstance(item, tuple) and len(item) == 2 and isinstance(item[0], tuple) and isinstance(item[1], dict):
         return item[0], item[1]
-    if isinstance(item, tuple):
-        return item, {}
+    if isinstance(item, (tuple, list)):
+        return tuple(item), {}
     return (item,), {}
 
 

@@ -180,9 +180,9 @@ class AsyncClient:
         self.finished.pop(job_id, None)
         return self.call("rerun", job_id=job_id)
 
-    def kill(self, job_id: int) -> defer.Deferred:
-        """Kill a job; fires with its record."""
-        return self.call("kill", job_id=job_id)
+    def kill(self, job_id: int, queued_only: bool = False) -> defer.Deferred:
+        """Kill a job (with `queued_only`, only one that has not started); fires with its record."""
+        return self.call("kill", job_id=job_id, queued_only=queued_only)
 
     def workers(self) -> defer.Deferred:
         """Fires with the connected workers."""

@@ -206,13 +206,15 @@ class ServerProtocol(MessageProtocol):
         return self.hub.store.list(self.identity, self.role, status, bool(args.get("all")), limit)
 
     def kill(self, args: dict) -> defer.Deferred:
-        """Kill a job; a running one is stopped on its worker."""
+        """Kill a job; a running one is stopped on its worker (unless `queued_only`: then
+        only a job that has not started is killed)."""
         def killed(out: dict) -> dict:
             self.hub.stop_running(out["worker"])
             if out["worker"] is not None or out["job"]["status"] == "killed":
                 self.hub.job_finished(out["job"])
             return out["job"]
-        return self.hub.store.kill(self.identity, self.role, _job_id(args)).addCallback(killed)
+        return self.hub.store.kill(self.identity, self.role, _job_id(args),
+                                   bool(args.get("queued_only"))).addCallback(killed)
 
     def rerun(self, args: dict) -> defer.Deferred:
         """Queue a finished job again."""

@@ -448,14 +448,15 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
                 break
         return out
 
-    def kill(self, requester: str, role: str, job_id: int) -> defer.Deferred:
-        """Kill a job; fires with its summary plus the worker to stop, if it was running."""
-        return self._run(self._kill, requester, role, job_id)
+    def kill(self, requester: str, role: str, job_id: int, queued_only: bool = False) -> defer.Deferred:
+        """Kill a job (with `queued_only`, only one that has not started); fires with its
+        summary plus the worker to stop, if it was running."""
+        return self._run(self._kill, requester, role, job_id, queued_only)
 
-    def _kill(self, root: Root, requester: str, role: str, job_id: int) -> dict:
+    def _kill(self, root: Root, requester: str, role: str, job_id: int, queued_only: bool = False) -> dict:
         job = self._own(root, requester, role, job_id)
         running = None
-        if job.status in FINAL:
+        if job.status in FINAL or (queued_only and job.status != "new"):
             return {"job": job.summary(False), "worker": None}
         if job.status == "processing":
             running = {"worker": job.lease_worker, "job_id": job_id, "attempt": job.attempt}

@@ -29,14 +29,21 @@ LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
 
 
 def run_code(code: str, filename: str = "<job>") -> object:
-    """Execute code; its result is DSAGE_RESULT if set, else the last expression's value."""
+    """Execute code; its result is DSAGE_RESULT if set, else the last expression's value.
+    A script that ends itself with `sys.exit()` or `sys.exit(0)` succeeds, as it would in a
+    shell (its result is then DSAGE_RESULT, or None); another exit status is a failure."""
     tree = ast.parse(code, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
     namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
-    exec(compile(tree, filename, "exec"), namespace)
-    value = eval(compile(last, filename, "eval"), namespace) if last is not None else None
+    try:
+        exec(compile(tree, filename, "exec"), namespace)
+        value = eval(compile(last, filename, "eval"), namespace) if last is not None else None
+    except SystemExit as e:
+        if e.code not in (None, 0):
+            raise
+        value = None
     return namespace.get("DSAGE_RESULT", value)
 
 

@@ -1,6 +1,8 @@
 """Pieces of the worker that need no processes: output capping and the child's code runner."""
 from __future__ import annotations
 
+import pytest
+
 from dsage.worker.child import run_code
 from dsage.worker.runner import OUTPUT_MARKER, OutputBuffer
 
@@ -43,6 +45,16 @@ def test_code_result_is_last_expression_or_dsage_result():
     assert run_code("DSAGE_RESULT = 'set'\n1 + 1") == "set"
     assert run_code("y = 1") is None
     assert run_code("def f(n):\n    return n + 1\nf(4)") == 5
+
+
+def test_code_that_exits_with_status_0_succeeds_and_another_status_fails():
+    """sys.exit() and sys.exit(0) end a script successfully, as in a shell; sys.exit(3) fails."""
+    assert run_code("import sys\nDSAGE_RESULT = 'partial'\nsys.exit()\n'not reached'") == "partial"
+    assert run_code("import sys\nsys.exit(0)\n'not reached'") is None
+    assert run_code("import sys\nsys.exit(0) if True else None") is None
+    with pytest.raises(SystemExit) as exited:
+        run_code("import sys\nDSAGE_RESULT = 1\nsys.exit(3)")
+    assert exited.value.code == 3
 
 
 class FakeProcess:
