@@ -68,8 +68,8 @@ class LocalCluster:
     def start_server(self, timeout: float = 30.0) -> str:
         """Start dsage_server; returns its address once it listens."""
         addr_file = self.home / "server.addr"
-        if addr_file.exists():
-            addr_file.unlink()
+        for stale in (addr_file, self.home / "server.web"):
+            stale.unlink(missing_ok=True)
         log = open(self.home / "server.log", "ab")
         # A restart keeps the port, so that workers and clients find the server again.
         port = ["--port", self.address.rsplit(":", 1)[1]] if self.address else []
@@ -85,6 +85,13 @@ class LocalCluster:
             time.sleep(0.02)
         self.address = addr_file.read_text().strip()
         return self.address
+
+    @property
+    def web_url(self) -> str | None:
+        """The running server's dashboard (JSON API under ``api/v1/``, metrics at ``metrics``),
+        once it listens; None before."""
+        path = self.home / "server.web"
+        return path.read_text().strip() if path.exists() else None
 
     def stop_server(self, sig: int = signal.SIGTERM) -> None:
         """Stop (or, with SIGKILL, crash) the server."""

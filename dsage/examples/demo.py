@@ -20,7 +20,7 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
     print(f"starting a local dsage cluster: 1 server, {workers} workers ...", flush=True)
     D, cluster = dsage.start_all(workers=workers)
     try:
-        web = (cluster.home / "server.web").read_text().strip() if (cluster.home / "server.web").exists() else "-"
+        web = cluster.web_url or "-"
         print(f"server at {D.client.address} (home {cluster.home}), dashboard at {web}\nfactoring {n} ({len(str(n))} digits) "
               f"with DistributedFactor (trial division, then ECM curves on the workers)", flush=True)
         f = DistributedFactor(D, n)

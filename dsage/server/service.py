@@ -113,7 +113,9 @@ class ServerService(service.MultiService):
                            interface=self.config.web_interface, port=self.config.web_port, why=str(e))
             return
         url = f"http://{self.config.web_interface}:{self.web_port.getHost().port}/"
-        (self.config.home / "server.web").write_text(url + "\n")
+        tmp = self.config.home / "server.web.tmp"
+        tmp.write_text(url + "\n")
+        os.replace(tmp, self.config.home / "server.web")
         self.log.info("dashboard, JSON API and metrics at {url}", url=url)
 
     def _listen(self) -> defer.Deferred:

@@ -62,6 +62,8 @@ class Jobs(_Async):
     """``/api/v1/jobs?status=S&limit=N`` or ``/api/v1/jobs/ID`` (never payloads or results)."""
 
     def render_async(self, request):
+        if len([part for part in request.postpath if part]) > 1:
+            raise errors.RemoteError(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         if request.postpath and request.postpath[0]:
             job_id = _integer(request.postpath[0], "a job id")
             d = self.hub.store.get("", "admin", job_id, False)

@@ -7,9 +7,11 @@ import urllib.request
 
 import pytest
 
+from tests.e2e.conftest import wait_for
+
 
 def get(cluster, path):
-    base = (cluster.home / "server.web").read_text().strip().rstrip("/")
+    base = wait_for(lambda: cluster.web_url, what="the dashboard").rstrip("/")
     assert base.startswith("http://127.0.0.1:"), "bound to the loopback interface by default"
     with urllib.request.urlopen(base + path, timeout=10) as response:
         return response.headers.get("content-type"), response.read().decode()
@@ -30,6 +32,9 @@ def test_json_api_and_metrics(cluster, D):
     with pytest.raises(urllib.error.HTTPError) as info:
         get(cluster, "/api/v1/jobs/999999")
     assert info.value.code == 404
+    with pytest.raises(urllib.error.HTTPError) as info:
+        get(cluster, f"/api/v1/jobs/{job.job_id}/extra")
+    assert info.value.code == 404 and "no such resource" in json.loads(info.value.read())["error"]
     metrics = get(cluster, "/metrics")[1]
     assert 'dsage_jobs{status="completed"}' in metrics and "dsage_workers 1" in metrics
     page = get(cluster, "/")[1]
