@@ -222,6 +222,10 @@ def _serve(args) -> int:
     overrides = {k: v for k, v in (("port", args.port), ("web_port", args.web_port), ("db", args.db),
                                    ("log_file", args.log_file)) if v is not None}
     config = dataclasses.replace(config, **overrides)
+    if not 0 <= config.port <= 65535:
+        raise UserError(f"the port must be from 0 (any free port) to 65535, not {config.port}")
+    if not -1 <= config.web_port <= 65535:
+        raise UserError(f"the web port must be from -1 (no dashboard) to 65535, not {config.web_port}")
     for name in ("ca.pem", "server.pem", "server.key"):
         if not (config.home / name).exists():
             raise UserError(f"{config.home / name} is missing: run `dsage init`")
@@ -236,7 +240,7 @@ def _serve(args) -> int:
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     _stop_with_parent(reactor)
     reactor.run()
-    return 0
+    return 1 if service.failed else 0
 
 
 #: set by `LocalCluster` to its own pid: a server or worker it started stops once that

@@ -57,6 +57,7 @@ class ServerService(service.MultiService):
         self.hub: Hub | None = None
         self.port = None
         self.web_port = None
+        self.failed = False     # could not listen
 
     def startService(self) -> None:
         home = self.config.home
@@ -122,7 +123,10 @@ class ServerService(service.MultiService):
         return defer.Deferred.fromCoroutine(self._listen_async())
 
     def _listen_failed(self, failure) -> None:
-        self.log.failure("cannot listen", failure)
+        """No listener: say why in one line, and stop (`dsage_server` then exits with 1)."""
+        self.failed = True
+        self.log.critical("cannot listen on {interface}:{port}: {why}", interface=self.config.interface,
+                          port=self.config.port, why=failure.getErrorMessage())
         self.reactor.stop()
 
     async def _stop(self) -> None:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 
@@ -52,6 +53,8 @@ def test_identities_offline(tmp_path):
     (("submit", "/no/such/file.py"), "cannot read"),
     (("kill", "notanumber"), "invalid int value"),
     (("user", "add", "bad name", "--out", "x.pem"), "invalid name"),
+    (("server", "--port", "99999"), "the port must be from 0 (any free port) to 65535, not 99999"),
+    (("server", "--web-port", "-5"), "the web port must be from -1 (no dashboard) to 65535, not -5"),
 ])
 def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     """Bad input gets a clear message and a non-zero status, never a traceback."""
@@ -60,6 +63,20 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     out = run(home, *args)
     assert out.returncode != 0
     assert message in out.stderr and "Traceback" not in out.stderr
+
+
+def test_a_server_that_cannot_listen_says_why_and_exits_1(tmp_path):
+    """A port in use: one line naming it, exit status 1, no traceback."""
+    home = tmp_path / "h"
+    run(home, "init")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        out = run(home, "server", "--port", str(port), "--web-port", "-1")
+    assert out.returncode == 1, out.stderr
+    assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Address already in use" in out.stderr
+    assert "Traceback" not in out.stderr
 
 
 def test_no_server_is_a_clear_error(tmp_path):
