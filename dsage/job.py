@@ -121,6 +121,16 @@ class Job:
         return wire
 
 
+def as_job(func: Any, args: tuple, kwargs: dict) -> Job:
+    """What `submit(func, *args, **kwargs)` runs: `func` itself if it is a Job (then with no
+    further arguments), else the call."""
+    if isinstance(func, Job):
+        if args or kwargs:
+            raise TypeError("submit(Job) takes no further arguments")
+        return func
+    return Job(func=func, args=args, kwargs=kwargs)
+
+
 def carried(wire: dict) -> int:
     """The bytes of payload and files a job's wire form (`Job.to_wire`) carries."""
     return len(wire["payload"]) + sum(map(len, (wire.get("files") or {}).values()))

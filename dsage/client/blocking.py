@@ -15,7 +15,7 @@ from typing import Any, Callable, Iterable, Iterator
 from dsage import errors, tls
 from dsage.client import reactor as rt
 from dsage.client.connection import AsyncClient, default_address
-from dsage.job import FINAL, Job
+from dsage.job import FINAL, Job, as_job
 
 #: seconds a request may take, reconnections included, before TimeoutError.
 CALL_TIMEOUT = 120.0
@@ -172,10 +172,7 @@ class Dsage:
 
     def submit(self, func: Callable | Job, *args: Any, **kwargs: Any) -> JobHandle:
         """Run `func(*args, **kwargs)` on a worker, or submit a `dsage.Job` as described."""
-        job = func if isinstance(func, Job) else Job(func=func, args=args, kwargs=kwargs)
-        if isinstance(func, Job) and (args or kwargs):
-            raise TypeError("submit(Job) takes no further arguments")
-        return self.submit_many([job])[0]
+        return self.submit_many([as_job(func, args, kwargs)])[0]
 
     def submit_many(self, jobs: Iterable[Job], function_id: str | None = None) -> list[JobHandle]:
         """Submit several jobs in few round trips (each batch committed in one transaction,

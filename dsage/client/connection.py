@@ -122,10 +122,9 @@ class AsyncClient:
     # -- the API, as Deferreds -----------------------------------------------------------
     def submit(self, func, *args, **kwargs) -> defer.Deferred:
         """Submit a callable (or a `dsage.Job`); fires with the job id."""
-        from dsage.job import Job
+        from dsage.job import as_job
 
-        job = func if isinstance(func, Job) else Job(func=func, args=args, kwargs=kwargs)
-        return self.submit_many([job]).addCallback(lambda ids: ids[0])
+        return self.submit_many([as_job(func, args, kwargs)]).addCallback(lambda ids: ids[0])
 
     def eval(self, code: str, **options) -> defer.Deferred:
         """Submit a code string (options as for `dsage.Job`); fires with the job id."""

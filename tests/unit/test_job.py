@@ -6,7 +6,7 @@ import pathlib
 import cloudpickle
 import pytest
 
-from dsage.job import BadTransition, Job, check_transition
+from dsage.job import BadTransition, Job, as_job, check_transition
 
 
 def test_code_job_to_wire():
@@ -73,3 +73,13 @@ def test_a_job_too_large_for_one_message_is_refused_before_it_is_sent(monkeypatc
         Job(func=len, args=(bytes(1100 << 10),)).to_wire()
     with pytest.raises(errors.DsageError, match="at most 1 MiB"):
         Job(code="1", files={"big": bytes(2 << 20)}).to_wire()
+
+
+def test_submit_takes_a_call_or_one_described_job():
+    """submit(f, *args) describes the call; submit(Job) takes no further arguments."""
+    call = as_job(pow, (2, 5), {"mod": 3})
+    assert call.func is pow and call.args == (2, 5) and call.kwargs == {"mod": 3}
+    described = Job(code="1")
+    assert as_job(described, (), {}) is described
+    with pytest.raises(TypeError, match=r"submit\(Job\) takes no further arguments"):
+        as_job(described, (5,), {})
