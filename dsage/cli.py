@@ -459,6 +459,10 @@ def cmd_pack(args) -> int:
 def cmd_demo(args) -> int:
     from dsage.examples.demo import run_demo
 
+    if args.workers < 1:
+        raise UserError(f"--workers must be at least 1, not {args.workers}")
+    if args.number is not None and args.number < 2:
+        raise UserError(f"--number must be at least 2, not {args.number}")
     return run_demo(workers=args.workers, number=args.number)
 
 

@@ -16,7 +16,7 @@ def run_demo(workers: int = 2, number: int | None = None) -> int:
     import dsage
     from dsage.examples.factor import DistributedFactor
 
-    n = number or DEFAULT_NUMBER
+    n = DEFAULT_NUMBER if number is None else number
     print(f"starting a local dsage cluster: 1 server, {workers} workers ...", flush=True)
     D, cluster = dsage.start_all(workers=workers)
     try:
