@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import logging
 import os
 import queue
 import threading
@@ -78,14 +79,36 @@ def retrying(fn: Callable, *args: Any, timeout: float | None = CALL_TIMEOUT,
     """Call `fn` in the reactor thread; while the server is unreachable, try again (the same
     request: callers make it idempotent) until `timeout`, or until `give_up()` is true."""
     deadline = None if timeout is None else time.monotonic() + timeout
+    lost: errors.ConnectionLost | None = None
     while True:
         left = None if deadline is None else max(0.0, deadline - time.monotonic())
         try:
             return rt.call(fn, *args, timeout=left, **kw)
-        except errors.ConnectionLost:
+        except errors.ConnectionLost as e:
             if (deadline is not None and time.monotonic() >= deadline) or give_up():
                 raise
+            if lost is None:
+                _warn_unreachable(e, timeout)
+            lost = e
             time.sleep(0.2)
+        except TimeoutError:
+            if lost is None:
+                raise TimeoutError(f"no answer within {timeout:g} s") from None
+            # the time went in waiting for the server: say so, not "no answer within 0.4 s"
+            raise errors.ConnectionLost(f"{str(lost).rstrip('.')} (tried again for {timeout:g} s)") from None
+
+
+_last_warning = float("-inf")
+
+
+def _warn_unreachable(lost: errors.ConnectionLost, timeout: float | None) -> None:
+    """Tell the user (once in 30 s) that calls wait for the server, rather than seem to hang."""
+    global _last_warning
+    now = time.monotonic()
+    if now - _last_warning >= 30.0:
+        _last_warning = now
+        how_long = "until it is back" if timeout is None else f"for up to {timeout:g} s"
+        logging.getLogger("dsage").warning("%s; waiting %s", str(lost).rstrip("."), how_long)
 
 
 def unpickle_result(summary: dict) -> Any:
