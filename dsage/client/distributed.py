@@ -10,6 +10,7 @@ while no client is connected.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -143,7 +144,7 @@ class DistributedFunction:
         session = uuid.uuid4().hex
         rec = dsage._call("function_get", name=name, session=session)
         try:
-            self = cloudpickle.loads(rec["state"])
+            self = _loads_leaving_classes(rec["state"])
         except Exception as e:
             raise errors.DsageError(f"cannot unpickle the function {name!r} here: {e!r} "
                                     f"(is its class importable in this program?)") from None
@@ -276,3 +277,30 @@ class DistributedFunction:
             self.processed_jobs.append(handle)
             done_ids.append(job_id)
         return done_ids
+
+
+def _subclasses(cls: type) -> list[type]:
+    """Every subclass of `cls`, at any depth."""
+    found: list[type] = []
+    for sub in cls.__subclasses__():
+        found += [sub, *_subclasses(sub)]
+    return found
+
+
+def _loads_leaving_classes(state: bytes) -> DistributedFunction:
+    """Unpickle a checkpoint without changing the classes this program has now: a class
+    checkpointed by value (from a script or notebook) is, in the program that pickled it,
+    given back the attributes it had then (cloudpickle applies them to the live class), which
+    would undo a fix made since, for instance a method patched in."""
+    live = [(cls, dict(vars(cls))) for cls in _subclasses(DistributedFunction)]
+    try:
+        return cloudpickle.loads(state)
+    finally:
+        for cls, attrs in live:
+            for name in set(vars(cls)) - set(attrs):
+                with contextlib.suppress(AttributeError, TypeError):
+                    delattr(cls, name)
+            for name, value in attrs.items():
+                if vars(cls).get(name) is not value:
+                    with contextlib.suppress(AttributeError, TypeError):
+                        setattr(cls, name, value)

@@ -117,6 +117,42 @@ def test_restore_on_the_class_runs_the_code_of_today(cluster):
         D.close()
 
 
+def test_restore_in_the_program_that_checkpointed_keeps_a_fix_patched_into_the_class(cluster):
+    """The same class object, fixed by patching it (a notebook): restoring does not give it
+    back its checkpointed attributes (cloudpickle writes them into the live class)."""
+    class Patched(dsage.DistributedFunction):
+        broken = True
+
+        def __init__(self, D, name):
+            super().__init__(D, name=name)
+            self.i, self.seen = 0, []
+
+        def next_job(self):
+            if self.i >= 4:
+                return None
+            self.i += 1
+            return dsage.Job(code=str(self.i))
+
+        def process_result(self, job):
+            if job.result == 3 and self.broken:
+                raise ValueError("a bug at 3")
+            self.seen.append(job.result)
+            if len(self.seen) == 4:
+                self.done, self.result = True, sorted(self.seen)
+
+    D = cluster.connect()
+    try:
+        with pytest.raises(ValueError, match="a bug at 3"):
+            Patched(D, "patched").start().wait(timeout=60)
+        Patched.broken = False
+        original_next_job = Patched.next_job
+        fixed = dsage.DistributedFunction.restore(D, "patched")
+        assert Patched.broken is False and Patched.next_job is original_next_job
+        assert type(fixed) is Patched and fixed.start().wait(timeout=60) == [1, 2, 3, 4]
+    finally:
+        D.close()
+
+
 def test_stop_then_start_again_goes_on_and_a_done_function_has_nothing_to_start(cluster):
     """stop() ends this client's driver; start() on the same object goes on from there, and
     once done, start() again does nothing."""
