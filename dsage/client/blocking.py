@@ -11,6 +11,7 @@ import os
 import queue
 import threading
 import time
+import weakref
 from typing import Any, Callable, Iterable, Iterator
 
 from dsage import errors, tls
@@ -145,7 +146,9 @@ class Dsage:
 
     def __init__(self, client: AsyncClient) -> None:
         self.client = client
-        self._records: dict[int, dict] = {}
+        #: the latest record of each job some handle of this session refers to (with its
+        #: result once fetched); an entry goes with the job's last handle.
+        self._records: weakref.WeakValueDictionary[int, _Record] = weakref.WeakValueDictionary()
         self._lock = threading.Lock()
         rt.call(lambda: client.listeners.append(self._job_event))
 
@@ -164,20 +167,35 @@ class Dsage:
 
     def _job_event(self, summary: dict) -> None:
         with self._lock:
-            if summary["job_id"] in self._records:
-                self._remember(summary)
+            self._remember(summary)
+
+    def _slot(self, job_id: int) -> _Record:
+        """Where the handles of one job keep its record (shared by them all)."""
+        with self._lock:
+            slot = self._records.get(job_id)
+            if slot is None:
+                slot = self._records[job_id] = _Record()
+            return slot
+
+    def _known(self, job_id: int) -> dict | None:
+        with self._lock:
+            slot = self._records.get(job_id)
+            return None if slot is None else slot.rec
 
     def _remember(self, summary: dict) -> dict:
-        old = self._records.get(summary["job_id"])
+        """Keep `summary` for the job's handles, if there are any (with `_lock` held)."""
+        slot = self._records.get(summary["job_id"])
+        if slot is None:
+            return summary
+        old = slot.rec
         if old is not None and "result" in old and "result" not in summary and summary["status"] == old["status"]:
             summary = dict(summary, result=old["result"])
-        self._records[summary["job_id"]] = summary
+        slot.rec = summary
         return summary
 
     def record(self, job_id: int, fresh: bool = False) -> dict:
         """The latest known record of a job (fetched when unknown, unfinished or `fresh`)."""
-        with self._lock:
-            rec = self._records.get(job_id)
+        rec = self._known(job_id)
         if rec is None or fresh or (rec["status"] not in FINAL):
             rec = self._call("get_job", job_id=job_id, result=True)
             with self._lock:
@@ -249,16 +267,18 @@ class Dsage:
     # -- looking -----------------------------------------------------------------------
     def job(self, job_id: int) -> JobHandle:
         """A handle on one of your jobs (AuthError if it is someone else's)."""
-        self.record(int(job_id), fresh=True)
-        return JobHandle(self, int(job_id))
+        handle = JobHandle(self, int(job_id))
+        self.record(handle.job_id, fresh=True)
+        return handle
 
     def jobs(self, status: str | None = None, all: bool = False, limit: int = 1000) -> list[JobHandle]:
         """Your jobs, newest first (everyone's with all=True, for admins)."""
         summaries = self._call("list_jobs", status=status, all=all, limit=limit)
+        handles = [JobHandle(self, s["job_id"]) for s in summaries]
         with self._lock:
             for s in summaries:
                 self._remember(s)
-        return [JobHandle(self, s["job_id"]) for s in summaries]
+        return handles
 
     def workers(self) -> list[dict]:
         """The connected workers: name, slots, busy slots and host facts."""
@@ -276,8 +296,7 @@ class Dsage:
 
     def wait_record(self, job_id: int, timeout: float | None) -> dict:
         """Block until a job is finished (through reconnections); its final record."""
-        with self._lock:
-            rec = self._records.get(job_id)
+        rec = self._known(job_id)
         if rec is not None and rec["status"] in FINAL and (rec["status"] != "completed" or "result" in rec):
             return rec
         rec = rt.call(self.client.watch, job_id, timeout=timeout)
@@ -295,12 +314,23 @@ class Dsage:
         self.close()
 
 
+class _Record:
+    """The latest known record of one job, shared by its handles."""
+
+    __slots__ = ("rec", "__weakref__")
+
+    def __init__(self) -> None:
+        self.rec: dict | None = None
+
+
 class JobHandle:
-    """A submitted job; attributes read its latest record from the server."""
+    """A submitted job; attributes read its latest record from the server (kept while
+    some handle of the job is, then dropped with its result)."""
 
     def __init__(self, dsage: Dsage, job_id: int) -> None:
         self.dsage = dsage
         self.job_id = job_id
+        self._record = dsage._slot(job_id)
 
     def __repr__(self) -> str:
         return f"<dsage job {self.job_id} {self.status}>"
@@ -343,7 +373,7 @@ class JobHandle:
         """Run a finished job again from the start."""
         rec = rt.call(self.dsage.client.rerun, self.job_id, timeout=CALL_TIMEOUT)
         with self.dsage._lock:
-            self.dsage._records[self.job_id] = rec
+            self._record.rec = rec
         return self
 
 

@@ -18,8 +18,10 @@ from dsage.config import split_address
 
 #: consecutive failed connection attempts before a call gives up.
 CALL_RETRIES = 6
-#: finished jobs remembered from the server's pushes (waits on them need no round trip).
+#: finished jobs remembered from the server's pushes (waits on them need no round trip),
+#: and the most bytes of results among them (the oldest go first; a wait fetches them).
 FINISHED_CACHE = 100_000
+FINISHED_BYTES = 64 << 20
 
 
 class ClientProtocol(MessageProtocol):
@@ -46,6 +48,7 @@ class AsyncClient:
         self.watchers: dict[int, list[defer.Deferred]] = {}
         self.closed = False              # stop() was called: every request fails at once
         self.finished: collections.OrderedDict[int, dict] = collections.OrderedDict()
+        self._finished_bytes = 0
         #: unfinished jobs submitted on this connection: their end will be pushed to us.
         self.pushed: set[int] = set()
         self.listeners: list[Callable[[dict], None]] = []
@@ -176,7 +179,7 @@ class AsyncClient:
 
     def rerun(self, job_id: int) -> defer.Deferred:
         """Run a finished job again; fires with its record."""
-        self.finished.pop(job_id, None)
+        self._forget(job_id)
         return self.call("rerun", job_id=job_id)
 
     def kill(self, job_id: int, queued_only: bool = False) -> defer.Deferred:
@@ -194,13 +197,20 @@ class AsyncClient:
     # -- finished jobs -----------------------------------------------------------------
     def job_event(self, summary: dict) -> None:
         """A job of ours reached a final status."""
+        self._forget(summary["job_id"])
         self.finished[summary["job_id"]] = summary
+        self._finished_bytes += len(summary.get("result") or b"")
         self.pushed.discard(summary["job_id"])
-        while len(self.finished) > FINISHED_CACHE:
-            self.finished.popitem(last=False)
+        while len(self.finished) > FINISHED_CACHE or self._finished_bytes > FINISHED_BYTES:
+            self._forget(next(iter(self.finished)))
         for listener in list(self.listeners):
             listener(summary)
         self._check_final(summary)
+
+    def _forget(self, job_id: int) -> None:
+        old = self.finished.pop(job_id, None)
+        if old is not None:
+            self._finished_bytes -= len(old.get("result") or b"")
 
     def _check_final(self, summary: dict) -> None:
         if summary.get("status") in FINAL:

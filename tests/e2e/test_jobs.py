@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import concurrent.futures
+import gc
 import os
 import time
+import tracemalloc
 
 import pytest
 
@@ -182,24 +184,50 @@ def test_executor_cancels_only_queued_jobs(D):
     (False); shutdown(cancel_futures=True) cancels the queued ones, as concurrent.futures."""
     ex = D.executor()
     running = [ex.submit(time.sleep, 60) for _ in range(2)]     # the cluster's 2 slots
+    try:
+        for f in running:
+            wait_for(f.running, what="the jobs to start")
+        queued = [ex.submit(os.getpid) for _ in range(3)]
+        # (a job leased ahead to a busy slot is given back within 0.5 s: see test_prefetch)
+        wait_for(lambda: all(f.job.status == "new" for f in queued), what="the jobs to wait in the queue")
+        assert queued[0].cancel() and queued[0].cancelled() and queued[0].done()
+        assert queued[0].job.status == "killed"
+        with pytest.raises(concurrent.futures.CancelledError):
+            queued[0].result(timeout=1)
+        assert not running[0].cancel() and not running[0].cancelled()
+        ex.shutdown(wait=False, cancel_futures=True)
+        assert [f.cancelled() for f in queued] == [True, True, True]
+        # never run (a job leased ahead to a busy slot and given back shows as "undelivered")
+        assert [f.job.status for f in queued] == ["killed"] * 3
+        assert all(a["outcome"] == "undelivered" for f in queued for a in f.job.attempts)
+        assert [f.running() for f in running] == [True, True]
+    finally:
+        for f in running:
+            f.job.kill()
     for f in running:
-        wait_for(f.running, what="the jobs to start")
-    queued = [ex.submit(os.getpid) for _ in range(3)]
-    # (a job leased ahead to a busy slot is given back within 0.5 s: see test_prefetch)
-    wait_for(lambda: all(f.job.status == "new" for f in queued), what="the jobs to wait in the queue")
-    assert queued[0].cancel() and queued[0].cancelled() and queued[0].done()
-    assert queued[0].job.status == "killed"
-    with pytest.raises(concurrent.futures.CancelledError):
-        queued[0].result(timeout=1)
-    assert not running[0].cancel() and not running[0].cancelled()
-    ex.shutdown(wait=False, cancel_futures=True)
-    assert [f.cancelled() for f in queued] == [True, True, True]
-    assert all(f.job.status == "killed" and f.job.attempts == [] for f in queued)
-    assert [f.running() for f in running] == [True, True]
-    for f in running:
-        f.job.kill()
         with pytest.raises(dsage.JobKilled):
             f.result(timeout=30)
+
+
+def test_results_are_freed_with_their_handles(D, monkeypatch):
+    """A session keeps a result while a handle of its job is held, and a bounded cache of
+    recent ones: sweep after sweep in one notebook does not grow without end."""
+    from dsage.client import connection
+    monkeypatch.setattr(connection, "FINISHED_BYTES", 1 << 20, raising=False)
+    tracemalloc.start()
+    try:
+        jobs = D.map(bytes, [200_000] * 50)                 # 10 MB of results
+        assert [len(j.wait(timeout=60)) for j in jobs] == [200_000] * 50
+        assert len(jobs[0].result) == 200_000               # held with the handle
+        held = tracemalloc.get_traced_memory()[0]
+        del jobs
+        gc.collect()
+        freed = held - tracemalloc.get_traced_memory()[0]
+    finally:
+        tracemalloc.stop()
+    assert freed > 8_000_000, f"only {freed:,} bytes freed"
+    again = D.jobs(limit=1)[0]                              # the server still has them all
+    assert again.wait(timeout=60) == bytes(200_000)
 
 
 def test_wait_timeout(D):
