@@ -193,6 +193,14 @@ class Dsage:
         slot.rec = summary
         return summary
 
+    def _drop_result(self, handle: JobHandle) -> None:
+        """Forget the result bytes kept for `handle` (the server keeps them: `handle.result`
+        fetches them again); a long DistributedFunction holds every processed job's handle."""
+        with self._lock:
+            rec = handle._record.rec
+            if rec is not None and "result" in rec:
+                handle._record.rec = {k: v for k, v in rec.items() if k != "result"}
+
     def record(self, job_id: int, fresh: bool = False) -> dict:
         """The latest known record of a job (fetched when unknown, unfinished or `fresh`)."""
         rec = self._known(job_id)

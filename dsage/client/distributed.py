@@ -276,6 +276,7 @@ class DistributedFunction:
                 self.process_result(handle)
             self.processed_jobs.append(handle)
             done_ids.append(job_id)
+            self.dsage._drop_result(handle)
         return done_ids
 
 

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import tracemalloc
 
 import pytest
 
@@ -150,6 +151,41 @@ def test_restore_in_the_program_that_checkpointed_keeps_a_fix_patched_into_the_c
         assert Patched.broken is False and Patched.next_job is original_next_job
         assert type(fixed) is Patched and fixed.start().wait(timeout=60) == [1, 2, 3, 4]
     finally:
+        D.close()
+
+
+def test_a_long_function_does_not_keep_the_results_it_processed(cluster, monkeypatch):
+    """Each result's bytes are dropped from the client once processed (a function of a
+    million jobs would hold them all); `processed_jobs[i].result` fetches one again."""
+    from dsage.client import connection
+    monkeypatch.setattr(connection, "FINISHED_BYTES", 1 << 20, raising=False)
+
+    class Sizes(dsage.DistributedFunction):
+        def __init__(self, D, name):
+            super().__init__(D, name=name)
+            self.i, self.sizes = 0, []
+
+        def next_job(self):
+            if self.i >= 40:
+                return None
+            self.i += 1
+            return dsage.Job(func=bytes, args=(250_000,))
+
+        def process_result(self, job):
+            self.sizes.append(len(job.result))
+            if len(self.sizes) == 40:
+                self.done, self.result = True, sum(self.sizes)
+
+    D = cluster.connect()
+    tracemalloc.start()
+    try:
+        f = Sizes(D, "sizes").start()
+        assert f.wait(timeout=120) == 40 * 250_000
+        kept = tracemalloc.get_traced_memory()[0]
+        assert kept < 4_000_000, f"{kept:,} bytes still traced after 10 MB of results"
+        assert len(f.processed_jobs) == 40 and f.processed_jobs[0].result == bytes(250_000)
+    finally:
+        tracemalloc.stop()
         D.close()
 
 
