@@ -96,14 +96,18 @@ def cmd_init(args) -> int:
 
 
 # -- identities (through the server when it runs, else directly on the database) ---------
-def _admin_call(verb: str, **args):
-    """Call an admin request on the running server, or do it offline when it is down."""
+def _admin_call(options, verb: str, **args):
+    """Call an admin request on the running server (as the admin of --cert, else of this
+    home), or, with this home's bundle, do it offline on the database when it is down."""
     home = _home()
+    remote = options.cert is not None or options.server is not None
     try:
         import dsage
 
-        D = dsage.connect(timeout=15)
+        D = dsage.connect(options.server, cert=options.cert, timeout=15)
     except errors.ConnectionLost:
+        if remote:
+            raise
         D = None
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -136,29 +140,29 @@ def _offline_admin(home: Path, verb: str, args: dict):
         store.stop()
 
 
-def _issue(name: str, role: str, out: str, force: bool) -> int:
+def _issue(options, name: str, role: str, out: str, force: bool) -> int:
     from dsage import tls
 
     out_path = Path(out)
     if out_path.exists() and not force:
         raise UserError(f"{out} exists; use --force to overwrite it")
     tls.check_name(name)
-    reply = _admin_call("add_identity", name=name, role=role, force=force)
+    reply = _admin_call(options, "add_identity", name=name, role=role, force=force)
     tls.write_private(out_path, reply["bundle"])
     print(f"{role} {name}: bundle written to {out} (mode 0600; hand it over privately)")
     return 0
 
 
 def cmd_user_add(args) -> int:
-    return _issue(args.name, "admin" if args.admin else "client", args.out, args.force)
+    return _issue(args, args.name, "admin" if args.admin else "client", args.out, args.force)
 
 
 def cmd_worker_add(args) -> int:
-    return _issue(args.name, "worker", args.out, args.force)
+    return _issue(args, args.name, "worker", args.out, args.force)
 
 
 def cmd_user_list(args) -> int:
-    rows = _admin_call("identities")
+    rows = _admin_call(args, "identities")
     for row in sorted(rows, key=lambda r: r["name"]):
         flag = "  (revoked)" if row["revoked"] else ""
         print(f"{row['name']:24} {row['role']:8}{flag}")
@@ -166,7 +170,7 @@ def cmd_user_list(args) -> int:
 
 
 def cmd_user_revoke(args) -> int:
-    out = _admin_call("revoke", name=args.name)
+    out = _admin_call(args, "revoke", name=args.name)
     print(f"revoked {out['role']} {out['name']}: its connections are dropped and new logins refused")
     return 0
 
@@ -451,7 +455,7 @@ def cmd_status(args) -> int:
 
 
 def cmd_pack(args) -> int:
-    out = _admin_call("pack", days=args.days)
+    out = _admin_call(args, "pack", days=args.days)
     print(f"packed: {out['before'] / 1e6:.1f} MB -> {out['after'] / 1e6:.1f} MB")
     return 0
 
@@ -483,14 +487,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     user = sub.add_parser("user", help="manage users").add_subparsers(dest="action", metavar="ACTION")
     user.required = True
-    p = user.add_parser("add", help="issue a user's bundle")
+    p = _remote_options(user.add_parser("add", help="issue a user's bundle"))
     p.add_argument("name")
     p.add_argument("--admin", action="store_true", help="the user may manage users and see every job")
     p.add_argument("--out", required=True, help="where to write the bundle")
     p.add_argument("--force", action="store_true", help="re-issue (the old bundle stops working)")
     p.set_defaults(func=cmd_user_add)
-    user.add_parser("list", help="list users and workers").set_defaults(func=cmd_user_list)
-    p = user.add_parser("revoke", help="revoke a user or worker")
+    _remote_options(user.add_parser("list", help="list users and workers")).set_defaults(func=cmd_user_list)
+    p = _remote_options(user.add_parser("revoke", help="revoke a user or worker"))
     p.add_argument("name")
     p.set_defaults(func=cmd_user_revoke)
 
@@ -503,10 +507,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=_serve)
 
     def client_parser(name: str, help: str) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, help=help)
-        p.add_argument("--server", help="HOST:PORT (default: from the bundle)")
-        p.add_argument("--cert", help="your bundle (default $DSAGE_HOME/client.pem)")
-        return p
+        return _remote_options(sub.add_parser(name, help=help))
 
     p = client_parser("submit", "submit a Python file or code string as a job; prints its id")
     p.add_argument("file", nargs="?", help="a Python file (- for standard input)")
@@ -526,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.set_defaults(func=func)
     client_parser("status", "workers, slots, queue depth, jobs/s").set_defaults(func=cmd_status)
 
-    p = sub.add_parser("pack", help="database maintenance: drop old object revisions (admins)")
+    p = _remote_options(sub.add_parser("pack", help="database maintenance: drop old object revisions (admins)"))
     p.add_argument("--days", type=float, default=0, help="keep this many days of history")
     p.set_defaults(func=cmd_pack)
 
@@ -537,8 +538,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _remote_options(p: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """--server and --cert: whom to ask, as whom."""
+    p.add_argument("--server", help="HOST:PORT (default: from the bundle)")
+    p.add_argument("--cert", help="your bundle (default $DSAGE_HOME/client.pem)")
+    return p
+
+
 def _worker_add_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="dsage worker add", description="Issue a worker's bundle.")
+    p = _remote_options(argparse.ArgumentParser(prog="dsage worker add", description="Issue a worker's bundle."))
     p.add_argument("name")
     p.add_argument("--out", required=True, help="where to write the bundle")
     p.add_argument("--force", action="store_true", help="re-issue (the old bundle stops working)")

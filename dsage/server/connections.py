@@ -286,6 +286,9 @@ class ServerProtocol(MessageProtocol):
         name = args.get("name")
         if not isinstance(name, str):
             raise ValueError("revoke needs a name")
+        if name == self.identity:
+            raise ValueError(f"{name} cannot revoke its own certificate: another admin can (or, with "
+                             f"the server stopped, `dsage user revoke` on its machine)")
 
         def revoked(out: dict) -> dict:
             self.hub.drop(name)

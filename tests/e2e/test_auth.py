@@ -71,6 +71,25 @@ def test_plain_users_cannot_manage_identities(cluster, users):
         alice.close()
 
 
+def test_an_admin_manages_identities_with_its_own_bundle(cluster, D, tmp_path):
+    """`dsage user add|list|revoke`, `worker add` and `pack` take --cert (an admin's bundle
+    from another machine); a plain user's is refused; no admin can revoke itself."""
+    boss = tmp_path / "boss.pem"
+    cluster.run("user", "add", "boss", "--admin", "--out", str(boss))
+    issued = cluster.run("user", "add", "dave", "--out", str(tmp_path / "dave.pem"), "--cert", str(boss))
+    assert "bundle written" in issued.stdout
+    assert cluster.run("worker", "add", "lab7", "--out", str(tmp_path / "lab7.pem"), "--cert", str(boss)).returncode == 0
+    listed = cluster.run("user", "list", "--cert", str(boss), "--server", cluster.address).stdout
+    assert "dave" in listed and "lab7" in listed
+    refused = cluster.run("user", "list", "--cert", str(tmp_path / "dave.pem"), check=False)
+    assert refused.returncode == 1 and "Traceback" not in refused.stderr
+    itself = cluster.run("user", "revoke", "boss", "--cert", str(boss), check=False)
+    assert itself.returncode == 1 and "boss cannot revoke its own certificate" in itself.stderr
+    assert cluster.run("user", "revoke", "dave", "--cert", str(boss)).returncode == 0
+    assert "packed" in cluster.run("pack", "--cert", str(boss)).stdout
+    assert D.eval("6 * 7").wait(timeout=30) == 42
+
+
 def test_foreign_ca_is_refused(cluster, tmp_path):
     """A bundle from another CA cannot connect; the server goes on serving."""
     rogue = tls.Authority.create()
