@@ -2,6 +2,7 @@
 processes, for notebooks (`dsage.start_all`), the demo and the tests."""
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -9,6 +10,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import weakref
 from pathlib import Path
 
 from dsage import errors
@@ -39,6 +41,7 @@ class LocalCluster:
         self.address: str | None = None
         self.lease_seconds = lease_seconds
         self._worker_count = 0
+        self._sessions: weakref.WeakSet = weakref.WeakSet()
 
     def run(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
         """Run a `dsage` command against this cluster's home."""
@@ -137,10 +140,16 @@ class LocalCluster:
         """A blocking session as the admin (or the bundle given)."""
         import dsage
 
-        return dsage.connect(self.address, cert=cert or str(self.home / "client.pem"))
+        session = dsage.connect(self.address, cert=cert or str(self.home / "client.pem"))
+        self._sessions.add(session)
+        return session
 
     def stop(self) -> None:
-        """Stop every process and remove a temporary home."""
+        """Close the sessions made by `connect` (their calls fail at once, instead of waiting
+        for a server that is not coming back), stop every process, remove a temporary home."""
+        for session in list(self._sessions):
+            with contextlib.suppress(Exception):
+                session.close()
         for proc in self.workers:
             _end(proc, signal.SIGTERM)
         self.workers = []

@@ -32,6 +32,22 @@ def test_start_all_returns_with_its_workers_connected_and_cleans_up_at_exit():
     assert home not in ps
 
 
+def test_a_session_of_a_stopped_cluster_fails_at_once():
+    """After cluster.stop(), the session start_all gave is closed: a call says so at once
+    instead of waiting two minutes for a server that is gone."""
+    import time
+
+    import dsage
+
+    D, cluster = dsage.start_all(workers=1)
+    assert D.eval("6 * 7").wait(timeout=30) == 42
+    cluster.stop()
+    start = time.monotonic()
+    with pytest.raises(errors.DsageError, match="this dsage session is closed"):
+        D.eval("1")
+    assert time.monotonic() - start < 5
+
+
 def test_a_worker_that_cannot_start_is_reported_with_its_log(tmp_path):
     """Waiting for workers ends with the worker's own error when it exits instead."""
     with LocalCluster(tmp_path / "home") as cluster:
