@@ -375,6 +375,8 @@ def cmd_submit(args) -> int:
             code = sys.stdin.read() if args.file == "-" else path.read_text()
         except OSError as e:
             raise UserError(f"cannot read {args.file}: {e.strerror}") from None
+        except UnicodeDecodeError:
+            raise UserError(f"{args.file} is not Python source: it is not UTF-8 text") from None
         name = path.name
     D = _connect(args)
     job = D.eval(code, name=name, timeout=args.timeout)

@@ -51,6 +51,7 @@ def test_identities_offline(tmp_path):
 @pytest.mark.parametrize("args, message", [
     (("submit",), "give a FILE or -c CODE"),
     (("submit", "/no/such/file.py"), "cannot read"),
+    (("submit", "/bin/sh"), "/bin/sh is not Python source: it is not UTF-8 text"),
     (("kill", "notanumber"), "invalid int value"),
     (("user", "add", "bad name", "--out", "x.pem"), "invalid name"),
     (("demo", "--workers", "0"), "--workers must be at least 1, not 0"),
