@@ -343,6 +343,12 @@ class JobHandle:
     def __repr__(self) -> str:
         return f"<dsage job {self.job_id} {self.status}>"
 
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, JobHandle) and other.job_id == self.job_id and other.dsage is self.dsage
+
+    def __hash__(self) -> int:
+        return hash(self.job_id)
+
     def _rec(self) -> dict:
         return self.dsage.record(self.job_id)
 

@@ -151,6 +151,7 @@ def test_listing_and_lookup(D):
     assert job.job_id in [j.job_id for j in D.jobs()]
     assert D.job(job.job_id).result == "listed"
     assert job.job_id in [j.job_id for j in D.jobs(status="completed")]
+    assert job in D.jobs(status="completed") and D.job(job.job_id) == job and len({job, D.job(job.job_id)}) == 1
     with pytest.raises(dsage.DsageError, match="unknown status 'done': one of new, processing"):
         D.jobs(status="done")
     workers = D.workers()
