@@ -373,10 +373,12 @@ class ServerProtocol(MessageProtocol):
             lambda lost: {"lost": lost})
 
     def release(self, args: dict) -> defer.Deferred:
-        """Give back leased jobs this worker has not started: queued again in their old
-        place, no failure counted; replies with how many were given back.  The worker's
-        waiting takes are answered empty first, so that the jobs go to other workers."""
+        """Give back leased jobs this worker has not started (or stops running as it shuts
+        down: `interrupted`): queued again in their old place, no failure counted; replies
+        with how many were given back.  The worker's waiting takes are answered empty
+        first, so that the jobs go to other workers."""
         held = _held(args)
+        outcome = "interrupted" if args.get("interrupted") else "undelivered"
         self.running.difference_update((h[0], h[1]) for h in held)
         for d in list(self.takes):
             self.hub.dispatcher.withdraw(d)
@@ -385,7 +387,7 @@ class ServerProtocol(MessageProtocol):
             if n:
                 self.hub.dispatcher.work_arrived()
             return {"released": n}
-        return self.hub.store.release(self.identity, held).addCallback(released)
+        return self.hub.store.release(self.identity, held, outcome).addCallback(released)
 
 
 def _live_output(args: dict) -> list[tuple[int, int, str]]:

@@ -189,16 +189,17 @@ class LeaseOps:
             return len(ids)
         return self._run(extend)
 
-    def release(self, worker: str, held: list[tuple[int, int]]) -> defer.Deferred:
-        """Put claimed jobs that never reached their worker back in the queue, uncounted."""
-        return self._run(self._release, worker, held)
+    def release(self, worker: str, held: list[tuple[int, int]], outcome: str = "undelivered") -> defer.Deferred:
+        """Put leased jobs back in the queue, uncounted: never started ("undelivered"), or
+        stopped with their worker ("interrupted")."""
+        return self._run(self._release, worker, held, outcome)
 
-    def _release(self, root: Root, worker: str, held: list) -> int:
+    def _release(self, root: Root, worker: str, held: list, outcome: str = "undelivered") -> int:
         n = 0
         for entry in held:
             job = root.jobs.get(entry[0])
             if _holds(job, worker, *_lease_of(entry)):
-                self._close_attempt(job, "undelivered")
+                self._close_attempt(job, outcome)
                 job.started = None
                 self._enter(root, job, "new", keep_place=True)
                 n += 1

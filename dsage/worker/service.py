@@ -25,6 +25,8 @@ AHEAD_SECONDS = 0.05
 MAX_AHEAD = 64
 #: how long a job fetched ahead may wait here for a slot before it is given back.
 HOLD_LIMIT = 0.5
+#: seconds a stopping worker waits for the server to take its jobs back.
+RELEASE_WAIT = 3.0
 
 
 def automatic_ahead(slots: int, recent) -> int:
@@ -57,6 +59,7 @@ class WorkerService(service.MultiService):
         self.recent: collections.deque = collections.deque(maxlen=2 * self.slots)
         self.queue: collections.deque = collections.deque()
         self._hold_check = None
+        self.stopping = False            # shutting down: takes no more jobs
         self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits,
                                 keep_idle=2 * self.slots)
         self.session: WorkerSession | None = None
@@ -116,6 +119,8 @@ class WorkerService(service.MultiService):
 
     def room(self) -> int:
         """How many more jobs this worker takes now (free slots plus prefetch room)."""
+        if self.stopping:
+            return 0
         return self.slots + self.ahead() - len(self.runner.running) - len(self.queue)
 
     def held(self) -> list[list[int]]:
@@ -127,7 +132,12 @@ class WorkerService(service.MultiService):
         return self.runner.live_output(again)
 
     def start_job(self, job: dict) -> None:
-        """Take a leased job: run it when a slot is free."""
+        """Take a leased job: run it when a slot is free (or, shutting down, give it back)."""
+        if self.stopping:
+            session = self.session
+            if session is not None and not session.proto.closed:
+                session.proto.call("release", held=[list(lease_key(job))]).addErrback(lambda f: None)
+            return
         job["queued_at"] = self.reactor.seconds()
         self.queue.append(job)
         self._pump()
@@ -179,6 +189,8 @@ class WorkerService(service.MultiService):
         return self.runner.kill(job_id, attempt, lease)
 
     def _finished(self, report: dict) -> None:
+        if self.stopping:       # stopped by the shutdown, and given back: nothing to report
+            return
         if report["outcome"] == "completed":
             self.recent.append(report["wall_time"])
         self._pump()
@@ -209,7 +221,24 @@ class WorkerService(service.MultiService):
         self.link.start()
 
     def stopService(self) -> defer.Deferred:
+        """Stop the jobs, give them back to the server (to run elsewhere at once, no failure
+        counted, instead of when their leases lapse), then disconnect."""
         if self._hold_check is not None and self._hold_check.active():
             self._hold_check.cancel()
+        self.stopping = True
+        held = self.held()
+        self.queue.clear()
         self.runner.stop_all()
-        return defer.gatherResults([self.link.stop(), defer.maybeDeferred(super().stopService)])
+        return defer.Deferred.fromCoroutine(self._stop(held))
+
+    async def _stop(self, held: list[list[int]]) -> None:
+        session = self.session
+        if held and session is not None and not session.proto.closed:
+            d = session.proto.call("release", held=held, interrupted=True)
+            try:
+                reply = await d.addTimeout(RELEASE_WAIT, self.reactor)
+                self.log.info("gave {n} jobs back to the server", n=reply["released"])
+            except Exception as e:
+                self.log.warn("could not give the jobs back ({why}): they run again once their "
+                              "leases lapse", why=str(e) or type(e).__name__)
+        await defer.gatherResults([self.link.stop(), defer.maybeDeferred(super().stopService)])

@@ -67,6 +67,29 @@ def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
     assert job.failures == 1 and "lease" in job.attempts[0].get("error", "")
 
 
+def test_a_stopped_worker_gives_its_jobs_back_at_once(tmp_path_factory, tmp_path):
+    """SIGTERM (systemctl stop, a machine shutting down): the worker stops its job and gives
+    it back; the job waits for the next worker at once, with no failure counted, instead of
+    for its lease (60 s here) to lapse."""
+    cluster = start_cluster(tmp_path_factory, workers=1, slots=1)
+    try:
+        with connected(cluster) as D:
+            marker = tmp_path / "started"
+            job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
+                         f"    open({str(marker)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n'second try'")
+            wait_for(lambda: marker.exists() and marker.read_text(), what="the first attempt to start")
+            first = int(marker.read_text())
+            cluster.workers[0].send_signal(signal.SIGTERM)
+            assert cluster.workers[0].wait(timeout=30) == 0
+            wait_for(lambda: not _alive(first), timeout=10, what="the job process to end")
+            assert job.status == "new" and job.failures == 0
+            assert [a["outcome"] for a in job.attempts] == ["interrupted"]
+            cluster.add_worker(slots=1)
+            assert job.wait(timeout=20) == "second try" and job.failures == 0
+    finally:
+        cluster.stop()
+
+
 def test_distributed_factor_on_a_local_cluster(D):
     """DistributedFactor factors a number on real workers."""
     from dsage.examples.factor import DistributedFactor
