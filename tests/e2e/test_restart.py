@@ -51,14 +51,19 @@ def test_large_payloads_sent_together_survive_a_server_kill9(fresh, D):
     assert [D.job(j.job_id).result for j in jobs] == [d[::-1] for d in datas]
 
 
-def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
-    """A job on a worker killed with -9 dies with it (no orphan goes on using the machine)
-    and runs on another worker once its lease expires."""
-    marker = tmp_path / "started"
+def _hangs_the_first_time(D, marker):
+    """A job whose first attempt writes its pid to `marker` and sleeps; the next returns
+    'second try'.  Returns the job once its first attempt runs, and that attempt's pid."""
     job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
                  f"    open({str(marker)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n'second try'")
     wait_for(lambda: marker.exists() and marker.read_text(), what="the first attempt to start")
-    first = int(marker.read_text())
+    return job, int(marker.read_text())
+
+
+def test_worker_kill9_jobs_run_elsewhere(fresh, tmp_path, D):
+    """A job on a worker killed with -9 dies with it (no orphan goes on using the machine)
+    and runs on another worker once its lease expires."""
+    job, first = _hangs_the_first_time(D, tmp_path / "started")
     fresh.workers[0].send_signal(signal.SIGKILL)
     fresh.workers[0].wait()
     wait_for(lambda: not _alive(first), timeout=10, what="the orphaned job process to die")
@@ -74,11 +79,7 @@ def test_a_stopped_worker_gives_its_jobs_back_at_once(tmp_path_factory, tmp_path
     cluster = start_cluster(tmp_path_factory, workers=1, slots=1)
     try:
         with connected(cluster) as D:
-            marker = tmp_path / "started"
-            job = D.eval(f"import os, time\nif not os.path.exists({str(marker)!r}):\n"
-                         f"    open({str(marker)!r}, 'w').write(str(os.getpid()))\n    time.sleep(120)\n'second try'")
-            wait_for(lambda: marker.exists() and marker.read_text(), what="the first attempt to start")
-            first = int(marker.read_text())
+            job, first = _hangs_the_first_time(D, tmp_path / "started")
             cluster.workers[0].send_signal(signal.SIGTERM)
             assert cluster.workers[0].wait(timeout=30) == 0
             wait_for(lambda: not _alive(first), timeout=10, what="the job process to end")
