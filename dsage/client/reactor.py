@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import atexit
 import concurrent.futures
+import os
 import threading
 from typing import Any, Callable
 
@@ -17,6 +18,7 @@ from dsage import errors
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
+_owner = 0          # the process whose reactor thread that is
 
 
 def _reactor():
@@ -27,14 +29,19 @@ def _reactor():
 
 def ensure_running() -> None:
     """Start the reactor thread once."""
-    global _thread
+    global _thread, _owner
     with _lock:
         if _thread is not None and _thread.is_alive():
             return
+        if _thread is not None and _owner != os.getpid():
+            raise errors.DsageError("this process was forked from one that used dsage, whose connections "
+                                    "cannot be shared: connect in a process started afresh (multiprocessing's "
+                                    "'spawn' start method, or subprocess)")
         reactor = _reactor()
         if reactor.running:
             raise errors.DsageError("a Twisted reactor already runs in this program: "
                                     "use dsage.client.connect_async instead of dsage.connect")
+        _owner = os.getpid()
         _thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
                                    name="dsage-reactor", daemon=True)
         _thread.start()

@@ -72,3 +72,33 @@ def test_blocking_calls_from_the_reactor_thread_are_refused(cluster, D):
     before = D.status()["jobs"]
     assert rt.call(inside, timeout=30) == "refused"
     assert D.status()["jobs"] == before, "nothing was submitted"
+
+
+def _connect_in_child(address: str, cert: str, answers) -> None:
+    import dsage
+
+    try:
+        answers.put(("ok", dsage.connect(address, cert=cert, timeout=15).eval("6 * 7").wait(timeout=30)))
+    except Exception as e:
+        answers.put((type(e).__name__, str(e)))
+
+
+def test_a_forked_child_is_told_to_start_afresh_and_a_spawned_one_works(cluster, D):
+    """A process forked after dsage was used (multiprocessing's default on Linux) cannot use
+    the parent's reactor thread: it says so, naming the remedy, instead of hanging."""
+    import multiprocessing
+
+    assert D.eval("1").wait(timeout=30) == 1
+    cert = str(cluster.home / "client.pem")
+    for method, expected in (("fork", "DsageError"), ("spawn", "ok")):
+        context = multiprocessing.get_context(method)
+        answers = context.Queue()
+        child = context.Process(target=_connect_in_child, args=(cluster.address, cert, answers))
+        child.start()
+        try:
+            kind, value = answers.get(timeout=60)
+        finally:
+            child.join(10)
+            child.kill()
+        assert kind == expected, value
+        assert value == 42 if method == "spawn" else "'spawn' start method" in value
