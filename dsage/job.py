@@ -172,14 +172,18 @@ def _files(files: Any) -> dict[str, bytes]:
                 value = pathlib.Path(value).read_bytes()
             except OSError as e:
                 raise ValueError(f"cannot read the job's file {os.fspath(value)}: {e.strerror}") from None
-        out[name] = _as_bytes(value)
+        out[name] = _as_bytes(value, f"files[{name!r}]")
     return out
 
 
-def _as_bytes(value: Any) -> bytes:
+def _as_bytes(value: Any, name: str) -> bytes:
+    """Text (as UTF-8) or a bytes-like value as bytes; anything else is a TypeError (bytes(5)
+    would be five zero bytes)."""
     if isinstance(value, str):
         return value.encode("utf-8")
-    return bytes(value)
+    if isinstance(value, (bytes, bytearray, memoryview)):
+        return bytes(value)
+    raise TypeError(f"{name} must be bytes, text or a path, not {type(value).__name__}")
 
 
 def _first_line(code: str) -> str:

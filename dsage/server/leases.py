@@ -92,7 +92,7 @@ class LeaseOps:
         job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
                                         "end": None, "outcome": None})
         return {"job_id": job.job_id, "attempt": job.attempt, "lease": job.lease, "kind": job.kind,
-                "name": job.name, "owner": job.owner, "timeout": job.timeout,
+                "name": job.name, "owner": job.owner, "timeout": job.timeout, "priority": job.priority,
                 "payload": load_bytes(job.payload, self.warm), "files": load_bytes(job.files, self.warm)}
 
     def _delay(self, root: Root, job: JobRecord) -> None:

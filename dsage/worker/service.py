@@ -29,6 +29,15 @@ HOLD_LIMIT = 0.5
 RELEASE_WAIT = 3.0
 
 
+def take_next(queue: collections.deque) -> dict:
+    """Take from the jobs waiting here the one to run next: the lowest priority number, the
+    first come among equals (a job fetched ahead must not pass one of higher priority
+    that came after it)."""
+    job = min(queue, key=lambda j: j.get("priority", 5))
+    queue.remove(job)
+    return job
+
+
 def automatic_ahead(slots: int, recent) -> int:
     """Jobs to lease ahead of `slots` given the wall times of the recent jobs: none until
     there are some, or if any was long; else about AHEAD_SECONDS of them per slot."""
@@ -174,7 +183,7 @@ class WorkerService(service.MultiService):
 
     def _pump(self) -> None:
         while self.queue and len(self.runner.running) < self.slots:
-            job = self.queue.popleft()
+            job = take_next(self.queue)
             self.log.debug("running job {job_id} ({name}) attempt {attempt}", job_id=job["job_id"],
                            name=job.get("name"), attempt=job["attempt"])
             self.runner.run(job).addCallback(self._finished).addErrback(

@@ -32,7 +32,8 @@ def test_callable_job_pickles_closures():
                                 {"code": "1", "timeout": float("inf")}, {"code": "1", "timeout": "60"},
                                 {"code": "1", "max_failures": 2.5}, {"code": "1", "max_failures": 10**6},
                                 {"code": "1", "files": [3]}, {"code": "1", "files": ["/no/such/file"]},
-                                {"code": "1", "files": ["/a/x", "/b/x"]}])
+                                {"code": "1", "files": ["/a/x", "/b/x"]}, {"code": "1", "files": {"a": 5}},
+                                {"code": "1", "files": {"a": None}}])
 def test_invalid_jobs_are_refused(kw):
     """A Job needs exactly one of code or a callable, and sane options."""
     with pytest.raises((ValueError, TypeError)):
