@@ -198,12 +198,22 @@ class LeaseOps:
         n = 0
         for entry in held:
             job = root.jobs.get(entry[0])
-            if _holds(job, worker, *_lease_of(entry)):
-                self._close_attempt(job, outcome)
-                job.started = None
-                self._enter(root, job, "new", keep_place=True)
-                n += 1
+            if not _holds(job, worker, *_lease_of(entry)):
+                continue
+            n += 1
+            stops = sum(a.get("outcome") == "interrupted" for a in job.attempts)
+            if outcome == "interrupted" and stops >= FREE_INTERRUPTIONS:
+                # A job that keeps stopping its workers (say, one that signals its own) fails.
+                self._fail(root, job, f"dsage: its worker stopped while it ran ({stops + 1} times)", outcome)
+                continue
+            self._close_attempt(job, outcome)
+            job.started = None
+            self._enter(root, job, "new", keep_place=True)
         return n
+
+
+#: times a job may be given back by a stopping worker before each such stop counts as a failure.
+FREE_INTERRUPTIONS = 2
 
 
 def _lease_token() -> int:

@@ -6,7 +6,7 @@ import ZODB
 from ZODB.FileStorage import FileStorage
 
 from dsage import errors
-from dsage.server.leases import TOKEN_TTL
+from dsage.server.leases import FREE_INTERRUPTIONS, TOKEN_TTL
 from dsage.server.store import MAX_OUTPUT, OUTPUT_MARKER, JobStore
 from tests.support.store import FakeTime, ThreadReactor, memory_store, reported, spec, value
 
@@ -199,6 +199,28 @@ def test_release_returns_undelivered_jobs_without_a_failure(store):
     rec = value(store.get("a", "client", 1))
     assert rec["status"] == "new" and rec["failures"] == 0
     assert claim_one(store)["name"] == "first"
+
+
+def test_jobs_given_back_by_stopping_workers_are_free_twice_then_count_as_failures(store, clock):
+    """A worker that stops gives its running jobs back uncounted; a job that keeps stopping
+    its workers (one that signals its own) fails after FREE_INTERRUPTIONS, then max_failures."""
+    value(store.submit("a", [spec("stopper", max_failures=2)]))
+    for attempt in range(1, 5):
+        job = claim_one(store)
+        assert job["attempt"] == attempt
+        assert value(store.release("w1", [(1, attempt, job["lease"])], "interrupted")) == 1
+        rec = value(store.get("a", "client", 1))
+        outcomes = [a["outcome"] for a in rec["attempts"]]
+        assert outcomes == ["interrupted"] * attempt
+        if attempt <= FREE_INTERRUPTIONS:
+            assert rec["status"] == "new" and rec["failures"] == 0
+        elif rec["status"] == "failed":
+            break
+        else:
+            assert rec["failures"] == attempt - FREE_INTERRUPTIONS
+            clock.now += 3600          # past the retry's back-off
+    assert rec["status"] == "failed" and rec["failures"] == 2 and attempt == 4
+    assert "worker stopped while it ran (4 times)" in rec["error"]
 
 
 def test_output_is_capped_with_a_marker(store):
