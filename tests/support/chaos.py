@@ -1,5 +1,6 @@
-"""Chaos rounds: kill -9 the server, workers and a DistributedFunction's client at random
-moments while several hundred jobs run, then check that nothing was lost or applied twice.
+"""Chaos rounds: kill -9 the server, workers and a DistributedFunction's client, and stop
+workers (SIGTERM: they give their jobs back), at random moments while several hundred jobs
+run, then check that nothing was lost or applied twice.
 
     python -m tests.support.chaos --rounds 20 [--seed S] [--seconds 20]     (make chaos)
 
@@ -27,7 +28,7 @@ class Report:
     """What one round did and found."""
 
     seed: int
-    kills: dict = field(default_factory=lambda: {"server": 0, "worker": 0, "client": 0})
+    kills: dict = field(default_factory=lambda: {"server": 0, "worker": 0, "worker stop": 0, "client": 0})
     jobs: int = 0
     lost: int = 0
     duplicated: int = 0
@@ -43,7 +44,8 @@ class Report:
 
     def line(self) -> str:
         k = self.kills
-        return (f"seed {self.seed}: kills server {k['server']} worker {k['worker']} client {k['client']}; "
+        return (f"seed {self.seed}: kills server {k['server']} worker {k['worker']} client {k['client']}, "
+                f"worker stops {k['worker stop']}; "
                 f"jobs {self.jobs}, lost {self.lost}, duplicated {self.duplicated}, wrong {self.wrong}, "
                 f"stuck {self.stuck}; longest recovery {self.longest_recovery:.2f} s; {self.seconds:.1f} s"
                 + (f"\n{self.detail}" if self.detail else ""))
@@ -86,7 +88,7 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
         big = D.map(lambda b: b[::-1], blobs)     # a lambda travels by value
         for _ in range(kills):
             time.sleep(rng.uniform(0.2, 1.2))
-            victim = rng.choice(["server", "worker", "worker", "client"])
+            victim = rng.choice(["server", "worker", "worker stop", "client"])
             report.kills[victim] += 1
             if victim == "server":
                 cluster.stop_server(signal.SIGKILL)
@@ -95,9 +97,13 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
                 t0 = time.monotonic()
                 D.eval("'probe'", priority=0).wait(timeout=120)
                 report.longest_recovery = max(report.longest_recovery, time.monotonic() - t0)
-            elif victim == "worker":
+            elif victim.startswith("worker"):
                 proc = rng.choice(cluster.workers)
-                _kill(proc)
+                if victim == "worker stop":     # SIGTERM: it gives its jobs back as it goes
+                    proc.send_signal(signal.SIGTERM)
+                    proc.wait(timeout=60)
+                else:
+                    _kill(proc)
                 cluster.workers.remove(proc)
                 cluster.add_worker(slots=1)
             else:
@@ -145,7 +151,7 @@ def main() -> int:
         report = run_round(first + i, kills=args.kills)
         print(report.line(), "OK" if report.ok else "FAILED", flush=True)
         reports.append(report)
-    kills = {k: sum(r.kills[k] for r in reports) for k in ("server", "worker", "client")}
+    kills = {k: sum(r.kills[k] for r in reports) for k in ("server", "worker", "worker stop", "client")}
     print(f"{len(reports)} rounds: kills {kills}, jobs {sum(r.jobs for r in reports)}, "
           f"lost {sum(r.lost for r in reports)}, duplicated {sum(r.duplicated for r in reports)}, "
           f"wrong {sum(r.wrong for r in reports)}, stuck {sum(r.stuck for r in reports)}, "
