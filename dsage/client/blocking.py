@@ -169,13 +169,17 @@ class Dsage:
         with self._lock:
             self._remember(summary)
 
-    def _slot(self, job_id: int) -> _Record:
-        """Where the handles of one job keep its record (shared by them all)."""
+    def _handles(self, ids: Iterable[int]) -> list[JobHandle]:
+        """Handles on these jobs (one lock for them all)."""
         with self._lock:
-            slot = self._records.get(job_id)
-            if slot is None:
-                slot = self._records[job_id] = _Record()
-            return slot
+            return [JobHandle(self, job_id, self._slot(job_id)) for job_id in ids]
+
+    def _slot(self, job_id: int) -> _Record:
+        """Where the handles of one job keep its record, shared by them (`_lock` held)."""
+        slot = self._records.get(job_id)
+        if slot is None:
+            slot = self._records[job_id] = _Record()
+        return slot
 
     def _known(self, job_id: int) -> dict | None:
         with self._lock:
@@ -258,7 +262,7 @@ class Dsage:
         finally:
             for future in flying:
                 future.cancel()             # not started yet: never sent
-        return [JobHandle(self, i) for i in ids]
+        return self._handles(ids)
 
     def map(self, func: Callable, *iterables: Iterable, timeout: float = 600, priority: int = 5,
             max_failures: int = 3) -> list[JobHandle]:
@@ -275,14 +279,14 @@ class Dsage:
     # -- looking -----------------------------------------------------------------------
     def job(self, job_id: int) -> JobHandle:
         """A handle on one of your jobs (AuthError if it is someone else's)."""
-        handle = JobHandle(self, int(job_id))
+        handle, = self._handles([int(job_id)])
         self.record(handle.job_id, fresh=True)
         return handle
 
     def jobs(self, status: str | None = None, all: bool = False, limit: int = 1000) -> list[JobHandle]:
         """Your jobs, newest first (everyone's with all=True, for admins)."""
         summaries = self._call("list_jobs", status=status, all=all, limit=limit)
-        handles = [JobHandle(self, s["job_id"]) for s in summaries]
+        handles = self._handles(s["job_id"] for s in summaries)
         with self._lock:
             for s in summaries:
                 self._remember(s)
@@ -335,10 +339,13 @@ class JobHandle:
     """A submitted job; attributes read its latest record from the server (kept while
     some handle of the job is, then dropped with its result)."""
 
-    def __init__(self, dsage: Dsage, job_id: int) -> None:
+    def __init__(self, dsage: Dsage, job_id: int, record: _Record | None = None) -> None:
         self.dsage = dsage
         self.job_id = job_id
-        self._record = dsage._slot(job_id)
+        if record is None:
+            with dsage._lock:
+                record = dsage._slot(job_id)
+        self._record = record
 
     def __repr__(self) -> str:
         return f"<dsage job {self.job_id} {self.status}>"

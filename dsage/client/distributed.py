@@ -156,12 +156,9 @@ class DistributedFunction:
             self.__class__ = cls        # today's code for the checkpointed state
         self._attach(dsage)
         self._session = session
-        from dsage.client.blocking import JobHandle
-
         processed = set(rec["processed"])
-        self.processed_jobs = [JobHandle(dsage, i) for i in rec["jobs"] if i in processed]
-        self.outstanding_jobs = [] if rec["done"] else [JobHandle(dsage, i) for i in rec["jobs"]
-                                                        if i not in processed]
+        self.processed_jobs = dsage._handles(i for i in rec["jobs"] if i in processed)
+        self.outstanding_jobs = [] if rec["done"] else dsage._handles(i for i in rec["jobs"] if i not in processed)
         for handle in self.outstanding_jobs:
             self._watch(handle.job_id)
         return self

@@ -29,13 +29,15 @@ HOLD_LIMIT = 0.5
 RELEASE_WAIT = 3.0
 
 
-def take_next(queue: collections.deque) -> dict:
-    """Take from the jobs waiting here the one to run next: the lowest priority number, the
-    first come among equals (a job fetched ahead must not pass one of higher priority
-    that came after it)."""
-    job = min(queue, key=lambda j: j.get("priority", 5))
-    queue.remove(job)
-    return job
+def enqueue(queue: collections.deque, job: dict) -> None:
+    """Add a job to those waiting here, kept in the order they run: the lowest priority
+    number first, the first come among equals (a job fetched ahead must not pass one of
+    higher priority that came after it).  Equal priorities, the usual case, append."""
+    priority = job.get("priority", 5)
+    i = len(queue)
+    while i and queue[i - 1].get("priority", 5) > priority:
+        i -= 1
+    queue.insert(i, job)
 
 
 def automatic_ahead(slots: int, recent) -> int:
@@ -148,13 +150,13 @@ class WorkerService(service.MultiService):
                 session.proto.call("release", held=[list(lease_key(job))]).addErrback(lambda f: None)
             return
         job["queued_at"] = self.reactor.seconds()
-        self.queue.append(job)
+        enqueue(self.queue, job)
         self._pump()
         self._watch_queue()
 
     def _watch_queue(self) -> None:
         if self.queue and self.prefetch is None and self._hold_check is None:
-            due = self.queue[0]["queued_at"] + HOLD_LIMIT - self.reactor.seconds()
+            due = min(j["queued_at"] for j in self.queue) + HOLD_LIMIT - self.reactor.seconds()
             self._hold_check = self.reactor.callLater(max(0.0, due), self._give_back)
 
     def _give_back(self) -> None:
@@ -183,7 +185,7 @@ class WorkerService(service.MultiService):
 
     def _pump(self) -> None:
         while self.queue and len(self.runner.running) < self.slots:
-            job = take_next(self.queue)
+            job = self.queue.popleft()
             self.log.debug("running job {job_id} ({name}) attempt {attempt}", job_id=job["job_id"],
                            name=job.get("name"), attempt=job["attempt"])
             self.runner.run(job).addCallback(self._finished).addErrback(

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import collections
 
-from dsage.worker.service import MAX_AHEAD, automatic_ahead, take_next
+from dsage.worker.service import MAX_AHEAD, automatic_ahead, enqueue
 
 
 def test_no_prefetch_without_history_or_after_a_long_job():
@@ -21,7 +21,8 @@ def test_about_fifty_milliseconds_of_work_per_slot():
 
 def test_jobs_waiting_here_run_by_priority_then_in_order():
     """A job of priority 0 fetched after three of priority 9 runs first; equals keep their order."""
-    queue = collections.deque([{"job_id": 1, "priority": 9}, {"job_id": 2, "priority": 9},
-                               {"job_id": 3, "priority": 9}, {"job_id": 4, "priority": 0},
-                               {"job_id": 5}])
-    assert [take_next(queue)["job_id"] for _ in range(5)] == [4, 5, 1, 2, 3]
+    queue: collections.deque = collections.deque()
+    for job in ({"job_id": 1, "priority": 9}, {"job_id": 2, "priority": 9}, {"job_id": 3, "priority": 9},
+                {"job_id": 4, "priority": 0}, {"job_id": 5}, {"job_id": 6, "priority": 9}):
+        enqueue(queue, job)
+    assert [job["job_id"] for job in queue] == [4, 5, 1, 2, 3, 6]
