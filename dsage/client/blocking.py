@@ -339,13 +339,10 @@ class JobHandle:
     """A submitted job; attributes read its latest record from the server (kept while
     some handle of the job is, then dropped with its result)."""
 
-    def __init__(self, dsage: Dsage, job_id: int, record: _Record | None = None) -> None:
+    def __init__(self, dsage: Dsage, job_id: int, record: _Record) -> None:
         self.dsage = dsage
         self.job_id = job_id
-        if record is None:
-            with dsage._lock:
-                record = dsage._slot(job_id)
-        self._record = record
+        self._record = record           # shared with the job's other handles (`Dsage._handles`)
 
     def __repr__(self) -> str:
         return f"<dsage job {self.job_id} {self.status}>"

@@ -187,8 +187,6 @@ class DistributedFunction:
 
     def _step(self, processed: list[int], wires: list[dict]) -> None:
         """One checkpoint on the server; new jobs (`Job.to_wire()`s) become outstanding."""
-        from dsage.client.blocking import JobHandle
-
         self._step_no += 1              # part of the checkpoint: pickled after it changes
         try:
             state = self._pickle()
@@ -202,8 +200,8 @@ class DistributedFunction:
         reply = retrying(self.dsage.client.call, "function_step", name=self.name, session=self._session,
                          step=self._step_no, state=state, processed=processed,
                          jobs=wires, done=bool(self.done), timeout=None, give_up=self._stopping.is_set)
+        self.outstanding_jobs += self.dsage._handles(reply["job_ids"])
         for job_id in reply["job_ids"]:
-            self.outstanding_jobs.append(JobHandle(self.dsage, job_id))
             self._watch(job_id)
 
     def _next_events(self) -> list:

@@ -194,7 +194,7 @@ class LeaseOps:
         stopped with their worker ("interrupted")."""
         return self._run(self._release, worker, held, outcome)
 
-    def _release(self, root: Root, worker: str, held: list, outcome: str = "undelivered") -> int:
+    def _release(self, root: Root, worker: str, held: list, outcome: str) -> int:
         n = 0
         for entry in held:
             job = root.jobs.get(entry[0])
