@@ -311,7 +311,12 @@ class Dsage:
         rec = self._known(job_id)
         if rec is not None and rec["status"] in FINAL and (rec["status"] != "completed" or "result" in rec):
             return rec
-        rec = rt.call(self.client.watch, job_id, timeout=timeout)
+        try:
+            rec = rt.call(self.client.watch, job_id, timeout=timeout)
+        except TimeoutError:
+            if timeout is None:
+                raise
+            raise TimeoutError(f"job {job_id} not finished within {timeout:g} s") from None
         with self._lock:
             return self._remember(rec)
 

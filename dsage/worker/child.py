@@ -11,6 +11,7 @@ crashes or is killed takes the process with it; the worker starts a fresh one.
 from __future__ import annotations
 
 import ast
+import linecache
 import os
 import resource
 import shutil
@@ -47,6 +48,15 @@ def run_code(code: str, filename: str = "<job>") -> object:
     return namespace.get("DSAGE_RESULT", value)
 
 
+class Refused(Exception):
+    """A job that dsage could not start or send back: its message says why (no traceback)."""
+
+
+def code_filename(job: dict) -> str:
+    """The file name a code job's tracebacks show (its lines come from `linecache`)."""
+    return f"<job {job.get('job_id', '')}>"
+
+
 def run(job: dict) -> object:
     """Run one job description (in the current folder) and return its value."""
     for name, data in (msgpack.unpackb(job["files"]) if job.get("files") else {}).items():
@@ -55,9 +65,32 @@ def run(job: dict) -> object:
     if job["kind"] == "callable":
         import cloudpickle
 
-        func, args, kwargs = cloudpickle.loads(job["payload"])
+        try:
+            func, args, kwargs = cloudpickle.loads(job["payload"])
+        except Exception as e:
+            hint = (" (install that module where the workers run, or define the function in your script or "
+                    "notebook: those travel with the job)" if isinstance(e, ImportError) else "")
+            raise Refused(f"dsage: the job's function and arguments could not be unpickled on this worker: "
+                          f"{_one_line(e)}{hint}") from None
         return func(*args, **kwargs)
-    return run_code(job["payload"].decode("utf-8"), job.get("name") or "<job>")
+    code, filename = job["payload"].decode("utf-8"), code_filename(job)
+    linecache.cache[filename] = (len(code), None, code.splitlines(True), filename)   # tracebacks show its lines
+    return run_code(code, filename)
+
+
+def _one_line(error: BaseException) -> str:
+    return traceback.format_exception_only(type(error), error)[-1].strip()
+
+
+def _user_traceback(error: BaseException) -> str:
+    """The traceback of a job's exception from the job's own code on: dsage's frames, and
+    the parsing of a code job, left out."""
+    if isinstance(error, Refused):
+        return str(error)
+    tb = error.__traceback__
+    while tb is not None and tb.tb_frame.f_code.co_filename in _OWN_FILES:
+        tb = tb.tb_next
+    return "".join(traceback.format_exception(type(error), error, tb))
 
 
 def apply_limits(limits: dict) -> None:
@@ -123,16 +156,21 @@ def run_one(job: dict) -> dict:
         value = run(job)
         import cloudpickle
 
-        result = cloudpickle.dumps(value)
+        try:
+            result = cloudpickle.dumps(value)
+        except Exception as e:
+            raise Refused(f"dsage: the job's result could not be pickled to send back: {_one_line(e)} "
+                          f"(return data that pickles: numbers, strings, lists, dicts, arrays...)") from None
         if len(result) > MAX_JOB_BYTES:
             outcome = {"ok": False, "error": f"dsage: the job's result is {len(result) / MIB:.1f} MiB pickled; "
                                              f"a result may be at most {MAX_JOB_BYTES // MIB} MiB (write large "
                                              f"results where the client can read them, return their path)"}
         else:
             outcome = {"ok": True, "result": result}
-    except BaseException:
-        outcome = {"ok": False, "error": traceback.format_exc()}
+    except BaseException as e:
+        outcome = {"ok": False, "error": _user_traceback(e)}
     finally:
+        linecache.cache.pop(code_filename(job), None)
         os.chdir(home)
         os.environ.clear()
         os.environ.update(env)
@@ -142,6 +180,10 @@ def run_one(job: dict) -> dict:
     except OSError:
         outcome["clean"] = False
     return outcome
+
+
+#: the files whose frames a job's traceback leaves out (this module's, and `ast.parse`).
+_OWN_FILES = {run_one.__code__.co_filename, ast.parse.__code__.co_filename}
 
 
 def die_with(parent: int) -> None:

@@ -1,6 +1,8 @@
 """Pieces of the worker that need no processes: output capping and the child's code runner."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from dsage.worker.child import run_code
@@ -230,6 +232,44 @@ def test_a_result_too_large_for_one_message_fails_the_job_with_its_size(tmp_path
     outcome = child.run_one(job)
     assert not outcome["ok"] and "result is 2.0 MiB pickled; a result may be at most 1 MiB" in outcome["error"]
     assert child.run_one(dict(job, payload=b"b'x' * 1000"))["ok"]
+
+
+def test_a_job_error_shows_the_job_s_own_frames_and_lines_only(tmp_path):
+    """A code job's traceback starts in the job's code and shows its lines; a syntax error
+    is the error alone; neither shows dsage's frames."""
+    from dsage.worker import child
+
+    job = {"kind": "code", "payload": b"x = 1\ny = 0\nx / y", "workdir": str(tmp_path), "job_id": 7}
+    error = child.run_one(job)["error"]
+    assert error.splitlines() == ["Traceback (most recent call last):", '  File "<job 7>", line 3, in <module>',
+                                  "    x / y", "     ~~^~~", "ZeroDivisionError: division by zero"]
+    error = child.run_one(dict(job, payload=b"1 +"))["error"]
+    assert error.splitlines()[0] == '  File "<job 7>", line 1' and error.strip().endswith("SyntaxError: invalid syntax")
+    assert "<job 7>" not in child.linecache.cache
+
+
+def test_a_call_the_worker_cannot_unpickle_or_a_result_it_cannot_pickle_says_so(tmp_path):
+    """A function from a module the worker lacks, and a result that does not pickle, fail
+    with one line that names the cause (no traceback through pickle's internals)."""
+    import cloudpickle
+
+    from dsage.worker import child
+
+    module = type(sys)("module_only_the_client_has")
+    exec("def twice(x):\n    return 2 * x", module.__dict__)
+    sys.modules[module.__name__] = module
+    try:
+        payload = cloudpickle.dumps((module.twice, (2,), {}))
+    finally:
+        del sys.modules[module.__name__]
+    job = {"kind": "callable", "payload": payload, "workdir": str(tmp_path), "job_id": 1}
+    assert child.run_one(job)["error"] == (
+        "dsage: the job's function and arguments could not be unpickled on this worker: ModuleNotFoundError: "
+        "No module named 'module_only_the_client_has' (install that module where the workers run, or define "
+        "the function in your script or notebook: those travel with the job)")
+    error = child.run_one(dict(job, kind="code", payload=b"import threading\nthreading.Lock()"))["error"]
+    assert error.startswith("dsage: the job's result could not be pickled to send back: TypeError: cannot "
+                            "pickle '_thread.lock' object") and "Traceback" not in error
 
 
 def test_output_ends_at_the_sentinel_however_the_pipe_splits_it():
