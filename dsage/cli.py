@@ -429,10 +429,8 @@ def cmd_result(args) -> int:
         raise UserError(f"job {args.id} is {rec['status']}: no result yet")
     try:
         print(_show(outcome(rec)))
-    except errors.JobFailed as e:
-        raise UserError(f"job {args.id} failed:\n{e.traceback.rstrip()}") from None
-    except errors.JobKilled:
-        raise UserError(f"job {args.id} was killed") from None
+    except (errors.JobFailed, errors.JobKilled) as e:      # as `dsage submit --wait` says it
+        raise UserError(str(e).rstrip()) from None
     return 0
 
 

@@ -14,7 +14,7 @@ from dsage.job import STATUSES
 
 
 class _Async(resource.Resource):
-    """A leaf answering GET with the result of `render_async` (a Deferred)."""
+    """A leaf answering GET with the result of `answer` (a Deferred)."""
 
     isLeaf = True
     content_type = b"application/json"
@@ -36,11 +36,11 @@ class _Async(resource.Resource):
             request.setResponseCode(code)
             request.write(json.dumps({"error": str(f.value)}).encode())
             request.finish()
-        d = defer.maybeDeferred(self.render_async, request)
+        d = defer.maybeDeferred(self.answer, request)
         d.addCallbacks(done, failed)
         return server.NOT_DONE_YET
 
-    def render_async(self, request) -> defer.Deferred:
+    def answer(self, request) -> defer.Deferred:
         raise NotImplementedError
 
 
@@ -49,19 +49,19 @@ def _json(value) -> bytes:
 
 
 class Status(_Async):
-    def render_async(self, request):
+    def answer(self, request):
         return self.hub.status().addCallback(_json)
 
 
 class Workers(_Async):
-    def render_async(self, request):
+    def answer(self, request):
         return defer.succeed(_json(self.hub.workers()))
 
 
 class Jobs(_Async):
     """``/api/v1/jobs?status=S&limit=N`` or ``/api/v1/jobs/ID`` (never payloads or results)."""
 
-    def render_async(self, request):
+    def answer(self, request):
         if len([part for part in request.postpath if part]) > 1:
             raise errors.RemoteError(f"no such resource: {request.path.decode('utf-8', 'replace')}")
         if request.postpath and request.postpath[0]:
@@ -91,7 +91,7 @@ class Metrics(_Async):
 
     content_type = b"text/plain; version=0.0.4"
 
-    def render_async(self, request):
+    def answer(self, request):
         def text(s: dict) -> bytes:
             lines = ["# HELP dsage_jobs Jobs in the database by status.", "# TYPE dsage_jobs gauge"]
             for status in ("new", "processing", "completed", "failed", "killed"):
@@ -111,7 +111,7 @@ class Dashboard(_Async):
 
     content_type = b"text/html; charset=utf-8"
 
-    def render_async(self, request):
+    def answer(self, request):
         async def page() -> bytes:
             s = await self.hub.status()
             jobs = await self.hub.store.list("", "admin", None, True, 50)

@@ -107,9 +107,14 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     long_id = long.stdout.strip()
     killed = run(home, "kill", long_id)
     assert killed.returncode == 0 and "killed" in killed.stdout
-    assert run(home, "result", long_id).returncode == 1
+    gone = run(home, "result", long_id)
+    assert gone.returncode == 1 and gone.stderr == f"dsage: error: job {long_id} was killed\n"
     failed = run(home, "submit", "-c", "1/0", "--wait")
-    assert failed.returncode == 1 and "ZeroDivisionError" in failed.stderr
+    assert failed.returncode == 1
+    assert failed.stderr.startswith(f"dsage: error: job {failed.stdout.strip()} failed: ZeroDivisionError: "
+                                    f"division by zero\nTraceback")
+    again = run(home, "result", failed.stdout.strip())          # says what submit --wait said
+    assert again.returncode == 1 and again.stderr == failed.stderr
     status = run(home, "status").stdout
     assert "workers 1" in status and "worker1" in status
 

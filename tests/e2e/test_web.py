@@ -50,3 +50,15 @@ def test_bad_api_requests_are_400_with_what_is_wrong(cluster, D, path, message):
     with pytest.raises(urllib.error.HTTPError) as info:
         get(cluster, path)
     assert info.value.code == 400 and json.loads(info.value.read()) == {"error": message}
+
+
+@pytest.mark.parametrize("method", ["POST", "DELETE", "async"])
+def test_the_api_is_read_only(cluster, D, method):
+    """Every method but GET and HEAD is refused: 405, or 501 for a method that Twisted
+    does not know (before, "async" reached an internal method and answered 500)."""
+    base = wait_for(lambda: cluster.web_url, what="the dashboard").rstrip("/")
+    for path in ("/api/v1/status", "/api/v1/jobs/1"):
+        request = urllib.request.Request(base + path, method=method)
+        with pytest.raises(urllib.error.HTTPError) as info:
+            urllib.request.urlopen(request, timeout=10)
+        assert (info.value.code, method) in ((405, "POST"), (501, "DELETE"), (501, "async"))
