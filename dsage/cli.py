@@ -147,8 +147,18 @@ def _issue(options, name: str, role: str, out: str, force: bool) -> int:
     if out_path.exists() and not force:
         raise UserError(f"{out} exists; use --force to overwrite it")
     tls.check_name(name)
+    probe = out_path.with_name(out_path.name + ".tmp")     # the name write_private writes first
+    try:        # before the identity exists: a bundle that cannot be written must not leave one
+        os.close(os.open(probe, os.O_WRONLY | os.O_CREAT, 0o600))
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write {out}: {e.strerror or e}") from None
     reply = _admin_call(options, "add_identity", name=name, role=role, force=force)
-    tls.write_private(out_path, reply["bundle"])
+    try:
+        tls.write_private(out_path, reply["bundle"])
+    except OSError as e:
+        raise UserError(f"{role} {name} was added, but its bundle could not be written to {out}: "
+                        f"{e.strerror or e} (issue it again with --force)") from None
     print(f"{role} {name}: bundle written to {out} (mode 0600; hand it over privately)")
     return 0
 

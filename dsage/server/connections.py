@@ -103,6 +103,8 @@ class ServerProtocol(MessageProtocol):
             raise errors.ProtocolError(f"unknown request {verb!r}")
         roles, handler = entry
         if self.role not in roles:
+            if roles == ADMIN:
+                raise errors.AuthError(f"only an admin may {ADMIN_ACTIONS[verb]} (this is {self.role} {self.identity})")
             raise errors.AuthError(f"a {self.role} may not call {verb}")
         return handler(self, args)
 
@@ -455,6 +457,10 @@ def _report_args(args: dict) -> dict:
         rep[key] = args.get(key)
     return rep
 
+
+#: what each admin request does, for the refusal of anyone else.
+ADMIN_ACTIONS = {"add_identity": "add users and workers", "revoke": "revoke users and workers",
+                 "identities": "list users and workers", "pack": "pack the database"}
 
 HANDLERS: dict[str, tuple[tuple[str, ...], Callable]] = {
     "submit": (CLIENT_ROLES, ServerProtocol.submit),

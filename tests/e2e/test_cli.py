@@ -119,6 +119,22 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     assert "workers 1" in status and "worker1" in status
 
 
+def test_an_unwritable_bundle_adds_no_one_and_only_an_admin_adds_anyone(cluster, D, tmp_path):
+    """A bundle that cannot be written is refused before the identity is made (it used to
+    be made, and the next try said it already existed); a client asking to add someone is
+    told that only an admin may."""
+    home = cluster.home
+    out = run(home, "user", "add", "alice", "--out", str(tmp_path / "no" / "such" / "alice.pem"))
+    assert out.returncode == 1
+    assert out.stderr == f"dsage: error: cannot write {tmp_path}/no/such/alice.pem: No such file or directory\n"
+    bundle = tmp_path / "alice.pem"
+    out = run(home, "user", "add", "alice", "--out", str(bundle))
+    assert out.returncode == 0, out.stderr
+    out = run(home, "user", "add", "bob", "--out", str(tmp_path / "bob.pem"), "--cert", str(bundle))
+    assert out.returncode == 1 and not (tmp_path / "bob.pem").exists()
+    assert out.stderr == "dsage: error: only an admin may add users and workers (this is client alice)\n"
+
+
 def test_a_bundle_issued_by_a_running_server_has_its_real_port(cluster, D, tmp_path):
     """A server configured with port 0 listens on a port of its choosing; the bundles it
     issues name that port, so `--cert` alone reaches it (they said port 0)."""
