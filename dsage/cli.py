@@ -321,6 +321,13 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
 def _work(args) -> int:
     from dsage import tls
 
+    if args.slots is not None and args.slots < 1:
+        raise UserError("--slots must be at least 1")
+    if not 0 <= args.nice <= 19:
+        raise UserError(f"--nice must be from 0 (the worker's own priority) to 19 (the lowest), not {args.nice}")
+    for option in ("max_memory", "max_open_files", "max_file_size", "max_output"):
+        if getattr(args, option) < 0:
+            raise UserError(f"--{option.replace('_', '-')} must not be negative, not {getattr(args, option):g}")
     cert = args.cert or str(_home() / "worker.pem")
     try:
         bundle = tls.Bundle.load(cert)
@@ -330,8 +337,6 @@ def _work(args) -> int:
         raise UserError(f"{cert} is a {bundle.role} bundle; make a worker one with `dsage worker add`")
     if args.name and args.name != bundle.name:
         raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")
-    if args.slots is not None and args.slots < 1:
-        raise UserError("--slots must be at least 1")
     from twisted.internet import reactor
 
     from dsage.config import split_address

@@ -80,7 +80,7 @@ class WorkerService(service.MultiService):
         endpoint = tls.client_endpoint(bundle, reactor, host, port)
         factory = Factory.forProtocol(WorkerProtocol)
         factory.worker = self
-        self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=5.0, address=address)
+        self.link = Reconnector(endpoint, factory, self._prepare, reactor, max_delay=5.0, address=f"{host}:{port}")
         self.address = address
 
     def _prepare(self, proto: WorkerProtocol) -> defer.Deferred:
