@@ -19,6 +19,8 @@ from dsage.client import reactor as rt
 from dsage.client.connection import AsyncClient, default_address
 from dsage.job import FINAL, Job, as_job
 
+#: seconds the repr of a handle waits for its job's status.
+REPR_WAIT = 2.0
 #: seconds a request may take, reconnections included, before TimeoutError.
 CALL_TIMEOUT = 120.0
 #: requests that must not be sent twice (everything else is retried through reconnections).
@@ -350,7 +352,18 @@ class JobHandle:
         self._record = record           # shared with the job's other handles (`Dsage._handles`)
 
     def __repr__(self) -> str:
-        return f"<dsage job {self.job_id} {self.status}>"
+        """With the job's status: a final one as known, else asked once (without the result,
+        waiting at most REPR_WAIT s: a list of handles shown while the server is down)."""
+        rec = self.dsage._known(self.job_id)
+        if rec is None or rec["status"] not in FINAL:
+            try:
+                fetched = rt.call(self.dsage.client.call, "get_job", job_id=self.job_id, result=False,
+                                  timeout=REPR_WAIT)
+            except (errors.DsageError, TimeoutError) as e:
+                return f"<dsage job {self.job_id} (status unknown: {str(e).splitlines()[0][:120]})>"
+            with self.dsage._lock:
+                rec = self.dsage._remember(fetched)
+        return f"<dsage job {self.job_id} {rec['status']}>"
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, JobHandle) and other.job_id == self.job_id and other.dsage is self.dsage

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import signal
+import time
 
 import pytest
 
@@ -36,6 +37,24 @@ def test_server_kill9_keeps_acknowledged_jobs_and_everyone_reconnects(fresh, D):
     assert D.job(done.job_id).result == "before"
     wait_for(lambda: D.workers(), what="the worker to reconnect")
     assert D.eval("'after'").wait(timeout=30) == "after"
+
+
+def test_a_handle_shows_its_status_without_waiting_for_a_server_that_is_down(fresh, D):
+    """The repr of a handle (a notebook showing `D.map(...)`) asks for the status once: a
+    final one known is shown at once; else, with the server down, it says so within
+    seconds (it waited 120 s per handle)."""
+    done = D.eval("'done'")
+    done.wait(timeout=30)
+    running = D.eval("import time\ntime.sleep(60)")
+    wait_for(lambda: running.status == "processing", what="the job to start")
+    assert repr([done, running]) == f"[<dsage job {done.job_id} completed>, <dsage job {running.job_id} processing>]"
+    fresh.stop_server(signal.SIGKILL)
+    started = time.monotonic()
+    shown = repr([done, running])
+    assert time.monotonic() - started < 10
+    assert shown.startswith(f"[<dsage job {done.job_id} completed>, <dsage job {running.job_id} (status unknown: ")
+    fresh.start_server()
+    wait_for(lambda: "processing" in repr(running), what="the server to answer again")
 
 
 def test_large_payloads_sent_together_survive_a_server_kill9(fresh, D):
