@@ -29,15 +29,28 @@ LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
           "file_size": resource.RLIMIT_FSIZE}
 
 
+def factor(n: int) -> dict[int, int]:
+    """The factorization of an integer as {prime: exponent}, by PARI (cypari), like
+    `sympy.factorint` and DistributedFactor's result: what a code job calls as `factor`,
+    as in Sage (`D.eval("factor(2**64 + 1)")`)."""
+    import operator
+
+    from cypari import pari
+
+    matrix = pari.factor(operator.index(n))
+    return {int(p): int(e) for p, e in zip(matrix[0], matrix[1])} if len(matrix) else {}
+
+
 def run_code(code: str, filename: str = "<job>") -> object:
-    """Execute code; its result is DSAGE_RESULT if set, else the last expression's value.
+    """Execute code; its result is DSAGE_RESULT if set, else the last expression's value
+    (`factor`, as in Sage, is there without an import).
     A script that ends itself with `sys.exit()` or `sys.exit(0)` succeeds, as it would in a
     shell (its result is then DSAGE_RESULT, or None); another exit status is a failure."""
     tree = ast.parse(code, filename, "exec")
     last = None
     if tree.body and isinstance(tree.body[-1], ast.Expr):
         last = ast.Expression(tree.body.pop().value)
-    namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__}
+    namespace: dict = {"__name__": "__main__", "__builtins__": __builtins__, "factor": factor}
     try:
         exec(compile(tree, filename, "exec"), namespace)
         value = eval(compile(last, filename, "eval"), namespace) if last is not None else None

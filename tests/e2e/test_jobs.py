@@ -24,6 +24,12 @@ def test_eval_returns_last_expression_and_output(D):
     assert job.result == 2**64 + 1
 
 
+def test_the_spec_s_first_example_factors_as_in_sage(D):
+    """`D.eval("factor(2**64+1)")`: code jobs have `factor`, as in Sage, giving {prime: exponent}."""
+    assert D.eval("factor(2**64+1)").wait(timeout=60) == {274177: 1, 67280421310721: 1}
+    assert D.eval("factor(-12), factor(1)").wait(timeout=60) == ({-1: 1, 2: 2, 3: 1}, {})
+
+
 def test_dsage_result_variable(D):
     """DSAGE_RESULT wins over the last expression."""
     assert D.eval("DSAGE_RESULT = {'a': [1, 2]}\n3").wait(timeout=30) == {"a": [1, 2]}
