@@ -230,19 +230,13 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
 def _serve(args) -> int:
     import dataclasses
 
-    from dsage.config import load_server_config
+    from dsage.config import check_server_config, load_server_config
 
     config = load_server_config(args.config, _home())
     overrides = {k: v for k, v in (("port", args.port), ("web_port", args.web_port), ("db", args.db),
                                    ("log_file", args.log_file)) if v is not None}
     config = dataclasses.replace(config, **overrides)
-    if not 0 <= config.port <= 65535:
-        raise UserError(f"the port must be from 0 (any free port) to 65535, not {config.port}")
-    if not -1 <= config.web_port <= 65535:
-        raise UserError(f"the web port must be from -1 (no dashboard) to 65535, not {config.web_port}")
-    for name in ("ca.pem", "server.pem", "server.key"):
-        if not (config.home / name).exists():
-            raise UserError(f"{config.home / name} is missing: run `dsage init`")
+    check_server_config(config)
     from twisted.internet import reactor
 
     from dsage.server.service import ServerService, open_db
@@ -319,22 +313,12 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _work(args) -> int:
-    from dsage import tls
+    from dsage.worker.service import worker_bundle
 
-    if args.slots is not None and args.slots < 1:
-        raise UserError("--slots must be at least 1")
-    if not 0 <= args.nice <= 19:
-        raise UserError(f"--nice must be from 0 (the worker's own priority) to 19 (the lowest), not {args.nice}")
-    for option in ("max_memory", "max_open_files", "max_file_size", "max_output"):
-        if getattr(args, option) < 0:
+    for option in ("max_memory", "max_open_files", "max_file_size", "max_output", "prefetch"):
+        if (getattr(args, option) or 0) < 0:
             raise UserError(f"--{option.replace('_', '-')} must not be negative, not {getattr(args, option):g}")
-    cert = args.cert or str(_home() / "worker.pem")
-    try:
-        bundle = tls.Bundle.load(cert)
-    except ValueError as e:
-        raise UserError(f"{e} (give the worker's bundle with --cert)") from None
-    if bundle.role != "worker":
-        raise UserError(f"{cert} is a {bundle.role} bundle; make a worker one with `dsage worker add`")
+    bundle = worker_bundle(args.cert or str(_home() / "worker.pem"), args.slots, args.nice)
     if args.name and args.name != bundle.name:
         raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")
     from twisted.internet import reactor
@@ -348,13 +332,8 @@ def _work(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     _start_logging(args.log_file)
-    for flag in ("max_memory", "max_open_files", "max_file_size", "max_output"):
-        if getattr(args, flag) < 0:
-            raise UserError(f"--{flag.replace('_', '-')} must not be negative")
     limits = {"memory": int(args.max_memory * 2**20), "open_files": args.max_open_files,
               "file_size": int(args.max_file_size * 2**20)}
-    if args.prefetch is not None and args.prefetch < 0:
-        raise UserError("--prefetch must not be negative")
     service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, prefetch=args.prefetch,
                             max_output=max(1024, int(args.max_output * 2**20)), limits=limits)
     reactor.callWhenRunning(service.startService)

@@ -87,3 +87,14 @@ def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
     if not 0 <= number < 65536:
         raise ValueError(f"bad server address {address!r}: the port must be from 1 to 65535")
     return host.strip("[]"), number
+
+
+def check_server_config(config: ServerConfig) -> None:
+    """Refuse, with ValueError saying why, a configuration the server cannot start with."""
+    if not 0 <= config.port <= 65535:
+        raise ValueError(f"the port must be from 0 (any free port) to 65535, not {config.port}")
+    if not -1 <= config.web_port <= 65535:
+        raise ValueError(f"the web port must be from -1 (no dashboard) to 65535, not {config.web_port}")
+    for name in ("ca.pem", "server.pem", "server.key"):
+        if not (config.home / name).exists():
+            raise ValueError(f"{config.home / name} is missing: run `dsage init`")

@@ -127,7 +127,10 @@ class ServerService(service.MultiService):
         self.failed = True
         self.log.critical("cannot listen on {interface}:{port}: {why}", interface=self.config.interface,
                           port=self.config.port, why=failure.getErrorMessage())
-        self.reactor.stop()
+        if self.reactor.running:
+            self.reactor.stop()
+        else:           # `twist` starts its services before its reactor
+            self.reactor.callWhenRunning(self.reactor.stop)
 
     async def _stop(self) -> None:
         for port in (self.port, self.web_port):

@@ -5,7 +5,7 @@ import dataclasses
 
 from twisted.python import usage
 
-from dsage.config import home, load_server_config
+from dsage.config import check_server_config, home, load_server_config
 
 
 class Options(usage.Options):
@@ -18,6 +18,17 @@ class Options(usage.Options):
         ["db", None, None, "storage URI (zodburi)"],
     ]
 
+    def postOptions(self) -> None:
+        """Read and check the configuration: `twist` shows a UsageError in one line."""
+        try:
+            config = load_server_config(self["config"], home())
+            overrides = {k: v for k, v in (("port", self["port"]), ("web_port", self["web-port"]),
+                                           ("db", self["db"])) if v is not None}
+            self["server_config"] = dataclasses.replace(config, **overrides)
+            check_server_config(self["server_config"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
 
 def makeService(options: Options):
     """Build the server's service tree from the options."""
@@ -25,10 +36,7 @@ def makeService(options: Options):
 
     from dsage.server.service import ServerService, open_db
 
-    config = load_server_config(options["config"], home())
-    overrides = {k: v for k, v in (("port", options["port"]), ("web_port", options["web-port"]),
-                                   ("db", options["db"])) if v is not None}
-    config = dataclasses.replace(config, **overrides)
+    config = options["server_config"]
     try:
         db = open_db(config.db_uri)
     except ValueError as e:

@@ -29,6 +29,23 @@ HOLD_LIMIT = 0.5
 RELEASE_WAIT = 3.0
 
 
+def worker_bundle(cert: str, slots: int | None, nice: int) -> tls.Bundle:
+    """The bundle a worker starts with, once its options are checked (ValueError says what
+    is wrong: `dsage_worker` and `twist dsage-worker` both)."""
+    if slots is not None and slots < 1:
+        raise ValueError("--slots must be at least 1")
+    if not 0 <= nice <= 19:
+        raise ValueError(f"--nice must be from 0 (the worker's own priority) to 19 (the lowest), not {nice}")
+    try:
+        bundle = tls.Bundle.load(cert)
+    except ValueError as e:
+        raise ValueError(f"{e} (give the worker's bundle with --cert)") from None
+    if bundle.role != "worker":
+        raise ValueError(f"{cert} is the bundle of {bundle.role} {bundle.name}; make a worker one with "
+                         f"`dsage worker add`")
+    return bundle
+
+
 def enqueue(queue: collections.deque, job: dict) -> None:
     """Add a job to those waiting here, kept in the order they run: the lowest priority
     number first, the first come among equals (a job fetched ahead must not pass one of

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 from twisted.python import usage
 
-from dsage import tls
 from dsage.config import home
 
 
@@ -17,6 +16,15 @@ class Options(usage.Options):
         ["nice", None, 10, "nice level of the jobs", int],
     ]
 
+    def postOptions(self) -> None:
+        """Check the options and load the bundle: `twist` shows a UsageError in one line."""
+        from dsage.worker.service import worker_bundle
+
+        try:
+            self["bundle"] = worker_bundle(self["cert"] or str(home() / "worker.pem"), self["slots"], self["nice"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+
 
 def makeService(options: Options):
     """Build the worker's service tree from the options."""
@@ -24,8 +32,6 @@ def makeService(options: Options):
 
     from dsage.worker.service import WorkerService
 
-    bundle = tls.Bundle.load(options["cert"] or home() / "worker.pem")
-    if bundle.role != "worker":
-        raise usage.UsageError(f"{options['cert']} is not a worker bundle")
+    bundle = options["bundle"]
     return WorkerService(bundle, options["server"] or bundle.server, reactor, slots=options["slots"],
                          nice=options["nice"])

@@ -1,8 +1,10 @@
 """The twistd plugins: `twist dsage-server` and `twist dsage-worker` run the same services."""
 from __future__ import annotations
 
+import getpass
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -39,3 +41,30 @@ def test_twist_lists_and_runs_the_plugins(tmp_path):
             os.killpg(proc.pid, signal.SIGTERM)
             proc.wait(timeout=30)
         cluster.stop()
+
+
+def test_bad_plugin_options_are_one_line_errors_and_a_port_in_use_stops_the_server(tmp_path):
+    """A wrong bundle or option is twist's one-line usage error (it was a traceback, or
+    was taken); a server that cannot listen stops (it stayed up, listening on nothing)."""
+    cluster = LocalCluster(tmp_path / "home")
+    cluster.init()
+    client = str(cluster.home / "client.pem")
+    for args, message in ((["--cert", str(tmp_path / "none.pem")], f"no dsage bundle at {tmp_path}/none.pem"),
+                          (["--cert", client], f"{client} is the bundle of admin {getpass.getuser()}; make a worker one"),
+                          (["--cert", client, "--slots", "0"], "--slots must be at least 1"),
+                          (["--cert", client, "--nice", "-3"], "--nice must be from 0")):
+        out = subprocess.run([TWIST, "dsage-worker", *args], env=cluster.env, capture_output=True, text=True,
+                             timeout=60)
+        assert out.returncode == 64 and out.stderr.startswith(f"Error: {message}"), out.stderr
+        assert "Traceback" not in out.stderr
+    out = subprocess.run([TWIST, "dsage-server", "--web-port", "70000"], env=cluster.env, capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 64
+    assert out.stderr.startswith("Error: the web port must be from -1 (no dashboard) to 65535, not 70000")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        out = subprocess.run([TWIST, "--log-format", "text", "dsage-server", "--port", port], env=cluster.env,
+                             capture_output=True, text=True, timeout=60)
+    assert f"cannot listen on 127.0.0.1:{port}: " in out.stdout + out.stderr
