@@ -159,8 +159,7 @@ class DistributedFunction:
         processed = set(rec["processed"])
         self.processed_jobs = dsage._handles(i for i in rec["jobs"] if i in processed)
         self.outstanding_jobs = [] if rec["done"] else dsage._handles(i for i in rec["jobs"] if i not in processed)
-        for handle in self.outstanding_jobs:
-            self._watch(handle.job_id)
+        self._watch([handle.job_id for handle in self.outstanding_jobs])
         return self
 
     # -- the driver ------------------------------------------------------------------------
@@ -182,8 +181,12 @@ class DistributedFunction:
         except errors.DsageError:
             return 2
 
-    def _watch(self, job_id: int) -> None:
-        rt.call(lambda: self.dsage.client.watch(job_id).addBoth(lambda r: self._events.put((job_id, r))))
+    def _watch(self, job_ids: list[int]) -> None:
+        """Have these jobs' ends put in `_events` as they come (without waiting for them)."""
+        def watch() -> None:        # returns nothing: `rt.call` would wait for a Deferred
+            for job_id in job_ids:
+                self.dsage.client.watch(job_id).addBoth(lambda r, i=job_id: self._events.put((i, r)))
+        rt.call(watch)
 
     def _step(self, processed: list[int], wires: list[dict]) -> None:
         """One checkpoint on the server; new jobs (`Job.to_wire()`s) become outstanding."""
@@ -201,8 +204,7 @@ class DistributedFunction:
                          step=self._step_no, state=state, processed=processed,
                          jobs=wires, done=bool(self.done), timeout=None, give_up=self._stopping.is_set)
         self.outstanding_jobs += self.dsage._handles(reply["job_ids"])
-        for job_id in reply["job_ids"]:
-            self._watch(job_id)
+        self._watch(reply["job_ids"])
 
     def _next_events(self) -> list:
         """Finished jobs: wait a moment for the first, then take whatever else is there."""

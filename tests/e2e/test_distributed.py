@@ -73,6 +73,34 @@ def test_next_job_returning_something_else_than_a_job_is_a_clear_error(cluster):
         D.close()
 
 
+class FirstAnswerWins(dsage.DistributedFunction):
+    """Two jobs at once, a quick one and a slow one: the first result ends the function."""
+
+    def __init__(self, D, name):
+        super().__init__(D, name=name)
+        self.sleeps = [0.2, 60]
+
+    def next_job(self):
+        return dsage.Job(code=f"import time\ntime.sleep({self.sleeps.pop(0)})\n'answer'") if self.sleeps else None
+
+    def process_result(self, job):
+        self.result, self.done = job.result, True
+
+
+def test_a_result_is_processed_as_it_comes_while_other_jobs_run(cluster):
+    """A job's result goes to process_result when it finishes, not once every job sent with
+    it has (the driver waited for each new job in turn); done then kills the slow one."""
+    D = cluster.connect()
+    try:
+        started = time.monotonic()
+        f = FirstAnswerWins(D, name="first-answer-wins").start()
+        assert f.wait(timeout=50) == "answer" and time.monotonic() - started < 30
+        slow = D.job(f.processed_jobs[0].job_id + 1)
+        assert slow.status == "killed" and f.outstanding_jobs == []
+    finally:
+        D.close()
+
+
 def test_restore_on_the_class_runs_the_code_of_today(cluster):
     """A class defined in a script is checkpointed by value, old code and all:
     `TheClass.restore(D, name)` puts the state back into the class as defined now, so a
