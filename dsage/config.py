@@ -59,7 +59,11 @@ def load_server_config(path: Path | None = None, dsage_home: Path | None = None)
     if not path.exists():
         raise ValueError(f"no server configuration at {path}: run `dsage init` first")
     parser = configparser.ConfigParser(interpolation=None)
-    parser.read(path)
+    try:
+        parser.read(path)
+    except configparser.Error as e:
+        raise ValueError(f"{path} is not a configuration file of [sections] and key = value lines: "
+                         f"{e.message.splitlines()[0]}") from None
     if "server" not in parser:
         raise ValueError(f"{path} has no [server] section")
     values: dict[str, object] = {}

@@ -41,6 +41,8 @@ def open_db(uri: str):
     except LockError:
         raise ValueError(f"the database {uri.split('?')[0]} is in use by another process "
                          f"(is a dsage_server already running?)") from None
+    except Exception as e:      # a database server that does not answer, a file that cannot be read
+        raise ValueError(f"cannot open the database {uri.split('?')[0]}: {e}") from None
 
 
 class ServerService(service.MultiService):

@@ -70,6 +70,24 @@ def test_user_errors_are_one_line_without_traceback(tmp_path, args, message):
     assert message in out.stderr and "Traceback" not in out.stderr
 
 
+def test_a_server_with_a_garbled_config_or_a_database_it_cannot_reach_says_so(tmp_path):
+    """A server.conf that is not one, and a ZEO server that does not answer: one line each,
+    exit status 1 (they were tracebacks)."""
+    home = tmp_path / "h"
+    run(home, "init")
+    garbled = tmp_path / "garbled.conf"
+    garbled.write_text("port 8081\n")
+    out = run(home, "server", "--config", str(garbled))
+    assert out.returncode == 1 and out.stderr == (
+        f"dsage: error: {garbled} is not a configuration file of [sections] and key = value lines: "
+        f"File contains no section headers.\n")
+    out = run(home, "server", "--db", "zeo://127.0.0.1:1?wait_timeout=1")
+    assert out.returncode == 1
+    assert out.stderr.splitlines()[-1] == ("dsage: error: cannot open the database zeo://127.0.0.1:1: "
+                                           "timed out waiting for connection")
+    assert "Traceback" not in out.stderr
+
+
 def test_a_server_that_cannot_listen_says_why_and_exits_1(tmp_path):
     """A port in use: one line naming it, exit status 1, no traceback."""
     home = tmp_path / "h"
