@@ -56,27 +56,28 @@ def _login_name() -> str:
 # -- dsage init --------------------------------------------------------------------------
 def cmd_init(args) -> int:
     from dsage import tls
-    from dsage.config import ServerConfig
+    from dsage.config import ServerConfig, check_server_config
 
     home = _home()
     conf = home / "server.conf"
+    host = args.host
+    local = host in ("localhost", "127.0.0.1", "::1")
+    config = ServerConfig(home=home, host=host, interface="127.0.0.1" if local else "0.0.0.0",
+                          port=args.port, web_port=args.web_port)
+    check_server_config(config, keys=False)
     if (home / "ca.key").exists() and not args.force:
         print(f"dsage is already set up in {home} (use --force to make new keys; "
-              f"every bundle issued so far would stop working)")
+              f"every bundle issued so far would stop working; {conf} is left as it is)")
         return 0
     if home.exists() and home.stat().st_mode & 0o077:
         raise UserError(f"{home} can be read or entered by other users (mode "
                         f"{home.stat().st_mode & 0o777:o}): `chmod 700 {home}` first; it will hold private keys")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    host = args.host
     ca = tls.Authority.create()
     ca.save(home)
     cert, key = ca.issue("dsage-server", server_hosts=[host, socket.gethostname()])
     tls.write_private(home / "server.key", tls.key_pem(key))
     (home / "server.pem").write_bytes(tls.cert_pem(cert))
-    local = host in ("localhost", "127.0.0.1", "::1")
-    config = ServerConfig(home=home, host=host, interface="127.0.0.1" if local else "0.0.0.0",
-                          port=args.port, web_port=args.web_port)
     config.save(conf)
     admin = _login_name()
     bundle, serial = tls.make_bundle(ca, admin, "admin", f"{host}:{args.port}")

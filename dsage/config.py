@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import configparser
 import dataclasses
+import ipaddress
 import os
+import re
 from pathlib import Path
 
 
@@ -93,12 +95,22 @@ def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
     return host.strip("[]"), number
 
 
-def check_server_config(config: ServerConfig) -> None:
-    """Refuse, with ValueError saying why, a configuration the server cannot start with."""
+#: a host name: labels of letters, digits, underscores and inner hyphens.
+_HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9_-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9_-]{1,63}(?<!-))*\.?")
+
+
+def check_server_config(config: ServerConfig, keys: bool = True) -> None:
+    """Refuse, with ValueError saying why, a configuration the server cannot start with (and
+    with `keys`, a home without the keys `dsage init` makes)."""
+    try:
+        ipaddress.ip_address(config.host)
+    except ValueError:
+        if len(config.host) > 253 or not _HOST_NAME.fullmatch(config.host):
+            raise ValueError(f"the host {config.host!r} is neither a host name nor an IP address") from None
     if not 0 <= config.port <= 65535:
         raise ValueError(f"the port must be from 0 (any free port) to 65535, not {config.port}")
     if not -1 <= config.web_port <= 65535:
         raise ValueError(f"the web port must be from -1 (no dashboard) to 65535, not {config.web_port}")
-    for name in ("ca.pem", "server.pem", "server.key"):
+    for name in ("ca.pem", "server.pem", "server.key") if keys else ():
         if not (config.home / name).exists():
             raise ValueError(f"{config.home / name} is missing: run `dsage init`")

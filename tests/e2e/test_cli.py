@@ -55,6 +55,8 @@ def test_identities_offline(tmp_path):
     (("kill", "notanumber"), "invalid int value"),
     (("user", "add", "bad name", "--out", "x.pem"), "invalid name"),
     (("demo", "--workers", "0"), "--workers must be at least 1, not 0"),
+    (("init", "--force", "--port", "70000"), "the port must be from 0 (any free port) to 65535, not 70000"),
+    (("init", "--force", "--host", "lab 7!"), "the host 'lab 7!' is neither a host name nor an IP address"),
     (("worker", "--nice", "-5"), "--nice must be from 0 (the worker's own priority) to 19 (the lowest), not -5"),
     (("worker", "--max-memory", "-1"), "--max-memory must not be negative, not -1"),
     (("demo", "--number", "1"), "--number must be at least 2, not 1"),
