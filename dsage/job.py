@@ -69,7 +69,8 @@ class Job:
     args: tuple = ()
     kwargs: Mapping[str, Any] = dataclasses.field(default_factory=dict)
     name: str | None = None
-    timeout: float = DEFAULT_TIMEOUT
+    #: seconds of wall time before the job is stopped; None: no limit (MAX_TIMEOUT, 30 days).
+    timeout: float | None = DEFAULT_TIMEOUT
     priority: int = DEFAULT_PRIORITY
     max_failures: int = DEFAULT_MAX_FAILURES
     #: files written into the job's folder before it runs: {name: bytes, text or a local
@@ -83,11 +84,13 @@ class Job:
             raise TypeError(f"func must be callable, not {type(self.func).__name__}")
         if self.code is not None and not isinstance(self.code, str):
             raise TypeError("code must be a str")
+        if self.timeout is None:
+            self.timeout = MAX_TIMEOUT
         if type(self.timeout) not in (int, float) and (isinstance(self.timeout, bool) or
                                                         not isinstance(self.timeout, numbers.Real)) or \
                 not 0 < self.timeout <= MAX_TIMEOUT:
-            raise ValueError(f"timeout must be a number of seconds, more than 0 and at most 30 days, "
-                             f"not {self.timeout!r}")
+            raise ValueError(f"timeout must be a number of seconds, more than 0 and at most 30 days "
+                             f"(None: no limit), not {self.timeout!r}")
         self.priority = _integer("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY, " (lower runs first)")
         self.max_failures = _integer("max_failures", self.max_failures, 1, MAX_FAILURES)
         self.files = _files(self.files)

@@ -219,7 +219,7 @@ class Dsage:
         return rec
 
     # -- submitting --------------------------------------------------------------------
-    def eval(self, code: str, name: str | None = None, timeout: float = 600, priority: int = 5,
+    def eval(self, code: str, name: str | None = None, timeout: float | None = 600, priority: int = 5,
              max_failures: int = 3, files: Any = None) -> JobHandle:
         """Run a code string; the result is its last expression's value (or DSAGE_RESULT)."""
         return self.submit(Job(code=code, name=name, timeout=timeout, priority=priority,

@@ -382,5 +382,9 @@ def _describe(ended) -> str:
             name = signal.Signals(sig).name
         except ValueError:
             name = str(sig)
-        return f"killed by signal {sig} ({name})"
+        # A SIGKILL that dsage did not send (a timeout or a kill says so instead) is most
+        # often the kernel's out-of-memory killer.
+        hint = (" (out of memory? the kernel's OOM killer sends it; a worker started with --max-memory "
+                "turns that into a MemoryError in the job)" if sig == signal.SIGKILL else "")
+        return f"killed by signal {sig} ({name}){hint}"
     return f"exit status {getattr(ended, 'exitCode', '?')} without reporting an outcome"

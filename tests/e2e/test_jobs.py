@@ -78,6 +78,14 @@ def test_segfault_is_a_clean_failure(D):
     assert D.eval("'still alive'").wait(timeout=30) == "still alive"
 
 
+def test_a_job_killed_by_sigkill_is_said_to_be_maybe_out_of_memory(D):
+    """A SIGKILL that dsage did not send is most often the kernel's OOM killer: the error
+    says so, and how to get a MemoryError instead."""
+    job = D.eval("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)", max_failures=1, timeout=None)
+    with pytest.raises(dsage.JobFailed, match=r"killed by signal 9 \(SIGKILL\) \(out of memory\? .*--max-memory"):
+        job.wait(timeout=30)
+
+
 def test_timeout_stops_the_job(D):
     """A job past its timeout is stopped and fails with a clear reason."""
     job = D.eval("import time\ntime.sleep(60)", timeout=1, max_failures=1)

@@ -17,6 +17,11 @@ def test_code_job_to_wire():
     assert wire["files"] == {"a.txt": b"hi"} and wire["name"] == "x = 1"
 
 
+def test_no_timeout_is_the_longest_one():
+    """timeout=None asks for no limit: the longest a job may run, 30 days."""
+    assert Job(code="1", timeout=None).to_wire()["timeout"] == 30 * 86400.0
+
+
 def test_callable_job_pickles_closures():
     """A callable with its arguments is pickled with cloudpickle."""
     k = 3
