@@ -408,11 +408,27 @@ def cmd_job(args) -> int:
         print(f"  cpu time  {r['cpu_time'] or 0:.3f} s   wall time {r['wall_time'] or 0:.3f} s")
     for a in r["attempts"]:
         print(f"  attempt {a['attempt']} on {a['worker']}: {a.get('outcome') or 'running'}")
+    if r["status"] == "new":
+        print(f"  waiting   {_why_waiting(r, D.status(), stamp)}")
     if r["output"]:
         print("--- output ---\n" + r["output"].rstrip())
     if r["error"]:
         print("--- error ---\n" + r["error"].rstrip())
     return 0
+
+
+def _why_waiting(r: dict, s: dict, stamp) -> str:
+    """Why a queued job has not started, as far as the server's status tells."""
+    import time
+
+    if (r.get("not_before") or 0) > time.time():
+        return f"tried again after its failure, from {stamp(r['not_before'])}"
+    if not s["workers"]:
+        return "no worker is connected (start one: dsage_worker --cert BUNDLE)"
+    if s["busy"] >= s["slots"]:
+        return (f"all {s['slots']} slots of {s['workers']} workers are busy, {s['queued']} jobs queued "
+                f"(lower priority numbers go first, then the oldest)")
+    return f"for a worker to take it ({s['slots'] - s['busy']} of {s['slots']} slots free)"
 
 
 def cmd_result(args) -> int:

@@ -331,7 +331,8 @@ class JobRecord(Packed):
                "max_failures": self.max_failures, "failures": self.failures,
                "attempts": [dict(a) for a in self.attempts], "output": self.output, "error": self.error,
                "cpu_time": self.cpu_time, "wall_time": self.wall_time, "created": self.created,
-               "started": self.started, "finished": self.finished, "function_id": self.function_id}
+               "started": self.started, "finished": self.finished, "function_id": self.function_id,
+               "not_before": self.not_before}
         if with_result:
             out["result"] = load_bytes(self.result, warm)
         return out

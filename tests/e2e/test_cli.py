@@ -8,7 +8,8 @@ import subprocess
 
 import pytest
 
-from dsage.client.local import command
+from dsage.client.local import LocalCluster, command
+from tests.e2e.conftest import wait_for
 
 
 def run(home, *args, input=None):
@@ -155,6 +156,24 @@ def test_an_unwritable_bundle_adds_no_one_and_only_an_admin_adds_anyone(cluster,
     out = run(home, "user", "add", "bob", "--out", str(tmp_path / "bob.pem"), "--cert", str(bundle))
     assert out.returncode == 1 and not (tmp_path / "bob.pem").exists()
     assert out.stderr == "dsage: error: only an admin may add users and workers (this is client alice)\n"
+
+
+def test_job_says_why_a_queued_job_waits(tmp_path):
+    """`dsage job` of a queued job says what it waits for: a worker, or a free slot."""
+    with LocalCluster(tmp_path / "home") as cluster:
+        cluster.init()
+        cluster.start_server()
+        first = run(cluster.home, "submit", "-c", "import time\ntime.sleep(60)").stdout.strip()
+        shown = run(cluster.home, "job", first).stdout
+        assert "  waiting   no worker is connected (start one: dsage_worker --cert BUNDLE)\n" in shown
+        cluster.add_worker(slots=1)
+        with cluster.connect() as D:
+            wait_for(lambda: D.job(int(first)).status == "processing", what="the first job to start")
+        second = run(cluster.home, "submit", "-c", "1").stdout.strip()
+        shown = run(cluster.home, "job", second).stdout
+        assert ("  waiting   all 1 slots of 1 workers are busy, 1 jobs queued (lower priority numbers go "
+                "first, then the oldest)\n") in shown
+        assert "waiting" not in run(cluster.home, "job", first).stdout
 
 
 def test_a_bundle_issued_by_a_running_server_has_its_real_port(cluster, D, tmp_path):
