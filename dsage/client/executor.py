@@ -4,7 +4,8 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import threading
-from typing import Any, Callable
+import time
+from typing import Any, Callable, Iterator
 
 from dsage import errors
 from dsage.client import reactor as rt
@@ -77,17 +78,42 @@ class DsageExecutor(concurrent.futures.Executor):
     def submit(self, fn: Callable, /, *args: Any, **kwargs: Any) -> JobFuture:
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
-        future = JobFuture(self.dsage.submit(fn, *args, **kwargs))
-        self._futures.add(future)
+        return self._futures_of([self.dsage.submit(fn, *args, **kwargs)])[0]
 
-        def finished(rec: Any) -> None:
+    def map(self, fn: Callable, *iterables: Any, timeout: float | None = None, chunksize: int = 1,
+            **_: Any) -> Iterator[Any]:
+        """As `Executor.map` (results in order, TimeoutError once `timeout` has passed since
+        the call, the jobs not yet reached cancelled when the iterator is closed early), with
+        the calls submitted in batches (`D.map`) rather than one round trip each."""
+        if self._shutdown:
+            raise RuntimeError("cannot submit after shutdown")
+        futures = self._futures_of(self.dsage.map(fn, *iterables))
+        end = None if timeout is None else time.monotonic() + timeout
+
+        def results() -> Iterator[Any]:
+            try:
+                futures.reverse()
+                while futures:
+                    yield futures.pop().result(None if end is None else max(0.0, end - time.monotonic()))
+            finally:
+                for future in futures:
+                    future.cancel()
+        return results()
+
+    def _futures_of(self, handles: list) -> list[JobFuture]:
+        """Futures of submitted jobs, each resolved when its job finishes."""
+        futures = [JobFuture(handle) for handle in handles]
+        self._futures.update(futures)
+
+        def finished(rec: Any, future: JobFuture) -> None:
             self._futures.discard(future)
             future.finished(rec)
 
         def watch() -> None:        # returns nothing: `rt.call` would wait for a Deferred
-            self.dsage.client.watch(future.job.job_id).addBoth(finished)
+            for future in futures:
+                self.dsage.client.watch(future.job.job_id).addBoth(finished, future)
         rt.call(watch)
-        return future
+        return futures
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """No more submissions; with `cancel_futures`, the jobs still queued are killed (those

@@ -196,6 +196,18 @@ def test_executor_and_as_completed(D):
     assert sorted(done) == [0.0, 0.3, 0.6]
 
 
+def test_executor_map_gives_results_in_order_and_failures_at_their_place(D):
+    """Executor.map (its calls submitted in batches): the results in item order, a failure
+    raised at its place, as concurrent.futures does."""
+    with D.executor() as ex:
+        assert list(ex.map(pow, range(300), [2] * 300)) == [i * i for i in range(300)]
+        results = ex.map(lambda x: 1 // x, [1, 0, 1])
+        assert next(results) == 1
+        with pytest.raises(dsage.JobFailed, match="ZeroDivisionError"):
+            next(results)
+        assert list(results) == []          # ended by the failure, as in concurrent.futures
+
+
 def test_executor_cancels_only_queued_jobs(D):
     """Future.cancel() kills a job still in the queue (True) and leaves a running one alone
     (False); shutdown(cancel_futures=True) cancels the queued ones, as concurrent.futures."""
