@@ -1,7 +1,6 @@
 """The twistd plugins: `twist dsage-server` and `twist dsage-worker` run the same services."""
 from __future__ import annotations
 
-import getpass
 import os
 import signal
 import socket
@@ -9,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from dsage import tls
 from dsage.client.local import LocalCluster
 from tests.e2e.conftest import wait_for
 
@@ -49,8 +49,9 @@ def test_bad_plugin_options_are_one_line_errors_and_a_port_in_use_stops_the_serv
     cluster = LocalCluster(tmp_path / "home")
     cluster.init()
     client = str(cluster.home / "client.pem")
+    admin = tls.Bundle.load(client).name
     for args, message in ((["--cert", str(tmp_path / "none.pem")], f"no dsage bundle at {tmp_path}/none.pem"),
-                          (["--cert", client], f"{client} is the bundle of admin {getpass.getuser()}; make a worker one"),
+                          (["--cert", client], f"{client} is the bundle of admin {admin}; make a worker one"),
                           (["--cert", client, "--slots", "0"], "--slots must be at least 1"),
                           (["--cert", client, "--nice", "-3"], "--nice must be from 0")):
         out = subprocess.run([TWIST, "dsage-worker", *args], env=cluster.env, capture_output=True, text=True,
