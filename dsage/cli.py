@@ -255,6 +255,8 @@ def _serve(args) -> int:
 #: set by `LocalCluster` to its own pid: a server or worker it started stops once that
 #: program is gone (killed, or ended without stopping its cluster), instead of running on.
 PARENT_ENV = "DSAGE_PARENT_PID"
+#: seconds `dsage submit --wait` waits before saying why a job that has not started waits.
+WAIT_NOTE = 5.0
 
 
 def _stop_with_parent(reactor) -> None:
@@ -378,7 +380,13 @@ def cmd_submit(args) -> int:
     print(job.job_id)
     if args.wait:
         try:
-            value = job.wait()
+            try:
+                value = job.wait(timeout=WAIT_NOTE)
+            except TimeoutError:        # say why, once, if it has not even started
+                if job.status == "new":
+                    print(f"dsage: job {job.job_id} waits: {_why_waiting(D.record(job.job_id), D.status())}",
+                          file=sys.stderr)
+                value = job.wait()
         finally:
             sys.stdout.write(job.output)
         print(_show(value))
@@ -395,11 +403,9 @@ def cmd_jobs(args) -> int:
 
 
 def cmd_job(args) -> int:
-    import datetime
-
     D = _connect(args)
     r = D._call("get_job", job_id=args.id, result=False)
-    stamp = lambda t: datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds") if t else "-"
+    stamp = _stamp
     print(f"job {r['job_id']}: {r['name']}\n  owner     {r['owner']}\n  status    {r['status']}\n"
           f"  kind      {r['kind']}\n  priority  {r['priority']}   timeout {r['timeout']:g} s   "
           f"failures {r['failures']}/{r['max_failures']}\n  created   {stamp(r['created'])}\n"
@@ -409,7 +415,7 @@ def cmd_job(args) -> int:
     for a in r["attempts"]:
         print(f"  attempt {a['attempt']} on {a['worker']}: {a.get('outcome') or 'running'}")
     if r["status"] == "new":
-        print(f"  waiting   {_why_waiting(r, D.status(), stamp)}")
+        print(f"  waiting   {_why_waiting(r, D.status())}")
     if r["output"]:
         print("--- output ---\n" + r["output"].rstrip())
     if r["error"]:
@@ -417,12 +423,18 @@ def cmd_job(args) -> int:
     return 0
 
 
-def _why_waiting(r: dict, s: dict, stamp) -> str:
+def _stamp(t: float | None) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds") if t else "-"
+
+
+def _why_waiting(r: dict, s: dict) -> str:
     """Why a queued job has not started, as far as the server's status tells."""
     import time
 
     if (r.get("not_before") or 0) > time.time():
-        return f"tried again after its failure, from {stamp(r['not_before'])}"
+        return f"tried again after its failure, from {_stamp(r['not_before'])}"
     if not s["workers"]:
         return "no worker is connected (start one: dsage_worker --cert BUNDLE)"
     if s["busy"] >= s["slots"]:

@@ -159,16 +159,25 @@ def test_an_unwritable_bundle_adds_no_one_and_only_an_admin_adds_anyone(cluster,
 
 
 def test_job_says_why_a_queued_job_waits(tmp_path):
-    """`dsage job` of a queued job says what it waits for: a worker, or a free slot."""
+    """`dsage job` of a queued job, and `dsage submit --wait` after a few seconds, say what
+    the job waits for: a worker, or a free slot."""
     with LocalCluster(tmp_path / "home") as cluster:
         cluster.init()
         cluster.start_server()
+        env = dict(os.environ, DSAGE_HOME=str(cluster.home))
+        waiting = subprocess.Popen(command("dsage") + ["submit", "-c", "6 * 7", "--wait"], env=env, text=True,
+                                   stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        note = waiting.stderr.readline()
+        assert note.startswith("dsage: job ") and note.endswith(
+            " waits: no worker is connected (start one: dsage_worker --cert BUNDLE)\n")
         first = run(cluster.home, "submit", "-c", "import time\ntime.sleep(60)").stdout.strip()
         shown = run(cluster.home, "job", first).stdout
         assert "  waiting   no worker is connected (start one: dsage_worker --cert BUNDLE)\n" in shown
         cluster.add_worker(slots=1)
+        out, _ = waiting.communicate(timeout=60)   # the worker came: the waiting job ran first
+        assert waiting.returncode == 0 and out.splitlines()[-1] == "42"
         with cluster.connect() as D:
-            wait_for(lambda: D.job(int(first)).status == "processing", what="the first job to start")
+            wait_for(lambda: D.job(int(first)).status == "processing", what="the sleeping job to start")
         second = run(cluster.home, "submit", "-c", "1").stdout.strip()
         shown = run(cluster.home, "job", second).stdout
         assert ("  waiting   all 1 slots of 1 workers are busy, 1 jobs queued (lower priority numbers go "
