@@ -170,6 +170,8 @@ def _files(files: Any) -> dict[str, bytes]:
             raise ValueError(f"files: two paths have the same name: {sorted(names)}")
     out = {}
     for name, value in items:
+        if not safe_file_name(name):
+            raise ValueError(f"bad job file name {name!r}: a relative path inside the job's folder, without '..'")
         if isinstance(value, os.PathLike):
             try:
                 value = pathlib.Path(value).read_bytes()
@@ -177,6 +179,14 @@ def _files(files: Any) -> dict[str, bytes]:
                 raise ValueError(f"cannot read the job's file {os.fspath(value)}: {e.strerror}") from None
         out[name] = _as_bytes(value, f"files[{name!r}]")
     return out
+
+
+def safe_file_name(name: str) -> bool:
+    """Whether `name` is a path inside a job's folder: relative, without '.' or '..' parts
+    (``data/in.txt`` is; ``/etc/x``, ``../x`` and ``''`` are not)."""
+    parts = name.split("/")
+    return bool(name) and "\x00" not in name and "\\" not in name and \
+        all(part not in ("", ".", "..") for part in parts)
 
 
 def _as_bytes(value: Any, name: str) -> bytes:

@@ -8,7 +8,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsage import errors
-from dsage.job import KINDS, MAX_FAILURES, MAX_JOB_BYTES, MAX_PRIORITY, MAX_TIMEOUT, MIB, carried
+from dsage.job import KINDS, MAX_FAILURES, MAX_JOB_BYTES, MAX_PRIORITY, MAX_TIMEOUT, MIB, carried, safe_file_name
 from dsage.protocol import encode
 
 RETRY_BASE = 1.0
@@ -42,8 +42,8 @@ def validate_spec(spec: Any) -> dict:
                                               for k, v in files.items()):
         raise ValueError("job files must map names to bytes")
     for name in files:
-        if not name or name.startswith(("/", ".")) or "/" in name or "\\" in name:
-            raise ValueError(f"bad job file name {name!r}: plain file names only")
+        if not safe_file_name(name):
+            raise ValueError(f"bad job file name {name!r}: a relative path inside the job's folder, without '..'")
     if carried(spec) > MAX_JOB_BYTES:
         raise ValueError(f"a job may carry at most {MAX_JOB_BYTES // MIB} MiB of payload and files")
     name = spec.get("name") or kind

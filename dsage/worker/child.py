@@ -23,7 +23,7 @@ from typing import Any
 
 import msgpack
 
-from dsage.job import MAX_JOB_BYTES, MIB
+from dsage.job import MAX_JOB_BYTES, MIB, safe_file_name
 
 LIMITS = {"memory": resource.RLIMIT_AS, "open_files": resource.RLIMIT_NOFILE,
           "file_size": resource.RLIMIT_FSIZE}
@@ -73,8 +73,14 @@ def code_filename(job: dict) -> str:
 def run(job: dict) -> object:
     """Run one job description (in the current folder) and return its value."""
     for name, data in (msgpack.unpackb(job["files"]) if job.get("files") else {}).items():
-        with open(os.path.basename(name), "wb") as fh:
-            fh.write(data)
+        if not safe_file_name(name):
+            raise Refused(f"dsage: the job's file name {name!r} is not a path inside its folder")
+        try:
+            os.makedirs(os.path.dirname(name) or ".", exist_ok=True)
+            with open(name, "wb") as fh:
+                fh.write(data)
+        except OSError as e:        # a name that is also another file's folder, a full disk
+            raise Refused(f"dsage: cannot write the job's file {name!r}: {e.strerror or e}") from None
     if job["kind"] == "callable":
         import cloudpickle
 

@@ -151,6 +151,8 @@ def test_files_are_placed_in_the_working_directory(D):
     """Job files are written beside the job, which runs in its own temporary folder."""
     job = D.submit(dsage.Job(code="open('input.txt').read().upper()", files={"input.txt": b"abc"}))
     assert job.wait(timeout=30) == "ABC"
+    nested = D.eval("open('data/in/x.txt').read()", files={"data/in/x.txt": "deep"})   # folders are made
+    assert nested.wait(timeout=30) == "deep"
 
 
 def test_files_from_local_paths(D, tmp_path):

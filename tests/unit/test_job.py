@@ -38,7 +38,9 @@ def test_callable_job_pickles_closures():
                                 {"code": "1", "max_failures": 2.5}, {"code": "1", "max_failures": 10**6},
                                 {"code": "1", "files": [3]}, {"code": "1", "files": ["/no/such/file"]},
                                 {"code": "1", "files": ["/a/x", "/b/x"]}, {"code": "1", "files": {"a": 5}},
-                                {"code": "1", "files": {"a": None}}])
+                                {"code": "1", "files": {"a": None}}, {"code": "1", "files": {"": b"x"}},
+                                {"code": "1", "files": {"../up": b"x"}}, {"code": "1", "files": {"/etc/x": b"x"}},
+                                {"code": "1", "files": {"a//b": b"x"}}, {"code": "1", "files": {".": b"x"}}])
 def test_invalid_jobs_are_refused(kw):
     """A Job needs exactly one of code or a callable, and sane options."""
     with pytest.raises((ValueError, TypeError)):
