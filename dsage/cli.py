@@ -405,11 +405,10 @@ def cmd_jobs(args) -> int:
 def cmd_job(args) -> int:
     D = _connect(args)
     r = D._call("get_job", job_id=args.id, result=False)
-    stamp = _stamp
     print(f"job {r['job_id']}: {r['name']}\n  owner     {r['owner']}\n  status    {r['status']}\n"
           f"  kind      {r['kind']}\n  priority  {r['priority']}   timeout {r['timeout']:g} s   "
-          f"failures {r['failures']}/{r['max_failures']}\n  created   {stamp(r['created'])}\n"
-          f"  started   {stamp(r['started'])}\n  finished  {stamp(r['finished'])}")
+          f"failures {r['failures']}/{r['max_failures']}\n  created   {_stamp(r['created'])}\n"
+          f"  started   {_stamp(r['started'])}\n  finished  {_stamp(r['finished'])}")
     if r["cpu_time"] is not None or r["wall_time"] is not None:
         print(f"  cpu time  {r['cpu_time'] or 0:.3f} s   wall time {r['wall_time'] or 0:.3f} s")
     for a in r["attempts"]:
@@ -424,6 +423,7 @@ def cmd_job(args) -> int:
 
 
 def _stamp(t: float | None) -> str:
+    """A time as the commands show it (local, to the second), or "-" for none."""
     import datetime
 
     return datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds") if t else "-"
