@@ -394,11 +394,19 @@ def cmd_submit(args) -> int:
 
 
 def cmd_jobs(args) -> int:
+    if args.limit < 1:
+        raise UserError(f"--limit must be at least 1, not {args.limit}")
     D = _connect(args)
     recs = D._call("list_jobs", status=args.status, all=args.all, limit=args.limit)
+    which = f"{args.status} jobs" if args.status else "jobs"
+    if not recs:
+        print(f"no {which}" + ("" if args.all else " of yours"))
+        return 0
     print(f"{'id':>8}  {'status':10} {'owner':12} {'fails':>5}  name")
     for r in recs:
         print(f"{r['job_id']:>8}  {r['status']:10} {r['owner'][:12]:12} {r['failures']:>5}  {r['name'][:60]}")
+    if len(recs) >= args.limit:
+        print(f"(the newest {len(recs)} {which} shown: --limit N for more)")
     return 0
 
 
@@ -541,7 +549,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = client_parser("jobs", "list your jobs")
     p.add_argument("--status", choices=STATUSES)
     p.add_argument("--all", action="store_true", help="every user's jobs (admins)")
-    p.add_argument("--limit", type=int, default=50)
+    p.add_argument("--limit", type=int, default=50, help="the newest N jobs (default 50)")
     p.set_defaults(func=cmd_jobs)
     for name, func, text in (("job", cmd_job, "show one job"), ("result", cmd_result, "print a job's result"),
                              ("kill", cmd_kill, "kill a job")):

@@ -61,6 +61,7 @@ def test_identities_offline(tmp_path):
     (("worker", "--nice", "-5"), "--nice must be from 0 (the worker's own priority) to 19 (the lowest), not -5"),
     (("worker", "--max-memory", "-1"), "--max-memory must not be negative, not -1"),
     (("demo", "--number", "1"), "--number must be at least 2, not 1"),
+    (("jobs", "--limit", "0"), "--limit must be at least 1, not 0"),
     (("server", "--port", "99999"), "the port must be from 0 (any free port) to 65535, not 99999"),
     (("server", "--web-port", "-5"), "the web port must be from -1 (no dashboard) to 65535, not -5"),
 ])
@@ -126,6 +127,9 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     shown = run(home, "job", job_id).stdout
     assert "completed" in shown and "from a file" in shown and "work.py" in shown
     assert job_id in run(home, "jobs").stdout
+    assert run(home, "jobs", "--status", "killed").stdout == "no killed jobs of yours\n"
+    newest = run(home, "jobs", "--limit", "1").stdout.splitlines()
+    assert newest[1].split()[0] == job_id and newest[2] == "(the newest 1 jobs shown: --limit N for more)"
     long = run(home, "submit", "-c", "import time\ntime.sleep(60)")
     long_id = long.stdout.strip()
     killed = run(home, "kill", long_id)
