@@ -21,10 +21,11 @@ install: $(STAMP)
 system:
 	@missing=""; command -v ecm >/dev/null || missing="$$missing gmp-ecm"; \
 	command -v povray >/dev/null || missing="$$missing povray"; \
+	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \
-	  else echo "note: install$$missing (Debian packages) for the examples"; fi; \
+	  else echo "note: install$$missing (Debian packages) for the examples and the tests"; fi; \
 	fi
 
 test: system $(STAMP)

@@ -38,14 +38,18 @@ def _sync(d):
     return value
 
 
-def _offline_store(home: Path):
-    """Open the server's database directly (only while the server is not running)."""
-    from dsage.config import load_server_config
+def _offline_store(where: Path | ServerConfig):
+    """Open the server's database (of a home's server.conf, or of a config) directly (only
+    while the server is not running)."""
+    from dsage.config import ServerConfig, load_server_config
     from dsage.server.service import open_db
     from dsage.server.store import JobStore
 
-    config = load_server_config(dsage_home=home)
-    return JobStore(open_db(config.db_uri), threaded=False)
+    config = where if isinstance(where, ServerConfig) else load_server_config(dsage_home=where)
+    try:
+        return JobStore(open_db(config.db_uri), threaded=False)
+    except ValueError as e:
+        raise UserError(str(e)) from None
 
 
 def _login_name() -> str:
@@ -63,7 +67,7 @@ def cmd_init(args) -> int:
     host = args.host
     local = host in ("localhost", "127.0.0.1", "::1")
     config = ServerConfig(home=home, host=host, interface="127.0.0.1" if local else "0.0.0.0",
-                          port=args.port, web_port=args.web_port)
+                          port=args.port, web_port=args.web_port, db=args.db or "")
     check_server_config(config, keys=False)
     if (home / "ca.key").exists() and not args.force:
         print(f"dsage is already set up in {home} (use --force to make new keys; "
@@ -73,16 +77,16 @@ def cmd_init(args) -> int:
         raise UserError(f"{home} can be read or entered by other users (mode "
                         f"{home.stat().st_mode & 0o777:o}): `chmod 700 {home}` first; it will hold private keys")
     home.mkdir(mode=0o700, parents=True, exist_ok=True)
-    ca = tls.Authority.create()
-    ca.save(home)
-    cert, key = ca.issue("dsage-server", server_hosts=[host, socket.gethostname()])
-    tls.write_private(home / "server.key", tls.key_pem(key))
-    (home / "server.pem").write_bytes(tls.cert_pem(cert))
-    config.save(conf)
-    admin = _login_name()
-    bundle, serial = tls.make_bundle(ca, admin, "admin", f"{host}:{args.port}")
-    store = _offline_store(home)
+    store = _offline_store(config)          # a database that cannot be opened: nothing written
     try:
+        ca = tls.Authority.create()
+        ca.save(home)
+        cert, key = ca.issue("dsage-server", server_hosts=[host, socket.gethostname()])
+        tls.write_private(home / "server.key", tls.key_pem(key))
+        (home / "server.pem").write_bytes(tls.cert_pem(cert))
+        config.save(conf)
+        admin = _login_name()
+        bundle, serial = tls.make_bundle(ca, admin, "admin", f"{host}:{args.port}")
         _sync(store.add_identity(admin, "admin", serial, force=True))
     finally:
         store.stop()
@@ -513,6 +517,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="localhost", help="the name clients use to reach the server")
     p.add_argument("--port", type=int, default=8081)
     p.add_argument("--web-port", type=int, default=8082)
+    p.add_argument("--db", help="storage URI (file://, zeo://, postgres://...; default: a file in $DSAGE_HOME)")
     p.add_argument("--force", action="store_true", help="make new keys even if some exist")
     p.set_defaults(func=cmd_init)
 

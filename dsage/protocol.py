@@ -179,7 +179,7 @@ def error_value(failure: Failure) -> dict[str, str]:
     name = type(exc).__name__
     if name not in WIRE_ERRORS:
         name = "RemoteError"
-    return {"type": name, "message": str(exc) or name}
+    return {"type": name, "message": str(exc) or type(exc).__name__}
 
 
 def error_from_value(value: Any) -> Exception:

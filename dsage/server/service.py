@@ -66,6 +66,7 @@ class ServerService(service.MultiService):
         self.log.info("opening database {uri}", uri=self.config.db_uri.split("?")[0])
         self.store = JobStore(self.db or open_db(self.config.db_uri), reactor=self.reactor)
         self.store.start()
+        self._adopt_admin()
         self.store.grace(self.config.lease_seconds).addCallback(
             lambda n: n and self.log.info("{n} jobs were running: their workers have {s} s to report",
                                           n=n, s=self.config.lease_seconds))
@@ -85,6 +86,20 @@ class ServerService(service.MultiService):
         super().startService()
         d = self._listen()
         d.addErrback(self._listen_failed)
+
+    def _adopt_admin(self) -> None:
+        """A database with no identity yet (one named after `dsage init`, by `--db` or in
+        server.conf) takes this home's admin, the one `dsage init` made (client.pem)."""
+        path = self.config.home / "client.pem"
+        try:
+            bundle = tls.Bundle.load(path)
+        except (OSError, ValueError):
+            return
+        if bundle.role != "admin":
+            return
+        self.store.first_admin(bundle.name, bundle.certificate().serial_number).addCallback(
+            lambda new: new and self.log.info("a database without users: {name} (of {path}) is its admin",
+                                              name=bundle.name, path=str(path)))
 
     async def _listen_async(self) -> None:
         home = self.config.home

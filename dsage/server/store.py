@@ -52,6 +52,14 @@ ANNOUNCE_WAIT = 0.005
 _STOP = object()
 
 
+def _has_blobs(storage) -> bool:
+    """Whether `storage` keeps blobs (a ZEO client does only when given a blob_dir)."""
+    try:
+        return isinstance(storage.temporaryDirectory(), str)
+    except Exception:
+        return False
+
+
 class JobStore(FunctionOps, RetentionOps, LeaseOps):
     """Jobs, identities and functions in ZODB, behind one writer thread."""
 
@@ -67,8 +75,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         self.warm = WarmBytes(WARM_BYTES)
         #: the earliest time a backed-off job becomes runnable, as the last claim saw it.
         self._retry_due: float | None = None
-        self.blobs = bool(db.storage.__class__.__name__ == "BlobStorage" or
-                          hasattr(db.storage, "temporaryDirectory"))
+        self.blobs = _has_blobs(db.storage)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
         self._tm = transaction.TransactionManager(explicit=True)
@@ -217,7 +224,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
                 self._tm.abort()
             if isinstance(e, OSError):
                 failure = Failure(_storage_error(e))
-            return [(d, False, failure) for _, _, d, _ in batch]
+            return [(d, False, _database_failure(failure)) for _, _, d, _ in batch]
         early = [(hook, value) for (_, _, _, hook), (_, ok, value) in zip(batch, out) if ok and hook is not None]
         if early and announce is not None:
             announce(early)
@@ -230,7 +237,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             if isinstance(e, OSError):
                 failure = Failure(_storage_error(e))
                 self._release_temp_space()
-            out = [(d, False, failure) for d, _, _ in out]
+            out = [(d, False, _database_failure(failure)) for d, _, _ in out]
         return out
 
     def _apply(self, batch: list, guarded: bool) -> list | None:
@@ -251,7 +258,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
                 else:
                     self._tm.abort()
                     self._tm.begin()
-                out.append((d, False, Failure()))
+                out.append((d, False, _database_failure(Failure())))
         return out
 
     def _release_temp_space(self) -> None:
@@ -327,6 +334,17 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             raise errors.RemoteError(f"{name} already exists (revoke it first, or use --force to re-issue)")
         root.identities[name] = Identity(name, role, serial, self.now())
         return {"name": name, "role": role}
+
+    def first_admin(self, name: str, serial: int) -> defer.Deferred:
+        """Record an admin in a database that knows no identity yet (a new ZEO or PostgreSQL
+        database named after `dsage init`); fires with whether it was recorded."""
+        return self._run(self._first_admin, name, serial)
+
+    def _first_admin(self, root: Root, name: str, serial: int) -> bool:
+        if root.identities:
+            return False
+        root.identities[name] = Identity(name, "admin", serial, self.now())
+        return True
 
     def revoke(self, name: str) -> defer.Deferred:
         """Mark an identity revoked: its certificate is refused from now on."""
@@ -551,6 +569,21 @@ def _storage_error(e: OSError) -> errors.RemoteError:
     """What the requester is told when the server's disk refused a write."""
     return errors.RemoteError(f"the server could not store this request: {e.strerror or e} "
                               f"(nothing of it was stored; tell the server's administrator)")
+
+
+#: where the exceptions of a database that cannot be reached come from (ZEO, RelStorage).
+_DATABASE_MODULES = ("ZEO.", "ZODB.", "relstorage.", "psycopg2", "pg8000")
+
+
+def _database_failure(failure: Failure) -> Failure:
+    """What the requester is told when the database itself failed (a ZEO or PostgreSQL
+    server that went away): said so, instead of the storage's bare exception."""
+    e = failure.value
+    if not type(e).__module__.startswith(_DATABASE_MODULES):
+        return failure
+    why = f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+    return Failure(errors.RemoteError(f"the server's database failed this request ({why}); nothing of it "
+                                      f"was stored: try again, or tell the server's administrator"))
 
 
 def _announce(early: list, then: Callable[[], None] | None = None) -> None:

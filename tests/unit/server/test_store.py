@@ -271,6 +271,18 @@ def test_identities(store):
     assert value(store.identities())[0]["revoked"] is True
 
 
+def test_a_database_without_identities_takes_the_first_admin_only(store):
+    """The admin of `dsage init` is recorded in a database that knows no one, never beside
+    (or over) identities already there."""
+    assert value(store.first_admin("root", 21)) is True
+    assert value(store.authenticate("root", 21)) == "admin"
+    assert value(store.first_admin("mallory", 22)) is False
+    with pytest.raises(errors.AuthError):
+        value(store.authenticate("mallory", 22))
+    assert value(store.first_admin("root", 23)) is False
+    assert value(store.authenticate("root", 21)) == "admin"
+
+
 def test_bad_specs_are_refused(store):
     """Malformed submissions raise ValueError and store nothing."""
     for bad in (spec(kind="shell"), spec(payload="text"), spec(timeout=-1), spec(priority="high"),

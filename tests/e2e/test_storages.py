@@ -1,0 +1,99 @@
+"""dsage_server on the other storages SPEC names, each a real server: ZEO (``runzeo``) and
+PostgreSQL through RelStorage; what a user does with them, from ``dsage init`` on."""
+from __future__ import annotations
+
+import signal
+
+import pytest
+
+import dsage
+from dsage.client.local import LocalCluster
+from tests.e2e.conftest import wait_for
+from tests.support.databases import postgres_server, zeo_server
+
+pytestmark = pytest.mark.e2e
+
+
+def _jobs_survive_a_kill9(cluster: LocalCluster) -> None:
+    """Jobs of every kind, large values (blobs) among them, stored on the cluster's database,
+    are all there after a kill -9 of the server; the worker and the client reconnect."""
+    D = cluster.connect()
+    try:
+        wait_for(lambda: D.workers(), what="a worker")
+        done = D.eval("6 * 7")
+        assert done.wait(timeout=60) == 42
+        big = D.submit(bytes.__add__, bytes(300_000), b"!")        # a payload and a result of 300 kB
+        assert len(big.wait(timeout=60)) == 300_001
+        failed = D.submit(dsage.Job(code="1/0", max_failures=1))
+        with pytest.raises(dsage.JobFailed, match="ZeroDivisionError"):
+            failed.wait(timeout=60)
+        queued = D.map(abs, range(-200, 0))
+        cluster.stop_server(signal.SIGKILL)
+        cluster.start_server()
+        assert D.job(done.job_id).result == 42
+        assert D.job(big.job_id).result == bytes(300_000) + b"!"
+        assert D.job(failed.job_id).status == "failed"
+        assert [j.wait(timeout=120) for j in queued] == list(range(200, 0, -1))
+        wait_for(lambda: D.workers(), what="the worker to reconnect")
+        assert D.eval("'after'").wait(timeout=60) == "after"
+    finally:
+        D.close()
+
+
+@pytest.mark.parametrize("blob_cache", [True, False], ids=["blob-cache", "no-blob-cache"])
+def test_zeo_named_in_server_conf_after_init(tmp_path, blob_cache):
+    """`dsage init`, then `db = zeo://...` in server.conf: the server adopts the admin of
+    init in the new database, keeps everything across a kill -9, and a ZEO server that goes
+    away makes requests fail with a clear error until it is back."""
+    (tmp_path / "zeo").mkdir()
+    with zeo_server(tmp_path / "zeo") as zeo:
+        cluster = LocalCluster(tmp_path / "home")
+        try:
+            cluster.init()
+            cluster.configure(db=zeo.uri(blob_cache))
+            cluster.start_server()
+            cluster.add_worker(slots=2)
+            _jobs_survive_a_kill9(cluster)
+            D = cluster.connect()
+            try:
+                zeo.stop()
+                with pytest.raises(dsage.DsageError, match="the server's database failed this request"):
+                    D.eval("1")
+                zeo.start()
+                assert wait_for(lambda: _answers(D), timeout=60, what="ZEO to be back") == "back"
+            finally:
+                D.close()
+        finally:
+            cluster.stop()
+
+
+def _answers(D) -> str | None:
+    try:
+        return D.eval("'back'").wait(timeout=30)
+    except dsage.DsageError:
+        return None
+
+
+def test_postgresql_from_dsage_init(tmp_path):
+    """`dsage init --db postgres://...` puts the admin into that database; users and
+    workers added there log in; jobs survive a kill -9 of the server."""
+    with postgres_server() as uri:
+        cluster = LocalCluster(tmp_path / "home")
+        try:
+            cluster.run("init", "--port", "0", "--web-port", "0", "--db", uri)
+            cluster.start_server()
+            cluster.add_worker(slots=2)
+            _jobs_survive_a_kill9(cluster)
+            listed = cluster.run("user", "list").stdout
+            assert "worker1" in listed and "admin" in listed
+        finally:
+            cluster.stop()
+
+
+def test_init_refuses_a_database_it_cannot_open_and_writes_nothing(tmp_path):
+    """A --db that does not answer: one line, and no keys or config left behind."""
+    cluster = LocalCluster(tmp_path / "home")
+    out = cluster.run("init", "--db", "zeo://127.0.0.1:1?wait_timeout=1", check=False)
+    assert out.returncode == 1
+    assert out.stderr == "dsage: error: cannot open the database zeo://127.0.0.1:1: timed out waiting for connection\n"
+    assert not list((tmp_path / "home").glob("*"))
