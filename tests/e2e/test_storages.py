@@ -36,6 +36,7 @@ def _jobs_survive_a_kill9(cluster: LocalCluster) -> None:
         assert [j.wait(timeout=120) for j in queued] == list(range(200, 0, -1))
         wait_for(lambda: D.workers(), what="the worker to reconnect")
         assert D.eval("'after'").wait(timeout=60) == "after"
+        assert cluster.run("pack").stdout.startswith("packed: ")
     finally:
         D.close()
 
