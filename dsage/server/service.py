@@ -2,7 +2,10 @@
 lease reaper and the database maintenance."""
 from __future__ import annotations
 
+import contextlib
 import os
+import socket
+import uuid
 from pathlib import Path
 
 from twisted.application import internet, service
@@ -10,12 +13,13 @@ from twisted.internet import defer
 from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 
-from dsage import tls
+from dsage import errors, tls
 from dsage.config import ServerConfig
 from dsage.server.connections import ServerFactory
 from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
+from dsage.server.syncer import file_storage
 
 
 def open_db(uri: str):
@@ -45,6 +49,14 @@ def open_db(uri: str):
         raise ValueError(f"cannot open the database {uri.split('?')[0]}: {e}") from None
 
 
+#: seconds a server's hold on a ZEO or RelStorage database lasts unless renewed (every third).
+HOLD_SECONDS = 30.0
+
+
+class _Refused(Exception):
+    """The server cannot start: the database is held by another one."""
+
+
 class ServerService(service.MultiService):
     """dsage_server: owns the database, the listener and the reaper."""
 
@@ -60,6 +72,7 @@ class ServerService(service.MultiService):
         self.port = None
         self.web_port = None
         self.failed = False     # could not listen
+        self.holder: dict | None = None     # this server's hold on a shared database
 
     def startService(self) -> None:
         home = self.config.home
@@ -83,9 +96,27 @@ class ServerService(service.MultiService):
                     pack_growth=self.config.pack_growth, pack_min_mb=self.config.pack_min_mb,
                     interval=self.config.maintenance_seconds,
                     index_interval=self.config.index_seconds).setServiceParent(self)
+        if file_storage(self.store.db.storage) is None:      # ZEO, RelStorage: others may reach it
+            self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+            renew = internet.TimerService(HOLD_SECONDS / 3, self._hold_again)
+            renew.clock = self.reactor
+            renew.setServiceParent(self)
         super().startService()
-        d = self._listen()
+        d = self._hold() if self.holder else defer.succeed(None)
+        d.addCallback(lambda _: self._listen())
         d.addErrback(self._listen_failed)
+
+    def _hold(self) -> defer.Deferred:
+        """Hold the shared database before listening (`_Refused` if another server does)."""
+        def refused(failure):
+            failure.trap(errors.DsageError)
+            raise _Refused(failure.getErrorMessage())
+        return self.store.hold(self.holder, HOLD_SECONDS).addErrback(refused)
+
+    def _hold_again(self) -> None:
+        if self.store is not None and self.port is not None:
+            self.store.hold(self.holder, HOLD_SECONDS).addErrback(
+                lambda f: self.log.error("cannot hold the database: {why}", why=f.getErrorMessage()))
 
     def _adopt_admin(self) -> None:
         """A database with no identity yet (one named after `dsage init`, by `--db` or in
@@ -140,10 +171,14 @@ class ServerService(service.MultiService):
         return defer.Deferred.fromCoroutine(self._listen_async())
 
     def _listen_failed(self, failure) -> None:
-        """No listener: say why in one line, and stop (`dsage_server` then exits with 1)."""
+        """No listener (or the database held by another server): say why in one line, and
+        stop (`dsage_server` then exits with 1)."""
         self.failed = True
-        self.log.critical("cannot listen on {interface}:{port}: {why}", interface=self.config.interface,
-                          port=self.config.port, why=failure.getErrorMessage())
+        if failure.check(_Refused):
+            self.log.critical("{why}", why=failure.getErrorMessage())
+        else:
+            self.log.critical("cannot listen on {interface}:{port}: {why}", interface=self.config.interface,
+                              port=self.config.port, why=failure.getErrorMessage())
         if self.reactor.running:
             self.reactor.stop()
         else:           # `twist` starts its services before its reactor
@@ -157,6 +192,9 @@ class ServerService(service.MultiService):
         if self.hub is not None:
             self.hub.dispatcher.stop()
         if self.store is not None:
+            if self.holder and not self.failed:
+                with contextlib.suppress(Exception):
+                    await self.store.let_go(self.holder["token"])
             self.store.stop()
 
     def stopService(self) -> defer.Deferred:

@@ -21,6 +21,7 @@ neighbours; large payloads are written to their files by a staging thread first.
 from __future__ import annotations
 
 import contextlib
+import os
 import queue
 import threading
 import time
@@ -50,6 +51,17 @@ WARM_BYTES = 32 << 20
 #: longest the writer waits for the reactor to send leases before committing them.
 ANNOUNCE_WAIT = 0.005
 _STOP = object()
+
+
+def _alive(pid: int) -> bool:
+    """Whether a process of this host has that id."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        pass
+    return True
 
 
 def _has_blobs(storage) -> bool:
@@ -345,6 +357,35 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             return False
         root.identities[name] = Identity(name, "admin", serial, self.now())
         return True
+
+    # -- the server that holds the database (ZEO, RelStorage) ----------------------------
+    def hold(self, holder: dict, ttl: float) -> defer.Deferred:
+        """Mark the database as held by this server (`holder`: host, pid, token) for `ttl`
+        seconds; hold it again before they pass.  DsageError if another live server holds
+        it: a ZEO or PostgreSQL database can be reached by several, which would lease the
+        same jobs.  (A FileStorage is locked by the one process that has it open.)"""
+        return self._run(self._hold, holder, ttl)
+
+    def _hold(self, root: Root, holder: dict, ttl: float) -> None:
+        now = self.now()
+        held = root.holder
+        if held and held["token"] != holder["token"]:
+            age = now - held["renewed"]
+            gone = held["host"] == holder["host"] and not _alive(held["pid"])
+            if age < ttl and not gone:
+                raise errors.DsageError(
+                    f"the database is in use by the dsage_server on {held['host']} (pid {held['pid']}, "
+                    f"last seen {max(age, 0):.0f} s ago): two servers on one database would run the same "
+                    f"jobs; stop that one first (if it is gone, its hold lapses within {ttl - age:.0f} s)")
+        root.holder = dict(holder, renewed=now)
+
+    def let_go(self, token: str) -> defer.Deferred:
+        """Release the database held under `token` (a server that stops)."""
+        return self._run(self._let_go, token)
+
+    def _let_go(self, root: Root, token: str) -> None:
+        if root.holder and root.holder["token"] == token:
+            root.holder = None
 
     def revoke(self, name: str) -> defer.Deferred:
         """Mark an identity revoked: its certificate is refused from now on."""

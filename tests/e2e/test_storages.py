@@ -3,6 +3,7 @@ PostgreSQL through RelStorage; what a user does with them, from ``dsage init`` o
 from __future__ import annotations
 
 import signal
+import socket
 
 import pytest
 
@@ -66,6 +67,32 @@ def test_zeo_named_in_server_conf_after_init(tmp_path, blob_cache):
                 D.close()
         finally:
             cluster.stop()
+
+
+def test_a_second_server_on_the_same_zeo_database_is_refused(tmp_path):
+    """Two servers on one ZEO database would lease the same jobs: the second one exits with
+    a line naming the first; after a kill -9 of the first, it starts again at once on its
+    host, and after a clean stop another server may take the database."""
+    (tmp_path / "zeo").mkdir()
+    with zeo_server(tmp_path / "zeo") as zeo:
+        first, second = LocalCluster(tmp_path / "first"), LocalCluster(tmp_path / "second")
+        try:
+            for cluster in (first, second):
+                cluster.init()
+                cluster.configure(db=zeo.uri())
+            first.start_server()
+            with pytest.raises(dsage.DsageError, match="exited with 1"):
+                second.start_server()
+            log = (second.home / "server.log").read_text()
+            assert f"the database is in use by the dsage_server on {socket.gethostname()} (pid {first.server.pid}, " in log
+            first.stop_server(signal.SIGKILL)
+            first.start_server()                    # its old hold names a process that is gone
+            first.stop_server()
+            second.start_server()                   # a clean stop let the database go
+            assert second.server.poll() is None
+        finally:
+            first.stop()
+            second.stop()
 
 
 def _answers(D) -> str | None:

@@ -283,6 +283,34 @@ def test_a_database_without_identities_takes_the_first_admin_only(store):
     assert value(store.authenticate("root", 21)) == "admin"
 
 
+def test_a_shared_database_is_held_by_one_live_server(store, clock):
+    """Another server's hold refuses a second one until it lapses, its process is gone
+    (same host), or it lets go; the holder itself renews it at will."""
+    import os
+    import subprocess
+
+    gone = subprocess.Popen(["true"])
+    gone.wait()
+    a = {"host": "lab1", "pid": os.getpid(), "token": "a"}
+    value(store.hold(a, 30))
+    clock.now += 20
+    value(store.hold(a, 30))                                    # renewed
+    clock.now += 20
+    with pytest.raises(errors.DsageError, match=r"in use by the dsage_server on lab1 \(pid \d+, last seen 20 s "
+                                               r"ago\).*lapses within 10 s"):
+        value(store.hold({"host": "lab2", "pid": 1, "token": "b"}, 30))
+    with pytest.raises(errors.DsageError):                      # same host, but the holder lives
+        value(store.hold({"host": "lab1", "pid": 1, "token": "b"}, 30))
+    clock.now += 10
+    value(store.hold({"host": "lab2", "pid": gone.pid, "token": "b"}, 30))     # lapsed
+    value(store.hold({"host": "lab2", "pid": 7, "token": "c"}, 30))           # b's process is gone
+    value(store.let_go("b"))                                    # not the holder: nothing changes
+    with pytest.raises(errors.DsageError):
+        value(store.hold({"host": "lab3", "pid": 8, "token": "d"}, 30))
+    value(store.let_go("c"))
+    value(store.hold({"host": "lab3", "pid": 8, "token": "d"}, 30))
+
+
 def test_bad_specs_are_refused(store):
     """Malformed submissions raise ValueError and store nothing."""
     for bad in (spec(kind="shell"), spec(payload="text"), spec(timeout=-1), spec(priority="high"),
