@@ -28,13 +28,27 @@ def open_db(uri: str):
     Raises ValueError with a clear message when the URI is wrong or the file is in use."""
     import ZODB
     from zc.lockfile import LockError
-    from zodburi import resolve_uri
+    from zodburi import NoResolverForScheme, resolve_uri
 
+    if "://" not in uri:
+        raise ValueError(f"bad database URI {uri!r}: not scheme://... (file:///path/dsage.fs, "
+                         f"zeo://host:port, postgres://user@host/db)")
     if uri.startswith("file://"):
         path = Path(uri[len("file://"):].split("?", 1)[0])
         path.parent.mkdir(parents=True, exist_ok=True)
     try:
         storage_factory, dbkw = resolve_uri(uri)
+    except NoResolverForScheme:
+        scheme, known = uri.partition("://")[0], _schemes()
+        if scheme == "postgresql" and "postgres" in known:
+            hint = ": PostgreSQL URIs start with postgres://"
+        elif scheme in ("postgres", "postgresql"):
+            hint = " (PostgreSQL: pip install 'dsage[postgres]')"
+        elif scheme in RELSTORAGE:
+            hint = " (pip install RelStorage and the database's driver)"
+        else:
+            hint = f"; known: {', '.join(s + '://' for s in sorted(known))}"
+        raise ValueError(f"bad database URI {uri!r}: no storage for {scheme}:// is installed{hint}") from None
     except Exception as e:
         raise ValueError(f"bad database URI {uri!r}: {e}") from None
     dbkw.setdefault("cache_size", 100_000)
@@ -55,6 +69,16 @@ HOLD_SECONDS = 30.0
 
 class _Refused(Exception):
     """The server cannot start: the database is held by another one."""
+
+
+#: the URI schemes RelStorage adds to zodburi's when it is installed.
+RELSTORAGE = ("postgres", "mysql", "oracle", "sqlite")
+
+
+def _schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="zodburi.resolvers")}
 
 
 class ServerService(service.MultiService):

@@ -62,6 +62,10 @@ def test_identities_offline(tmp_path):
     (("worker", "--max-memory", "-1"), "--max-memory must not be negative, not -1"),
     (("demo", "--number", "1"), "--number must be at least 2, not 1"),
     (("jobs", "--limit", "0"), "--limit must be at least 1, not 0"),
+    (("init", "--force", "--db", "postgresql://u@h/db"), "no storage for postgresql:// is installed: "
+                                                         "PostgreSQL URIs start with postgres://"),
+    (("init", "--force", "--db", "mongo://h/db"), "no storage for mongo:// is installed; known: "),
+    (("server", "--db", "dsage.fs"), "bad database URI 'dsage.fs': not scheme://... (file:///path/dsage.fs, "),
     (("server", "--port", "99999"), "the port must be from 0 (any free port) to 65535, not 99999"),
     (("server", "--web-port", "-5"), "the web port must be from -1 (no dashboard) to 65535, not -5"),
 ])
