@@ -72,6 +72,10 @@ def cmd_init(args) -> int:
     if (home / "ca.key").exists() and not args.force:
         print(f"dsage is already set up in {home} (use --force to make new keys; "
               f"every bundle issued so far would stop working; {conf} is left as it is)")
+        if args.db:
+            print(f"--db is not used: to move to {args.db.split('?')[0]}, set db = {args.db} in {conf} "
+                  f"(or run dsage_server --db {args.db}); on a database with no users yet, the server "
+                  f"makes this home's admin its admin (add the other users and workers again)")
         return 0
     if home.exists() and home.stat().st_mode & 0o077:
         raise UserError(f"{home} can be read or entered by other users (mode "

@@ -31,6 +31,11 @@ def test_init_makes_private_keys_and_is_idempotent(tmp_path):
     again = run(home, "init")
     assert again.returncode == 0 and "already set up" in again.stdout
     assert (home / "ca.key").read_bytes() == key
+    conf = (home / "server.conf").read_text()
+    moved = run(home, "init", "--db", "zeo://zodb.example.org:8100")
+    assert moved.returncode == 0 and (home / "server.conf").read_text() == conf
+    assert f"--db is not used: to move to zeo://zodb.example.org:8100, set db = zeo://zodb.example.org:8100 in " \
+           f"{home / 'server.conf'}" in moved.stdout
     forced = run(home, "init", "--force")
     assert forced.returncode == 0 and (home / "ca.key").read_bytes() != key
 
