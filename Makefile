@@ -51,7 +51,7 @@ bench-scale: $(STAMP)
 	$(BIN)/python bench/scale.py
 
 chaos: system $(STAMP)
-	$(BIN)/python -m tests.support.chaos --rounds $${ROUNDS:-20} $${SEED:+--seed $$SEED}
+	$(BIN)/python -m tests.support.chaos --rounds $${ROUNDS:-20} $${SEED:+--seed $$SEED} $${DB:+--db $$DB}
 
 demo: system $(STAMP)
 	$(BIN)/dsage demo --workers 2

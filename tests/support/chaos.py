@@ -8,17 +8,21 @@ Each round prints its seed; a failing round can be replayed with --seed."""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import random
+import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dsage.client.local import LocalCluster
+from tests.support.databases import postgres_server, zeo_server
 
 SCRIPT = str(Path(__file__).with_name("df_client.py"))
 
@@ -66,15 +70,31 @@ def _kill(proc: subprocess.Popen) -> None:
     proc.wait()
 
 
+def _database(stack: contextlib.ExitStack, db: str) -> str | None:
+    """The URI of a fresh database of kind `db` (file: None, the cluster's own FileStorage;
+    zeo and postgres: a real server, stopped with `stack`)."""
+    if db == "zeo":
+        folder = Path(tempfile.mkdtemp(prefix="dsage-zeo-"))
+        stack.callback(shutil.rmtree, folder, ignore_errors=True)
+        return stack.enter_context(zeo_server(folder)).uri()
+    if db == "postgres":
+        return stack.enter_context(postgres_server())
+    return None
+
+
 def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chunk: int = 5,
-              n_big: int = 40) -> Report:
+              n_big: int = 40, db: str = "file") -> Report:
     """One chaos round on a fresh cluster; the report of what happened."""
     rng = random.Random(seed)
     report = Report(seed)
     start = time.monotonic()
     cluster = LocalCluster(lease_seconds=2)
+    stack = contextlib.ExitStack()
     try:
+        uri = _database(stack, db)
         cluster.init()
+        if uri:
+            cluster.configure(db=uri)
         cluster.start_server()
         for _ in range(2):
             cluster.add_worker(slots=1)
@@ -135,6 +155,7 @@ def run_round(seed: int, kills: int = 8, n_map: int = 300, n_fn: int = 1500, chu
         D.close()
     finally:
         cluster.stop()
+        stack.close()
     report.seconds = time.monotonic() - start
     return report
 
@@ -144,11 +165,13 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--seed", type=int, default=None, help="the first round's seed (then seed+1, ...)")
     parser.add_argument("--kills", type=int, default=12, help="random kills per round")
+    parser.add_argument("--db", choices=("file", "zeo", "postgres"), default="file",
+                        help="the server's database: its FileStorage, or a real ZEO or PostgreSQL server")
     args = parser.parse_args()
     first = args.seed if args.seed is not None else random.randrange(1 << 30)
     reports = []
     for i in range(args.rounds):
-        report = run_round(first + i, kills=args.kills)
+        report = run_round(first + i, kills=args.kills, db=args.db)
         print(report.line(), "OK" if report.ok else "FAILED", flush=True)
         reports.append(report)
     kills = {k: sum(r.kills[k] for r in reports) for k in ("server", "worker", "worker stop", "client")}
