@@ -60,7 +60,7 @@ def _login_name() -> str:
 # -- dsage init --------------------------------------------------------------------------
 def cmd_init(args) -> int:
     from dsage import tls
-    from dsage.config import ServerConfig, check_server_config
+    from dsage.config import ServerConfig, check_server_config, masked
 
     home = _home()
     conf = home / "server.conf"
@@ -73,8 +73,9 @@ def cmd_init(args) -> int:
         print(f"dsage is already set up in {home} (use --force to make new keys; "
               f"every bundle issued so far would stop working; {conf} is left as it is)")
         if args.db:
-            print(f"--db is not used: to move to {args.db.split('?')[0]}, set db = {args.db} in {conf} "
-                  f"(or run dsage_server --db {args.db}); on a database with no users yet, the server "
+            shown = masked(args.db)
+            print(f"--db is not used: to move to {shown.split('?')[0]}, set db = {shown} in {conf} "
+                  f"(or run dsage_server --db {shown}); on a database with no users yet, the server "
                   f"makes this home's admin its admin (add the other users and workers again)")
         return 0
     if home.exists() and home.stat().st_mode & 0o077:
@@ -98,7 +99,7 @@ def cmd_init(args) -> int:
     print(f"dsage set up in {home}:\n"
           f"  certificate authority  {home / 'ca.pem'}\n"
           f"  server configuration   {conf} (port {args.port})\n"
-          f"  database               {config.db_uri.split('?')[0]}\n"
+          f"  database               {masked(config.db_uri).split('?')[0]}\n"
           f"  admin bundle           {home / 'client.pem'} (user {admin})\n"
           f"next: dsage_server, then dsage worker add NAME --out FILE and dsage_worker --cert FILE")
     return 0

@@ -81,6 +81,16 @@ def load_server_config(path: Path | None = None, dsage_home: Path | None = None)
     return ServerConfig(home=dsage_home, **values)
 
 
+def masked(uri: str) -> str:
+    """A storage URI as logs and messages show it: its password, if any, as ***."""
+    scheme, sep, rest = uri.partition("://")
+    end = min((i for i in (rest.find("/"), rest.find("?")) if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:end].rpartition("@")         # the host follows the last @
+    if not sep or not at or ":" not in userinfo:
+        return uri
+    return f"{scheme}://{userinfo.split(':', 1)[0]}:***@{host}{rest[end:]}"
+
+
 def split_address(address: str, default_port: int = 8081) -> tuple[str, int]:
     """'host:port' -> (host, port); ValueError with a clear message when malformed."""
     host, sep, port = address.rpartition(":")

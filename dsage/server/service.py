@@ -14,7 +14,7 @@ from twisted.internet.endpoints import TCP4ServerEndpoint
 from twisted.logger import Logger
 
 from dsage import errors, tls
-from dsage.config import ServerConfig
+from dsage.config import ServerConfig, masked
 from dsage.server.connections import ServerFactory
 from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
@@ -31,7 +31,7 @@ def open_db(uri: str):
     from zodburi import NoResolverForScheme, resolve_uri
 
     if "://" not in uri:
-        raise ValueError(f"bad database URI {uri!r}: not scheme://... (file:///path/dsage.fs, "
+        raise ValueError(f"bad database URI {masked(uri)!r}: not scheme://... (file:///path/dsage.fs, "
                          f"zeo://host:port, postgres://user@host/db)")
     if uri.startswith("file://"):
         path = Path(uri[len("file://"):].split("?", 1)[0])
@@ -48,19 +48,19 @@ def open_db(uri: str):
             hint = " (pip install RelStorage and the database's driver)"
         else:
             hint = f"; known: {', '.join(s + '://' for s in sorted(known))}"
-        raise ValueError(f"bad database URI {uri!r}: no storage for {scheme}:// is installed{hint}") from None
+        raise ValueError(f"bad database URI {masked(uri)!r}: no storage for {scheme}:// is installed{hint}") from None
     except Exception as e:
-        raise ValueError(f"bad database URI {uri!r}: {e}") from None
+        raise ValueError(f"bad database URI {masked(uri)!r}: {e}") from None
     dbkw.setdefault("cache_size", 100_000)
     # Payloads and results make objects of up to 64 KiB: bound the cache by size too.
     dbkw.setdefault("cache_size_bytes", 256 << 20)
     try:
         return ZODB.DB(storage_factory(), **dbkw)
     except LockError:
-        raise ValueError(f"the database {uri.split('?')[0]} is in use by another process "
+        raise ValueError(f"the database {masked(uri).split('?')[0]} is in use by another process "
                          f"(is a dsage_server already running?)") from None
     except Exception as e:      # a database server that does not answer, a file that cannot be read
-        raise ValueError(f"cannot open the database {uri.split('?')[0]}: {e}") from None
+        raise ValueError(f"cannot open the database {masked(uri).split('?')[0]}: {e}") from None
 
 
 #: seconds a server's hold on a ZEO or RelStorage database lasts unless renewed (every third).
@@ -100,7 +100,7 @@ class ServerService(service.MultiService):
 
     def startService(self) -> None:
         home = self.config.home
-        self.log.info("opening database {uri}", uri=self.config.db_uri.split("?")[0])
+        self.log.info("opening database {uri}", uri=masked(self.config.db_uri).split("?")[0])
         self.store = JobStore(self.db or open_db(self.config.db_uri), reactor=self.reactor)
         self.store.start()
         self._adopt_admin()

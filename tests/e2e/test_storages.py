@@ -104,16 +104,21 @@ def _answers(D) -> str | None:
 
 def test_postgresql_from_dsage_init(tmp_path):
     """`dsage init --db postgres://...` puts the admin into that database; users and
-    workers added there log in; jobs survive a kill -9 of the server."""
+    workers added there log in; jobs survive a kill -9 of the server; the URI's password
+    is shown nowhere."""
     with postgres_server() as uri:
+        uri = uri.replace("postgres@", "postgres:s3cret@")         # the test server trusts anyone
         cluster = LocalCluster(tmp_path / "home")
         try:
-            cluster.run("init", "--port", "0", "--web-port", "0", "--db", uri)
+            said = cluster.run("init", "--port", "0", "--web-port", "0", "--db", uri).stdout
+            assert "postgres://postgres:***@127.0.0.1:" in said and "s3cret" not in said
             cluster.start_server()
             cluster.add_worker(slots=2)
             _jobs_survive_a_kill9(cluster)
             listed = cluster.run("user", "list").stdout
             assert "worker1" in listed and "admin" in listed
+            log = (cluster.home / "server.log").read_text()
+            assert "opening database postgres://postgres:***@127.0.0.1:" in log and "s3cret" not in log
         finally:
             cluster.stop()
 

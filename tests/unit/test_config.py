@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsage.config import split_address
+from dsage.config import masked, split_address
 
 
 def test_addresses_split_into_host_and_port():
@@ -18,3 +18,15 @@ def test_addresses_split_into_host_and_port():
 def test_bad_addresses_say_what_is_wrong(bad, why):
     with pytest.raises(ValueError, match=why):
         split_address(bad)
+
+
+@pytest.mark.parametrize("uri, shown", [
+    ("postgres://dsage:s3:cr@et@db.example.edu:5432/dsage?connect_timeout=5",
+     "postgres://dsage:***@db.example.edu:5432/dsage?connect_timeout=5"),
+    ("postgres://dsage:secret@db/dsage", "postgres://dsage:***@db/dsage"),
+    ("postgres://dsage@db/dsage", "postgres://dsage@db/dsage"),
+    ("zeo://zodb:8100?blob_dir=/var/cache/b", "zeo://zodb:8100?blob_dir=/var/cache/b"),
+    ("file:///srv/dsage/dsage.fs?blobstorage_dir=/srv/b", "file:///srv/dsage/dsage.fs?blobstorage_dir=/srv/b"),
+])
+def test_a_storage_uri_is_shown_without_its_password(uri, shown):
+    assert masked(uri) == shown
