@@ -67,6 +67,14 @@ def open_db(uri: str):
 HOLD_SECONDS = 30.0
 
 
+def _boot_id() -> str:
+    """This machine's boot (Linux), which tells its process ids from another's of the same name."""
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
 class _Refused(Exception):
     """The server cannot start: the database is held by another one."""
 
@@ -121,7 +129,8 @@ class ServerService(service.MultiService):
                     interval=self.config.maintenance_seconds,
                     index_interval=self.config.index_seconds).setServiceParent(self)
         if file_storage(self.store.db.storage) is None:      # ZEO, RelStorage: others may reach it
-            self.holder = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex}
+            self.holder = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
+                           "token": uuid.uuid4().hex}
             renew = internet.TimerService(HOLD_SECONDS / 3, self._hold_again)
             renew.clock = self.reactor
             renew.setServiceParent(self)

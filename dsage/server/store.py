@@ -360,7 +360,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
 
     # -- the server that holds the database (ZEO, RelStorage) ----------------------------
     def hold(self, holder: dict, ttl: float) -> defer.Deferred:
-        """Mark the database as held by this server (`holder`: host, pid, token) for `ttl`
+        """Mark the database as held by this server (`holder`: host, boot, pid, token) for `ttl`
         seconds; hold it again before they pass.  DsageError if another live server holds
         it: a ZEO or PostgreSQL database can be reached by several, which would lease the
         same jobs.  (A FileStorage is locked by the one process that has it open.)"""
@@ -371,7 +371,8 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         held = root.holder
         if held and held["token"] != holder["token"]:
             age = now - held["renewed"]
-            gone = held["host"] == holder["host"] and not _alive(held["pid"])
+            here = all(held.get(k) == holder.get(k) for k in ("host", "boot"))
+            gone = here and not _alive(held["pid"])
             if age < ttl and not gone:
                 raise errors.DsageError(
                     f"the database is in use by the dsage_server on {held['host']} (pid {held['pid']}, "

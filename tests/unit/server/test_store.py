@@ -303,6 +303,8 @@ def test_a_shared_database_is_held_by_one_live_server(store, clock):
         value(store.hold({"host": "lab1", "pid": 1, "token": "b"}, 30))
     clock.now += 10
     value(store.hold({"host": "lab2", "pid": gone.pid, "token": "b"}, 30))     # lapsed
+    with pytest.raises(errors.DsageError):                      # lab2's name, another machine's boot
+        value(store.hold({"host": "lab2", "boot": "other", "pid": 7, "token": "c"}, 30))
     value(store.hold({"host": "lab2", "pid": 7, "token": "c"}, 30))           # b's process is gone
     value(store.let_go("b"))                                    # not the holder: nothing changes
     with pytest.raises(errors.DsageError):
