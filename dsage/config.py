@@ -35,6 +35,7 @@ class ServerConfig:
     pack_min_mb: float = 64.0
     maintenance_seconds: float = 600.0
     index_seconds: float = 30.0
+    hold_seconds: float = 30.0
 
     @property
     def db_uri(self) -> str:
@@ -121,6 +122,8 @@ def check_server_config(config: ServerConfig, keys: bool = True) -> None:
         raise ValueError(f"the port must be from 0 (any free port) to 65535, not {config.port}")
     if not -1 <= config.web_port <= 65535:
         raise ValueError(f"the web port must be from -1 (no dashboard) to 65535, not {config.web_port}")
+    if not config.hold_seconds > 0:
+        raise ValueError(f"hold_seconds must be more than 0, not {config.hold_seconds:g}")
     for name in ("ca.pem", "server.pem", "server.key") if keys else ():
         if not (config.home / name).exists():
             raise ValueError(f"{config.home / name} is missing: run `dsage init`")

@@ -18,7 +18,7 @@ from dsage.config import ServerConfig, masked
 from dsage.server.connections import ServerFactory
 from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
-from dsage.server.store import JobStore
+from dsage.server.store import Held, JobStore
 from dsage.server.syncer import file_storage
 
 
@@ -63,8 +63,14 @@ def open_db(uri: str):
         raise ValueError(f"cannot open the database {masked(uri).split('?')[0]}: {e}") from None
 
 
-#: seconds a server's hold on a ZEO or RelStorage database lasts unless renewed (every third).
-HOLD_SECONDS = 30.0
+#: the URI schemes RelStorage adds to zodburi's when it is installed.
+RELSTORAGE = ("postgres", "mysql", "oracle", "sqlite")
+
+
+def _schemes() -> set[str]:
+    from importlib.metadata import entry_points
+
+    return {ep.name for ep in entry_points(group="zodburi.resolvers")}
 
 
 def _boot_id() -> str:
@@ -77,16 +83,6 @@ def _boot_id() -> str:
 
 class _Refused(Exception):
     """The server cannot start: the database is held by another one."""
-
-
-#: the URI schemes RelStorage adds to zodburi's when it is installed.
-RELSTORAGE = ("postgres", "mysql", "oracle", "sqlite")
-
-
-def _schemes() -> set[str]:
-    from importlib.metadata import entry_points
-
-    return {ep.name for ep in entry_points(group="zodburi.resolvers")}
 
 
 class ServerService(service.MultiService):
@@ -131,7 +127,8 @@ class ServerService(service.MultiService):
         if file_storage(self.store.db.storage) is None:      # ZEO, RelStorage: others may reach it
             self.holder = {"host": socket.gethostname(), "boot": _boot_id(), "pid": os.getpid(),
                            "token": uuid.uuid4().hex}
-            renew = internet.TimerService(HOLD_SECONDS / 3, self._hold_again)
+            # The hold lasts `hold_seconds` (30) unless renewed, every third of that.
+            renew = internet.TimerService(self.config.hold_seconds / 3, self._hold_again)
             renew.clock = self.reactor
             renew.setServiceParent(self)
         super().startService()
@@ -140,16 +137,25 @@ class ServerService(service.MultiService):
         d.addErrback(self._listen_failed)
 
     def _hold(self) -> defer.Deferred:
-        """Hold the shared database before listening (`_Refused` if another server does)."""
+        """Hold the shared database before listening (`_Refused` if another server does, or
+        the database fails)."""
         def refused(failure):
             failure.trap(errors.DsageError)
             raise _Refused(failure.getErrorMessage())
-        return self.store.hold(self.holder, HOLD_SECONDS).addErrback(refused)
+        return self.store.hold(self.holder, self.config.hold_seconds).addErrback(refused)
 
     def _hold_again(self) -> None:
+        """Renew the hold; if another server took the database meanwhile (this one stalled
+        past the hold), stop rather than lease the same jobs."""
+        def failed(failure) -> None:
+            if failure.check(Held):
+                self.log.critical("stopping: {why}", why=failure.getErrorMessage())
+                self.failed = True
+                self.reactor.stop()
+            else:
+                self.log.error("cannot hold the database: {why}", why=failure.getErrorMessage())
         if self.store is not None and self.port is not None:
-            self.store.hold(self.holder, HOLD_SECONDS).addErrback(
-                lambda f: self.log.error("cannot hold the database: {why}", why=f.getErrorMessage()))
+            self.store.hold(self.holder, self.config.hold_seconds).addErrback(failed)
 
     def _adopt_admin(self) -> None:
         """A database with no identity yet (one named after `dsage init`, by `--db` or in

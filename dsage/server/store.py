@@ -53,6 +53,10 @@ ANNOUNCE_WAIT = 0.005
 _STOP = object()
 
 
+class Held(errors.DsageError):
+    """The database is held by another live server."""
+
+
 def _alive(pid: int) -> bool:
     """Whether a process of this host has that id."""
     try:
@@ -361,7 +365,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
     # -- the server that holds the database (ZEO, RelStorage) ----------------------------
     def hold(self, holder: dict, ttl: float) -> defer.Deferred:
         """Mark the database as held by this server (`holder`: host, boot, pid, token) for `ttl`
-        seconds; hold it again before they pass.  DsageError if another live server holds
+        seconds; hold it again before they pass.  `Held` if another live server holds
         it: a ZEO or PostgreSQL database can be reached by several, which would lease the
         same jobs.  (A FileStorage is locked by the one process that has it open.)"""
         return self._run(self._hold, holder, ttl)
@@ -374,7 +378,7 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
             here = all(held.get(k) == holder.get(k) for k in ("host", "boot"))
             gone = here and not _alive(held["pid"])
             if age < ttl and not gone:
-                raise errors.DsageError(
+                raise Held(
                     f"the database is in use by the dsage_server on {held['host']} (pid {held['pid']}, "
                     f"last seen {max(age, 0):.0f} s ago): two servers on one database would run the same "
                     f"jobs; stop that one first (if it is gone, its hold lapses within {ttl - age:.0f} s)")

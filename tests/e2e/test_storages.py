@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import socket
+import time
 
 import pytest
 
@@ -89,6 +90,31 @@ def test_a_second_server_on_the_same_zeo_database_is_refused(tmp_path):
             first.start_server()                    # its old hold names a process that is gone
             first.stop_server()
             second.start_server()                   # a clean stop let the database go
+            assert second.server.poll() is None
+        finally:
+            first.stop()
+            second.stop()
+
+
+def test_a_server_that_stalled_past_its_hold_stops_instead_of_sharing(tmp_path):
+    """A server stopped (SIGSTOP) longer than its hold loses the database to another one;
+    when it runs again it sees that at its next renewal and exits, saying why."""
+    (tmp_path / "zeo").mkdir()
+    with zeo_server(tmp_path / "zeo") as zeo:
+        first, second = LocalCluster(tmp_path / "first"), LocalCluster(tmp_path / "second")
+        try:
+            for cluster in (first, second):
+                cluster.init()
+                cluster.configure(db=zeo.uri(), hold_seconds=2)
+            first.start_server()
+            first.server.send_signal(signal.SIGSTOP)
+            time.sleep(2.5)
+            second.start_server()
+            first.server.send_signal(signal.SIGCONT)
+            assert first.server.wait(timeout=30) == 1
+            log = (first.home / "server.log").read_text()
+            assert f"stopping: the database is in use by the dsage_server on {socket.gethostname()} " \
+                   f"(pid {second.server.pid}, " in log
             assert second.server.poll() is None
         finally:
             first.stop()

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from dsage.config import masked, split_address
+from dsage.config import ServerConfig, check_server_config, masked, split_address
 
 
 def test_addresses_split_into_host_and_port():
@@ -30,3 +30,9 @@ def test_bad_addresses_say_what_is_wrong(bad, why):
 ])
 def test_a_storage_uri_is_shown_without_its_password(uri, shown):
     assert masked(uri) == shown
+
+
+def test_a_hold_of_no_time_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="hold_seconds must be more than 0, not 0"):
+        check_server_config(ServerConfig(home=tmp_path, hold_seconds=0), keys=False)
+    check_server_config(ServerConfig(home=tmp_path, hold_seconds=0.5), keys=False)
