@@ -2,9 +2,11 @@
 PostgreSQL through RelStorage; what a user does with them, from ``dsage init`` on."""
 from __future__ import annotations
 
+import contextlib
 import signal
 import socket
 import time
+from typing import Iterator
 
 import pytest
 
@@ -70,55 +72,53 @@ def test_zeo_named_in_server_conf_after_init(tmp_path, blob_cache):
             cluster.stop()
 
 
-def test_a_second_server_on_the_same_zeo_database_is_refused(tmp_path):
-    """Two servers on one ZEO database would lease the same jobs: the second one exits with
-    a line naming the first; after a kill -9 of the first, it starts again at once on its
-    host, and after a clean stop another server may take the database."""
+@contextlib.contextmanager
+def _two_homes_on_one_zeo(tmp_path, **settings) -> Iterator[tuple[LocalCluster, LocalCluster]]:
+    """Two set-up homes whose servers are to use one ZEO database (started by neither)."""
     (tmp_path / "zeo").mkdir()
     with zeo_server(tmp_path / "zeo") as zeo:
         first, second = LocalCluster(tmp_path / "first"), LocalCluster(tmp_path / "second")
         try:
             for cluster in (first, second):
                 cluster.init()
-                cluster.configure(db=zeo.uri())
-            first.start_server()
-            with pytest.raises(dsage.DsageError, match="exited with 1"):
-                second.start_server()
-            log = (second.home / "server.log").read_text()
-            assert f"the database is in use by the dsage_server on {socket.gethostname()} (pid {first.server.pid}, " in log
-            first.stop_server(signal.SIGKILL)
-            first.start_server()                    # its old hold names a process that is gone
-            first.stop_server()
-            second.start_server()                   # a clean stop let the database go
-            assert second.server.poll() is None
+                cluster.configure(db=zeo.uri(), **settings)
+            yield first, second
         finally:
             first.stop()
             second.stop()
+
+
+def test_a_second_server_on_the_same_zeo_database_is_refused(tmp_path):
+    """Two servers on one ZEO database would lease the same jobs: the second one exits with
+    a line naming the first; after a kill -9 of the first, it starts again at once on its
+    host, and after a clean stop another server may take the database."""
+    with _two_homes_on_one_zeo(tmp_path) as (first, second):
+        first.start_server()
+        with pytest.raises(dsage.DsageError, match="exited with 1"):
+            second.start_server()
+        log = (second.home / "server.log").read_text()
+        assert f"the database is in use by the dsage_server on {socket.gethostname()} (pid {first.server.pid}, " in log
+        first.stop_server(signal.SIGKILL)
+        first.start_server()                    # its old hold names a process that is gone
+        first.stop_server()
+        second.start_server()                   # a clean stop let the database go
+        assert second.server.poll() is None
 
 
 def test_a_server_that_stalled_past_its_hold_stops_instead_of_sharing(tmp_path):
     """A server stopped (SIGSTOP) longer than its hold loses the database to another one;
     when it runs again it sees that at its next renewal and exits, saying why."""
-    (tmp_path / "zeo").mkdir()
-    with zeo_server(tmp_path / "zeo") as zeo:
-        first, second = LocalCluster(tmp_path / "first"), LocalCluster(tmp_path / "second")
-        try:
-            for cluster in (first, second):
-                cluster.init()
-                cluster.configure(db=zeo.uri(), hold_seconds=2)
-            first.start_server()
-            first.server.send_signal(signal.SIGSTOP)
-            time.sleep(2.5)
-            second.start_server()
-            first.server.send_signal(signal.SIGCONT)
-            assert first.server.wait(timeout=30) == 1
-            log = (first.home / "server.log").read_text()
-            assert f"stopping: the database is in use by the dsage_server on {socket.gethostname()} " \
-                   f"(pid {second.server.pid}, " in log
-            assert second.server.poll() is None
-        finally:
-            first.stop()
-            second.stop()
+    with _two_homes_on_one_zeo(tmp_path, hold_seconds=2) as (first, second):
+        first.start_server()
+        first.server.send_signal(signal.SIGSTOP)
+        time.sleep(2.5)
+        second.start_server()
+        first.server.send_signal(signal.SIGCONT)
+        assert first.server.wait(timeout=30) == 1
+        log = (first.home / "server.log").read_text()
+        assert f"stopping: the database is in use by the dsage_server on {socket.gethostname()} " \
+               f"(pid {second.server.pid}, " in log
+        assert second.server.poll() is None
 
 
 def _answers(D) -> str | None:
