@@ -44,7 +44,9 @@ class ZEOServer:
         self.folder = folder
         self.port = free_port()
         self.conf = folder / "zeo.conf"
-        self.conf.write_text(f"<zeo>\n  address 127.0.0.1:{self.port}\n</zeo>\n"
+        # A client stopped inside a commit (a server under SIGSTOP) would hold ZEO's commit
+        # lock forever: transaction-timeout aborts it, as on a ZEO server in production.
+        self.conf.write_text(f"<zeo>\n  address 127.0.0.1:{self.port}\n  transaction-timeout 5\n</zeo>\n"
                              f"<filestorage>\n  path {folder / 'data.fs'}\n  blob-dir {folder / 'blobs'}\n"
                              f"</filestorage>\n")
         self.proc: subprocess.Popen | None = None
