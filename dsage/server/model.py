@@ -426,7 +426,7 @@ class Root(Packed):
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
     inline = None        # (index, key) -> ascending ids not in that index's id set (see `index_add`)
     processing: tuple = ()   # the previous version's inline ids of status processing; moved by `upgrade`
-    holder = None        # the server holding a ZEO or RelStorage database: host, boot, pid, token, renewed
+    holder = None        # the server holding a ZEO or RelStorage database: host, boot, pid, token, renewed, ttl
 
     def __init__(self) -> None:
         self.jobs = JobTree()                 # job id -> JobRecord

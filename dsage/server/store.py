@@ -374,15 +374,15 @@ class JobStore(FunctionOps, RetentionOps, LeaseOps):
         now = self.now()
         held = root.holder
         if held and held["token"] != holder["token"]:
-            age = now - held["renewed"]
+            age, lasts = now - held["renewed"], held.get("ttl", ttl)      # the holder's own ttl
             here = all(held.get(k) == holder.get(k) for k in ("host", "boot"))
             gone = here and not _alive(held["pid"])
-            if age < ttl and not gone:
+            if age < lasts and not gone:
                 raise Held(
                     f"the database is in use by the dsage_server on {held['host']} (pid {held['pid']}, "
                     f"last seen {max(age, 0):.0f} s ago): two servers on one database would run the same "
-                    f"jobs; stop that one first (if it is gone, its hold lapses within {ttl - age:.0f} s)")
-        root.holder = dict(holder, renewed=now)
+                    f"jobs; stop that one first (if it is gone, its hold lapses within {lasts - age:.0f} s)")
+        root.holder = dict(holder, renewed=now, ttl=ttl)
 
     def let_go(self, token: str) -> defer.Deferred:
         """Release the database held under `token` (a server that stops)."""

@@ -311,6 +311,9 @@ def test_a_shared_database_is_held_by_one_live_server(store, clock):
         value(store.hold({"host": "lab3", "pid": 8, "token": "d"}, 30))
     value(store.let_go("c"))
     value(store.hold({"host": "lab3", "pid": 8, "token": "d"}, 30))
+    clock.now += 5
+    with pytest.raises(errors.DsageError):                      # a shorter hold of its own is no lapse of d's
+        value(store.hold({"host": "lab4", "pid": 9, "token": "e"}, 2))
 
 
 def test_bad_specs_are_refused(store):
