@@ -1,5 +1,6 @@
 """The server's HTTP side: a dashboard, a read-only JSON API (``/api/v1/status``,
-``/api/v1/workers``, ``/api/v1/jobs``, ``/api/v1/jobs/ID``) and Prometheus ``/metrics``.
+``/api/v1/workers``, ``/api/v1/jobs``, ``/api/v1/jobs/ID``, also ``/api/v1/job/ID``) and
+Prometheus ``/metrics``.
 It changes nothing, and is bound to 127.0.0.1 unless configured otherwise."""
 from __future__ import annotations
 
@@ -75,6 +76,38 @@ class Jobs(_Async):
         return self.hub.store.list("", "admin", status, True, max(1, min(limit, 10_000))).addCallback(_json)
 
 
+class Job(Jobs):
+    """``/api/v1/job/ID``: one job, as ``/api/v1/jobs/ID``."""
+
+    def answer(self, request):
+        if not request.postpath or not request.postpath[0]:
+            raise errors.RemoteError("no such resource: /api/v1/job needs a job id (/api/v1/job/ID)")
+        return super().answer(request)
+
+
+class _Api(resource.Resource):
+    """A folder of the API: what is not in it is a JSON 404, like the API's own errors."""
+
+    def getChild(self, path: bytes, request):
+        request.setResponseCode(404)
+        request.setHeader(b"content-type", b"application/json")
+        name = request.path.decode("utf-8", "replace")
+        return _Static(_json({"error": f"no such resource: {name}"}))
+
+
+class _Static(resource.Resource):
+    """A leaf answering every GET with one body."""
+
+    isLeaf = True
+
+    def __init__(self, body: bytes) -> None:
+        super().__init__()
+        self.body = body
+
+    def render_GET(self, request) -> bytes:
+        return self.body
+
+
 class BadRequest(ValueError):
     """A request the API cannot answer as asked (HTTP 400)."""
 
@@ -136,12 +169,13 @@ td,th{{padding:2px 10px;text-align:left}} .failed{{color:#b00}} .completed{{colo
 def site(hub) -> server.Site:
     """The web site of a server."""
     root = Dashboard(hub)
-    api = resource.Resource()
-    v1 = resource.Resource()
+    api = _Api()
+    v1 = _Api()
     api.putChild(b"v1", v1)
     v1.putChild(b"status", Status(hub))
     v1.putChild(b"workers", Workers(hub))
     v1.putChild(b"jobs", Jobs(hub))
+    v1.putChild(b"job", Job(hub))
     top = resource.Resource()
     top.putChild(b"", root)
     top.putChild(b"api", api)

@@ -29,12 +29,19 @@ def test_json_api_and_metrics(cluster, D):
     assert job.job_id in [j["job_id"] for j in jobs] and all("result" not in j for j in jobs)
     one = json.loads(get(cluster, f"/api/v1/jobs/{job.job_id}")[1])
     assert one["status"] == "completed" and "payload" not in one and "result" not in one
+    assert json.loads(get(cluster, f"/api/v1/job/{job.job_id}")[1]) == one, "SPEC's singular 'job' too"
     with pytest.raises(urllib.error.HTTPError) as info:
         get(cluster, "/api/v1/jobs/999999")
     assert info.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as info:
         get(cluster, f"/api/v1/jobs/{job.job_id}/extra")
     assert info.value.code == 404 and "no such resource" in json.loads(info.value.read())["error"]
+    for path in ("/api/v1/job", "/api/v1/nothing", "/api/v2/status"):
+        with pytest.raises(urllib.error.HTTPError) as info:
+            get(cluster, path)
+        assert info.value.code == 404, path
+        assert info.value.headers["content-type"] == "application/json", path
+        assert "no such resource" in json.loads(info.value.read())["error"], path
     metrics = get(cluster, "/metrics")[1]
     assert 'dsage_jobs{status="completed"}' in metrics and "dsage_workers 1" in metrics
     page = get(cluster, "/")[1]
