@@ -1,6 +1,8 @@
 """Pieces of the worker that need no processes: output capping and the child's code runner."""
 from __future__ import annotations
 
+import os
+import pickle
 import sys
 
 import pytest
@@ -329,3 +331,18 @@ def test_an_idle_process_that_exited_is_not_given_a_job():
     first.processExited(None)
     runner.run(dict(job, job_id=2))
     assert runner.running[(2, 1, 1)][1] is not first and len(reactor.spawned) == 2
+
+
+def test_a_job_s_environment_changes_do_not_reach_the_next_job(tmp_path, monkeypatch):
+    """What a job sets, changes or deletes in os.environ is undone before the next job in
+    the same process; DSAGE_JOB_ID and TMPDIR are the job's own while it runs."""
+    from dsage.worker import child
+
+    monkeypatch.setenv("KEPT", "as before")
+    monkeypatch.delenv("ADDED", raising=False)
+    before = dict(os.environ)
+    code = b"import os\nos.environ['ADDED'] = 'x'\nos.environ['KEPT'] = 'changed'\ndel os.environ['HOME']\n" \
+           b"(os.environ['DSAGE_JOB_ID'], os.environ['TMPDIR'])"
+    outcome = child.run_one({"kind": "code", "payload": code, "workdir": str(tmp_path), "job_id": 5})
+    assert outcome["ok"] and pickle.loads(outcome["result"]) == ("5", str(tmp_path))
+    assert dict(os.environ) == before
