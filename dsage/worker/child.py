@@ -234,7 +234,7 @@ M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3
 
 def keep_freed_memory() -> None:
     """Have this process's malloc (glibc) serve blocks under 32 MiB from its heap and keep
-    up to 64 MiB freed at the heap's top: by default each 1 MiB payload came in pages fresh
+    up to 16 MiB freed at the heap's top: by default each 1 MiB payload came in pages fresh
     from the kernel, given back after the job, and those page faults cost more CPU than the
     rest of a job process's work per MiB (bench/README.md).  Elsewhere a no-op."""
     try:
@@ -242,7 +242,7 @@ def keep_freed_memory() -> None:
 
         libc = ctypes.CDLL(None)
         libc.mallopt(M_MMAP_THRESHOLD, 32 << 20)
-        libc.mallopt(M_TRIM_THRESHOLD, 64 << 20)
+        libc.mallopt(M_TRIM_THRESHOLD, 16 << 20)
     except (OSError, AttributeError):
         pass
 
