@@ -319,6 +319,10 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-open-files", type=int, default=1024, help="open files of each job (default 1024)")
     parser.add_argument("--max-file-size", type=float, default=0, metavar="MB",
                         help="largest file a job may write, in MB (default: no limit)")
+    parser.add_argument("--recycle-memory", type=float, default=None, metavar="MB",
+                        help="replace a job process after a job that took its resident memory to this, so that "
+                             "what jobs leave behind does not pile up for later jobs (default 1024; 0: a fresh "
+                             "process for every job)")
     parser.add_argument("--max-output", type=float, default=1, metavar="MB",
                         help="stdout and stderr kept per job, in MB (default 1; the middle is cut)")
     parser.add_argument("--log-file", help="log to this file instead of stderr")
@@ -327,7 +331,7 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
 def _work(args) -> int:
     from dsage.worker.service import worker_bundle
 
-    for option in ("max_memory", "max_open_files", "max_file_size", "max_output", "prefetch"):
+    for option in ("max_memory", "max_open_files", "max_file_size", "max_output", "prefetch", "recycle_memory"):
         if (getattr(args, option) or 0) < 0:
             raise UserError(f"--{option.replace('_', '-')} must not be negative, not {getattr(args, option):g}")
     bundle = worker_bundle(args.cert or str(_home() / "worker.pem"), args.slots, args.nice)
@@ -347,7 +351,8 @@ def _work(args) -> int:
     limits = {"memory": int(args.max_memory * 2**20), "open_files": args.max_open_files,
               "file_size": int(args.max_file_size * 2**20)}
     service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, prefetch=args.prefetch,
-                            max_output=max(1024, int(args.max_output * 2**20)), limits=limits)
+                            max_output=max(1024, int(args.max_output * 2**20)), limits=limits,
+                            recycle_memory=None if args.recycle_memory is None else int(args.recycle_memory * 2**20))
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     _stop_with_parent(reactor)

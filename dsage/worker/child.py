@@ -128,6 +128,10 @@ def _cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+#: bytes per unit of `ru_maxrss` (kilobytes on Linux, bytes on macOS).
+MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
 def _read(stream, n: int) -> bytes | None:
     data = b""
     while len(data) < n:
@@ -175,7 +179,8 @@ def _restore_environ(saved: dict[str, str]) -> None:
 
 def run_one(job: dict) -> dict:
     """Run a job in its folder, emptied afterwards; its outcome (result or traceback, CPU
-    seconds, and whether the folder could be emptied)."""
+    seconds, the process's peak resident memory in bytes, and whether the folder could be
+    emptied)."""
     home, env = os.getcwd(), dict(os.environ)
     cpu = _cpu()
     try:
@@ -202,7 +207,9 @@ def run_one(job: dict) -> dict:
         linecache.cache.pop(code_filename(job), None)
         os.chdir(home)
         _restore_environ(env)
-    outcome["cpu_time"] = _cpu() - cpu
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    outcome["cpu_time"] = usage.ru_utime + usage.ru_stime - cpu
+    outcome["peak_memory"] = usage.ru_maxrss * MAXRSS_UNIT
     try:
         outcome["clean"] = empty(job["workdir"])
     except OSError:

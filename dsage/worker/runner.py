@@ -33,6 +33,8 @@ JOBS_PER_CHILD = 1000
 #: a child's successor starts this many jobs before it retires, so that it is ready by then
 #: (a Python starting up would leave the slot idle for tens of milliseconds).
 WARM_AHEAD = 200
+#: the default of `JobRunner.recycle_memory` (`dsage_worker --recycle-memory`).
+RECYCLE_MEMORY = 1 << 30
 #: the end of a running job's output sent with each heartbeat when it has grown (what
 #: `job.output` shows while the job runs).
 LIVE_OUTPUT = 16 << 10
@@ -188,8 +190,11 @@ class JobRunner:
     log = Logger()
 
     def __init__(self, reactor, *, nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None,
-                 keep_idle: int = 4) -> None:
+                 keep_idle: int = 4, recycle_memory: int = RECYCLE_MEMORY) -> None:
         self.reactor = reactor
+        #: a job process whose resident memory has reached this many bytes is replaced after
+        #: its job: what jobs leave behind in it (a leak, a cache) does not pile up.
+        self.recycle_memory = recycle_memory
         #: idle job processes kept at most (the least recently used retire): room for the
         #: processes of a few users whose jobs take turns.
         self.keep_idle = keep_idle
@@ -248,8 +253,10 @@ class JobRunner:
     def finished(self, child: Child, attempt: Attempt) -> None:
         """A child reported a job's outcome and its output is complete."""
         ok = isinstance(attempt.outcome, dict) and attempt.outcome.get("ok") and attempt.outcome.get("clean")
-        if child.alive and attempt.reason is None and ok and child.jobs_run < JOBS_PER_CHILD:
-            # Reused after a success only: a failed job may leave files open or memory fragmented.
+        small = ok and (attempt.outcome.get("peak_memory") or 0) < self.recycle_memory
+        if child.alive and attempt.reason is None and small and child.jobs_run < JOBS_PER_CHILD:
+            # Reused after a success only (a failed job may leave files open or memory
+            # fragmented), and while its memory stayed under `recycle_memory`.
             self.idle.append(child)
             if child.jobs_run == JOBS_PER_CHILD - WARM_AHEAD:
                 self.idle.insert(0, self._spawn())      # taken last: when a child retires

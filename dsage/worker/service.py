@@ -14,7 +14,7 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.config import split_address
 from dsage.reconnect import Reconnector
-from dsage.worker.runner import JobRunner, lease_key, lease_matches
+from dsage.worker.runner import RECYCLE_MEMORY, JobRunner, lease_key, lease_matches
 from dsage.worker.session import WorkerProtocol, WorkerSession
 
 #: jobs shorter than this (seconds) make an automatic prefetch worthwhile.
@@ -75,7 +75,7 @@ class WorkerService(service.MultiService):
 
     def __init__(self, bundle: tls.Bundle, address: str, reactor, *, slots: int | None = None,
                  nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None,
-                 prefetch: int | None = None) -> None:
+                 prefetch: int | None = None, recycle_memory: int | None = None) -> None:
         super().__init__()
         self.bundle = bundle
         self.reactor = reactor
@@ -89,7 +89,8 @@ class WorkerService(service.MultiService):
         self._hold_check = None
         self.stopping = False            # shutting down: takes no more jobs
         self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits,
-                                keep_idle=2 * self.slots)
+                                keep_idle=2 * self.slots,
+                                recycle_memory=RECYCLE_MEMORY if recycle_memory is None else recycle_memory)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
         self._sessions: list[WorkerSession] = []

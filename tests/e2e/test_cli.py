@@ -65,6 +65,7 @@ def test_identities_offline(tmp_path):
     (("init", "--force", "--host", "lab 7!"), "the host 'lab 7!' is neither a host name nor an IP address"),
     (("worker", "--nice", "-5"), "--nice must be from 0 (the worker's own priority) to 19 (the lowest), not -5"),
     (("worker", "--max-memory", "-1"), "--max-memory must not be negative, not -1"),
+    (("worker", "--recycle-memory", "-1"), "--recycle-memory must not be negative, not -1"),
     (("demo", "--number", "1"), "--number must be at least 2, not 1"),
     (("jobs", "--limit", "0"), "--limit must be at least 1, not 0"),
     (("init", "--force", "--db", "postgresql://u@h/db"), "no storage for postgresql:// is installed: "

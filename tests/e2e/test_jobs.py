@@ -443,3 +443,34 @@ def test_a_process_a_job_left_behind_does_not_hold_its_slot(D):
     with pytest.raises(dsage.JobFailed, match="timed out after 2 s"):
         job.wait(timeout=25)
     assert [D.eval(str(i)).wait(timeout=25) for i in range(3)] == [0, 1, 2]
+
+
+def test_a_job_process_that_grew_past_recycle_memory_is_replaced(tmp_path_factory):
+    """A job process is reused for the next job while its memory stays small, and replaced
+    after a job that took it past the worker's --recycle-memory (what that job left behind
+    does not stay for the next ones); 0 gives every job a fresh process."""
+    from tests.e2e.conftest import start_cluster
+
+    c = start_cluster(tmp_path_factory, workers=0)
+    try:
+        c.add_worker(slots=1, args=("--recycle-memory", "100"))
+        with connected(c) as session:
+            c.wait_for_workers(session)
+            pid = "__import__('os').getpid()"
+            first = session.eval(pid).wait(timeout=30)
+            grown = session.eval(f"kept = bytearray(150 << 20)\n{pid}").wait(timeout=30)
+            after = session.eval(pid).wait(timeout=30)
+            assert first == grown, "a small job's process is reused"
+            assert after != grown, "the process that grew to 150 MiB was replaced"
+            assert session.eval(pid).wait(timeout=30) == after
+        c.add_worker(slots=1, args=("--recycle-memory", "0"), name="fresh")
+        with connected(c) as session:
+            c.wait_for_workers(session, n=2)
+            for w in c.workers[:1]:
+                w.terminate()
+                w.wait(10)
+            wait_for(lambda: len(session.workers()) == 1, what="one worker left")
+            pids = [session.eval(pid).wait(timeout=30) for _ in range(3)]
+            assert len(set(pids)) == 3, "a fresh process for every job"
+    finally:
+        c.stop()
