@@ -332,8 +332,11 @@ def _work(args) -> int:
     from dsage.worker.service import worker_bundle
 
     for option in ("max_memory", "max_open_files", "max_file_size", "max_output", "prefetch", "recycle_memory"):
-        if (getattr(args, option) or 0) < 0:
-            raise UserError(f"--{option.replace('_', '-')} must not be negative, not {getattr(args, option):g}")
+        value = getattr(args, option) or 0
+        if value < 0:
+            raise UserError(f"--{option.replace('_', '-')} must not be negative, not {value:g}")
+        if value != value or value == float("inf"):
+            raise UserError(f"--{option.replace('_', '-')} must be a finite number, not {value:g}")
     bundle = worker_bundle(args.cert or str(_home() / "worker.pem"), args.slots, args.nice)
     if args.name and args.name != bundle.name:
         raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")

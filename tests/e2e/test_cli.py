@@ -66,6 +66,8 @@ def test_identities_offline(tmp_path):
     (("worker", "--nice", "-5"), "--nice must be from 0 (the worker's own priority) to 19 (the lowest), not -5"),
     (("worker", "--max-memory", "-1"), "--max-memory must not be negative, not -1"),
     (("worker", "--recycle-memory", "-1"), "--recycle-memory must not be negative, not -1"),
+    (("worker", "--max-memory", "inf"), "--max-memory must be a finite number, not inf"),
+    (("worker", "--recycle-memory", "nan"), "--recycle-memory must be a finite number, not nan"),
     (("demo", "--number", "1"), "--number must be at least 2, not 1"),
     (("jobs", "--limit", "0"), "--limit must be at least 1, not 0"),
     (("init", "--force", "--db", "postgresql://u@h/db"), "no storage for postgresql:// is installed: "
