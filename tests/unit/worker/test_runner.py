@@ -351,7 +351,7 @@ def test_a_job_s_environment_changes_do_not_reach_the_next_job(tmp_path, monkeyp
 def test_a_job_process_reuses_the_memory_of_earlier_payloads():
     """After keep_freed_memory, a process that takes and frees 1 MiB messages one after
     another (a job process's payloads) reuses its heap instead of faulting in fresh pages
-    from the kernel each time (glibc's default: ~2 page faults per KiB)."""
+    from the kernel each time (glibc's default: a fault for every 4 KiB page of every block)."""
     import subprocess
     from pathlib import Path
 
