@@ -329,14 +329,10 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
 
 
 def _work(args) -> int:
-    from dsage.worker.service import worker_bundle
+    from dsage.worker.service import job_settings, worker_bundle
 
-    for option in ("max_memory", "max_open_files", "max_file_size", "max_output", "prefetch", "recycle_memory"):
-        value = getattr(args, option) or 0
-        if value < 0:
-            raise UserError(f"--{option.replace('_', '-')} must not be negative, not {value:g}")
-        if value != value or value == float("inf"):
-            raise UserError(f"--{option.replace('_', '-')} must be a finite number, not {value:g}")
+    settings = job_settings(args.max_memory, args.max_open_files, args.max_file_size, args.max_output,
+                            args.recycle_memory, args.prefetch)
     bundle = worker_bundle(args.cert or str(_home() / "worker.pem"), args.slots, args.nice)
     if args.name and args.name != bundle.name:
         raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")
@@ -351,11 +347,7 @@ def _work(args) -> int:
     except ValueError as e:
         raise UserError(str(e)) from None
     _start_logging(args.log_file)
-    limits = {"memory": int(args.max_memory * 2**20), "open_files": args.max_open_files,
-              "file_size": int(args.max_file_size * 2**20)}
-    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, prefetch=args.prefetch,
-                            max_output=max(1024, int(args.max_output * 2**20)), limits=limits,
-                            recycle_memory=None if args.recycle_memory is None else int(args.recycle_memory * 2**20))
+    service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, **settings)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     _stop_with_parent(reactor)

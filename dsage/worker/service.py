@@ -4,6 +4,7 @@ queue of jobs leased ahead of the slots (automatic prefetch, given back when hel
 from __future__ import annotations
 
 import collections
+import math
 import os
 
 from twisted.application import service
@@ -44,6 +45,23 @@ def worker_bundle(cert: str, slots: int | None, nice: int) -> tls.Bundle:
         raise ValueError(f"{cert} is the bundle of {bundle.role} {bundle.name}; make a worker one with "
                          f"`dsage worker add`")
     return bundle
+
+
+def job_settings(max_memory: float = 0, max_open_files: int = 1024, max_file_size: float = 0,
+                 max_output: float = 1, recycle_memory: float | None = None, prefetch: int | None = None) -> dict:
+    """WorkerService's settings of the jobs from the options (sizes in MB), once checked
+    (ValueError says what is wrong: `dsage_worker` and `twist dsage-worker` both)."""
+    for name, value in (("max-memory", max_memory), ("max-open-files", max_open_files),
+                        ("max-file-size", max_file_size), ("max-output", max_output),
+                        ("recycle-memory", recycle_memory), ("prefetch", prefetch)):
+        if value is not None and value < 0:
+            raise ValueError(f"--{name} must not be negative, not {value:g}")
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"--{name} must be a finite number, not {value:g}")
+    return {"limits": {"memory": int(max_memory * 2**20), "open_files": max_open_files,
+                       "file_size": int(max_file_size * 2**20)},
+            "max_output": max(1024, int(max_output * 2**20)), "prefetch": prefetch,
+            "recycle_memory": None if recycle_memory is None else int(recycle_memory * 2**20)}
 
 
 def enqueue(queue: collections.deque, job: dict) -> None:
