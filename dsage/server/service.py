@@ -15,10 +15,10 @@ from twisted.logger import Logger
 
 from dsage import errors, tls
 from dsage.config import ServerConfig, masked
+from dsage.server.access import Held
 from dsage.server.connections import ServerFactory
 from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
-from dsage.server.access import Held
 from dsage.server.store import JobStore
 from dsage.server.syncer import file_storage
 

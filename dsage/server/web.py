@@ -8,7 +8,7 @@ import html
 import json
 
 from twisted.internet import defer
-from twisted.web import resource, server
+from twisted.web import resource, server, static
 
 from dsage import errors
 from dsage.job import STATUSES
@@ -90,22 +90,10 @@ class _Api(resource.Resource):
 
     def getChild(self, path: bytes, request):
         request.setResponseCode(404)
-        request.setHeader(b"content-type", b"application/json")
         name = request.path.decode("utf-8", "replace")
-        return _Static(_json({"error": f"no such resource: {name}"}))
-
-
-class _Static(resource.Resource):
-    """A leaf answering every GET with one body."""
-
-    isLeaf = True
-
-    def __init__(self, body: bytes) -> None:
-        super().__init__()
-        self.body = body
-
-    def render_GET(self, request) -> bytes:
-        return self.body
+        page = static.Data(_json({"error": f"no such resource: {name}"}), "application/json")
+        page.isLeaf = True          # the same answer for whatever follows in the path
+        return page
 
 
 class BadRequest(ValueError):
