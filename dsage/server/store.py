@@ -9,7 +9,8 @@ With a FileStorage (the default), operations run in the reactor's thread: those 
 in one turn of the reactor are committed together at its end (a commit not yet fsynced
 costs 0.1-0.3 ms; under load a turn brings many requests), and a `Syncer` thread fsyncs
 the file and then fires the Deferreds of every commit made before that fsync, in order
-(group commit: one fsync for many commits).  Measured against a writer thread of its own,
+(group commit: one fsync for many commits); a commit made while the syncer has nothing in
+hand is fsynced and fired at once, in the reactor's thread.  Measured against a writer thread of its own,
 same-process A/B: the hand-offs of operations, leases and the interpreter between two busy
 threads cost more than that thread saved (the latency loop 1.79 -> 1.56 ms, throughput
 3,831 -> 4,049 jobs/s, 1,000 worker slots 4,443 -> 4,750 jobs/s, heartbeats p99 305 -> 195 ms).
@@ -184,20 +185,25 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             last = self.db.storage.lastTransaction()
             results = ([(d, False, None) for _, _, d, _ in batch] if self._syncer.failed
                        else self._execute(batch, _announce))
-            self._syncer.put(results, self.db.storage.lastTransaction() != last)
+            if self._syncer.put(results, self.db.storage.lastTransaction() != last):
+                _fire(self._checked(results))       # fsynced here: nothing waited for the syncer
             if self._flushing:      # a hook asked for more: the reactor reads its sockets first
                 return
 
     def _synced(self, results: list) -> None:
-        """A batch's results, its commit on the disk (in the syncer's thread); all refused
-        once an fsync failed (what it covered may be lost)."""
+        """A batch's results, its commit on the disk (in the syncer's thread)."""
+        self.reactor.callFromThread(_fire, self._checked(results))
+
+    def _checked(self, results: list) -> list:
+        """A batch's results once its commit was fsynced: all refused once an fsync failed
+        (what it covered may be lost)."""
         if self._syncer.failed:
             e = self._syncer.failed
             failure = Failure(errors.RemoteError(
                 f"the server's disk failed to make this request durable: {e.strerror or e} (it refuses "
                 f"every request until restarted; tell the server's administrator)"))
             results = [(d, False, failure) for d, _, _ in results]
-        self.reactor.callFromThread(_fire, results)
+        return results
 
     def _announce(self, early: list) -> None:
         """Hand what may go out before the commit (leases: see `_run`) to the reactor, and

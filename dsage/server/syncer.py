@@ -9,6 +9,12 @@ over the batches committed before it, in their order.  Nothing is acknowledged b
 on the disk, one fsync may cover several commits, and the store's thread goes on with the
 next batch while the disk works.  A read answered meanwhile waits for the same fsync (it may
 have seen a commit not yet durable).
+
+When the syncer has nothing in hand, a commit is fsynced in the committer's own thread
+instead, as long as the disk's fsyncs stay short (`INLINE_FSYNC`): waking the syncer's
+thread and then the reactor's cost this VM more than a quiet fsync blocks the reactor
+(same-process A/B, the latency loop: 4.16/4.23 -> 3.91 ms; throughput and payload unchanged),
+and a read with nothing to wait for is answered at once.
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import importlib
 import os
 import queue
 import threading
+import time
 from typing import Any, Callable
 
 from twisted.logger import Logger
@@ -25,6 +32,9 @@ _fs_module = importlib.import_module("ZODB.FileStorage.FileStorage")
 #: every commit, and a WeakSet's iteration was 2% of the server's time in the latency loop).
 _deferred: dict[int, Any] = {}
 _STOP = object()
+#: fsyncs are done in the committer's thread when nothing waits for the syncer's and they
+#: take less than this (seconds, a moving average); a slower disk always gets the thread.
+INLINE_FSYNC = 0.002
 
 
 def _fsync(fd: int) -> None:
@@ -54,6 +64,9 @@ class Syncer:
         self.failed: OSError | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending = 0               # items put in the queue and not yet handed over
+        self.fsync_time = 0.0           # moving average of an fsync's duration
 
     def start(self) -> None:
         """Take over the storage's fsyncs."""
@@ -62,10 +75,19 @@ class Syncer:
         self._thread = threading.Thread(target=self._loop, name="dsage-fsync", daemon=True)
         self._thread.start()
 
-    def put(self, item: Any, wrote: bool) -> None:
+    def put(self, item: Any, wrote: bool) -> bool:
         """Hand over `item` once everything committed so far is on the disk (`wrote`: this
-        item's own batch committed something)."""
-        self._queue.put((item, wrote))
+        item's own batch committed something).  True when that is done already: nothing
+        was waiting for the syncer's thread, and this thread fsynced (if `wrote`) itself;
+        the caller then hands `item` over, and `done` is not called for it."""
+        with self._lock:
+            inline = self._pending == 0 and self.fsync_time < INLINE_FSYNC and self._thread is not None
+            if not inline:
+                self._pending += 1
+                self._queue.put((item, wrote))
+        if inline and wrote:
+            self._sync()
+        return inline
 
     def stop(self) -> None:
         """Sync and hand over what is queued, then give the fsyncs back to the storage."""
@@ -89,6 +111,8 @@ class Syncer:
                 self._sync()
             for item, _ in entries:
                 self.done(item)
+            with self._lock:
+                self._pending -= len(entries)
             if stop:
                 return
 
@@ -97,10 +121,12 @@ class Syncer:
         try:
             with self.storage._lock:
                 fd = os.dup(self.storage._file.fileno())
+            start = time.monotonic()
             try:
                 os.fsync(fd)
             finally:
                 os.close(fd)
+                self.fsync_time += (time.monotonic() - start - self.fsync_time) / 8
         except OSError as e:
             # What was written may not be on the disk: nothing more is acknowledged.
             self.log.critical("fsync of the database failed: {error}; restart the server", error=e)

@@ -21,7 +21,9 @@ from tests.support.store import ThreadReactor, spec, value
 class Disk:
     """os.fsync as the syncer's thread sees it: each call waits until let go (or fails)."""
 
-    def __init__(self, monkeypatch) -> None:
+    def __init__(self, monkeypatch, inline: bool = False) -> None:
+        if not inline:                  # every fsync in the syncer's thread
+            monkeypatch.setattr(syncer, "INLINE_FSYNC", 0.0)
         self.real = os.fsync
         self.calls: queue.SimpleQueue = queue.SimpleQueue()
         self.go = threading.Semaphore(0)
@@ -102,6 +104,49 @@ def test_one_fsync_covers_the_commits_made_while_the_disk_worked(threaded, monke
     reactor.drain(more[-1])
     assert order == [1, 2, 3, 4, 5, 6]
     assert disk.calls.qsize() == 1      # the second fsync, for the five later commits
+
+
+def test_with_nothing_waiting_for_the_syncer_a_commit_is_fsynced_in_the_reactors_thread(threaded, monkeypatch):
+    """A quiet server fsyncs a commit in its own thread and answers in the same turn (no
+    hand-off to the syncer's thread and back); a read has no fsync to wait for."""
+    store, reactor = threaded
+    disk = Disk(monkeypatch, inline=True)
+    store.start()
+    before = disk.inline                    # the root's creation, before the syncer started
+    d = store.submit("a", [spec()])
+    reactor.turn()
+    assert d.called and value(d) == [1]
+    assert disk.inline == before + 1 and disk.calls.empty()
+    status = store.status()
+    reactor.turn()
+    assert value(status) == {"new": 1} and disk.inline == before + 1
+
+
+def test_while_the_syncer_has_commits_in_hand_later_ones_wait_their_turn(threaded, monkeypatch):
+    """A commit made while the syncer's thread still fsyncs an earlier one goes to it too,
+    so that acknowledgements keep their order; a slow disk always gets the thread."""
+    store, reactor = threaded
+    disk = Disk(monkeypatch, inline=True)
+    store.start()
+    before = disk.inline
+    store._syncer.fsync_time = 1.0          # a slow disk: the syncer's thread fsyncs
+    first = store.submit("a", [spec("first")])
+    reactor.turn()
+    disk.calls.get(timeout=10)
+    store._syncer.fsync_time = 0.0          # quick again, but the first is still in hand
+    second = store.submit("a", [spec("second")])
+    reactor.turn()
+    assert not first.called and not second.called and disk.inline == before
+    order = []
+    for d in (first, second):
+        d.addCallback(lambda ids: (order.append(ids[0]), ids)[1])
+    disk.go.release()
+    disk.go.release()
+    reactor.drain(second)
+    assert order == [1, 2] and disk.inline == before
+    third = store.submit("a", [spec("third")])    # nothing in hand now
+    reactor.turn()
+    assert value(third) == [3] and disk.inline == before + 1
 
 
 def test_the_operations_of_one_turn_share_a_commit(threaded):
