@@ -34,6 +34,8 @@ class Disk:
     def fsync(self, fd: int) -> None:
         if threading.current_thread().name != "dsage-fsync":
             self.inline += 1
+            if self.error is not None:
+                raise self.error
             return self.real(fd)
         self.calls.put(fd)
         self.go.acquire()
@@ -149,6 +151,22 @@ def test_while_the_syncer_has_commits_in_hand_later_ones_wait_their_turn(threade
     assert value(third) == [3] and disk.inline == before + 1
 
 
+def test_a_failed_fsync_in_the_reactors_thread_refuses_its_batch_and_every_request_after(threaded, monkeypatch):
+    """The same promise when the commit was fsynced in the reactor's thread."""
+    store, reactor = threaded
+    disk = Disk(monkeypatch, inline=True)
+    store.start()
+    disk.error = OSError(errno.EIO, "Input/output error")
+    d = store.submit("a", [spec()])
+    reactor.turn()
+    with pytest.raises(errors.RemoteError, match="failed to make this request durable: Input/output error"):
+        value(d)
+    later = store.status()
+    reactor.turn()
+    with pytest.raises(errors.RemoteError, match="refuses every request until restarted"):
+        value(later)
+
+
 def test_the_operations_of_one_turn_share_a_commit(threaded):
     """Requests that come in one turn of the reactor are committed together."""
     store, reactor = threaded
@@ -167,8 +185,8 @@ def test_a_failed_fsync_refuses_what_it_covered_and_every_request_after(threaded
     after are told so, nothing is acknowledged as stored."""
     store, reactor = threaded
     disk = Disk(monkeypatch)
-    disk.error = OSError(errno.EIO, "Input/output error")
     store.start()
+    disk.error = OSError(errno.EIO, "Input/output error")
     d = store.submit("a", [spec()])
     disk.go.release()
     reactor.drain(d)
