@@ -10,11 +10,11 @@ in one turn of the reactor are committed together at its end (a commit not yet f
 costs 0.1-0.3 ms; under load a turn brings many requests), and a `Syncer` thread fsyncs
 the file and then fires the Deferreds of every commit made before that fsync, in order
 (group commit: one fsync for many commits); a commit made while the syncer has nothing in
-hand is fsynced and fired at once, in the reactor's thread.  Measured against a writer thread of its own,
-same-process A/B: the hand-offs of operations, leases and the interpreter between two busy
-threads cost more than that thread saved (the latency loop 1.79 -> 1.56 ms, throughput
-3,831 -> 4,049 jobs/s, 1,000 worker slots 4,443 -> 4,750 jobs/s, heartbeats p99 305 -> 195 ms).
-Other storages (ZEO, RelStorage) commit over the network: there a dedicated writer thread
+hand is fsynced and fired at once, in the reactor's thread.  Measured against a writer
+thread of its own, same-process A/B: the hand-offs of operations, leases and the
+interpreter between two busy threads cost more than that thread saved (the latency loop
+1.79 -> 1.56 ms, throughput 3,831 -> 4,049 jobs/s, 1,000 worker slots 4,443 -> 4,750
+jobs/s, heartbeats p99 305 -> 195 ms).  Other storages (ZEO, RelStorage) commit over the network: there a dedicated writer thread
 owns the connection, drains a queue of operations and commits each batch once.  Either way a
 failing operation runs again alone under a savepoint, so that it does not spoil its
 neighbours; large payloads are written to their files by a staging thread first.
