@@ -14,10 +14,11 @@ hand is fsynced and fired at once, in the reactor's thread.  Measured against a 
 thread of its own, same-process A/B: the hand-offs of operations, leases and the
 interpreter between two busy threads cost more than that thread saved (the latency loop
 1.79 -> 1.56 ms, throughput 3,831 -> 4,049 jobs/s, 1,000 worker slots 4,443 -> 4,750
-jobs/s, heartbeats p99 305 -> 195 ms).  Other storages (ZEO, RelStorage) commit over the network: there a dedicated writer thread
-owns the connection, drains a queue of operations and commits each batch once.  Either way a
-failing operation runs again alone under a savepoint, so that it does not spoil its
-neighbours; large payloads are written to their files by a staging thread first.
+jobs/s, heartbeats p99 305 -> 195 ms).  Other storages (ZEO, RelStorage) commit over the
+network: there a dedicated writer thread owns the connection, drains a queue of operations
+and commits each batch once.  Either way a failing operation runs again alone under a
+savepoint, so that it does not spoil its neighbours; large payloads are written to their
+files by a staging thread first.
 """
 from __future__ import annotations
 
