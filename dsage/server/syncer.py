@@ -10,11 +10,11 @@ on the disk, one fsync may cover several commits, and the store's thread goes on
 next batch while the disk works.  A read answered meanwhile waits for the same fsync (it may
 have seen a commit not yet durable).
 
-When the syncer has nothing in hand, a commit is fsynced in the committer's own thread
-instead, as long as the disk's fsyncs stay short (`INLINE_FSYNC`): waking the syncer's
-thread and then the reactor's cost this VM more than a quiet fsync blocks the reactor
-(same-process A/B, the latency loop: 4.16/4.23 -> 3.91 ms; throughput and payload unchanged),
-and a read with nothing to wait for is answered at once.
+While no earlier commit waits for its acknowledgement, a commit is fsynced in the
+committer's own thread instead, as long as the disk's fsyncs stay short (`quick`,
+`INLINE_FSYNC`): waking the syncer's thread and then the reactor's cost this VM more than a
+quiet fsync blocks the reactor (same-process A/B, the latency loop: 4.16/4.23 -> 3.91 ms;
+throughput and payload unchanged), and a read with nothing to wait for is answered at once.
 """
 from __future__ import annotations
 
@@ -64,8 +64,6 @@ class Syncer:
         self.failed: OSError | None = None
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
-        self._lock = threading.Lock()
-        self._pending = 0               # items put in the queue and not yet handed over
         self.fsync_time = 0.0           # moving average of an fsync's duration
 
     def start(self) -> None:
@@ -75,19 +73,15 @@ class Syncer:
         self._thread = threading.Thread(target=self._loop, name="dsage-fsync", daemon=True)
         self._thread.start()
 
-    def put(self, item: Any, wrote: bool) -> bool:
+    def put(self, item: Any, wrote: bool) -> None:
         """Hand over `item` once everything committed so far is on the disk (`wrote`: this
-        item's own batch committed something).  True when that is done already: nothing
-        was waiting for the syncer's thread, and this thread fsynced (if `wrote`) itself;
-        the caller then hands `item` over, and `done` is not called for it."""
-        with self._lock:
-            inline = self._pending == 0 and self.fsync_time < INLINE_FSYNC and self._thread is not None
-            if not inline:
-                self._pending += 1
-                self._queue.put((item, wrote))
-        if inline and wrote:
-            self._sync()
-        return inline
+        item's own batch committed something)."""
+        self._queue.put((item, wrote))
+
+    @property
+    def quick(self) -> bool:
+        """Whether the disk's fsyncs are short enough to make in the committer's thread."""
+        return self.fsync_time < INLINE_FSYNC
 
     def stop(self) -> None:
         """Sync and hand over what is queued, then give the fsyncs back to the storage."""
@@ -108,16 +102,16 @@ class Syncer:
             stop = _STOP in entries
             entries = [e for e in entries if e is not _STOP]
             if any(wrote for _, wrote in entries):
-                self._sync()
+                self.sync()
             for item, _ in entries:
                 self.done(item)
-            with self._lock:
-                self._pending -= len(entries)
             if stop:
                 return
 
-    def _sync(self) -> None:
-        """One fsync of the storage's file (the file it has now: a pack may have replaced it)."""
+    def sync(self) -> None:
+        """One fsync of the storage's file (the file it has now: a pack may have replaced it),
+        in the syncer's thread or, while no commit waits for it, the committer's (see
+        `JobStore._flush`); a failure is kept in `failed`."""
         try:
             with self.storage._lock:
                 fd = os.dup(self.storage._file.fileno())

@@ -151,6 +151,32 @@ def test_while_the_syncer_has_commits_in_hand_later_ones_wait_their_turn(threade
     assert value(third) == [3] and disk.inline == before + 1
 
 
+def test_a_commit_waits_behind_one_fsynced_but_not_yet_acknowledged(threaded, monkeypatch):
+    """The syncer's thread has fsynced the first commit and handed it to the reactor, which
+    has not fired it yet when it commits the next: that one is not answered first."""
+    store, reactor = threaded
+    disk = Disk(monkeypatch, inline=True)
+    store.start()
+    store._syncer.fsync_time = 1.0
+    first = store.submit("a", [spec("first")])
+    reactor.turn()
+    disk.calls.get(timeout=10)
+    disk.go.release()
+    deadline = time.monotonic() + 10
+    while reactor.calls.empty() and time.monotonic() < deadline:
+        threading.Event().wait(0.001)       # the first's results, handed back
+    store._syncer.fsync_time = 0.0
+    second = store.submit("a", [spec("second")])
+    store._flush()                          # the reactor commits before it runs the hand-back
+    assert not first.called and not second.called
+    order = []
+    for d in (first, second):
+        d.addCallback(lambda ids: (order.append(ids[0]), ids)[1])
+    disk.go.release()
+    reactor.drain(second)
+    assert order == [1, 2]
+
+
 def test_a_failed_fsync_in_the_reactors_thread_refuses_its_batch_and_every_request_after(threaded, monkeypatch):
     """The same promise when the commit was fsynced in the reactor's thread."""
     store, reactor = threaded
