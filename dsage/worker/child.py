@@ -123,13 +123,14 @@ def apply_limits(limits: dict) -> None:
         resource.setrlimit(kind, (value, value))
 
 
-def _cpu() -> float:
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    return usage.ru_utime + usage.ru_stime
-
-
 #: bytes per unit of `ru_maxrss` (kilobytes on Linux, bytes on macOS).
 MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
+
+
+def _usage() -> tuple[float, int]:
+    """This process's CPU seconds so far and its peak resident memory in bytes."""
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_utime + usage.ru_stime, usage.ru_maxrss * MAXRSS_UNIT
 
 
 def _read(stream, n: int) -> bytes | None:
@@ -182,7 +183,7 @@ def run_one(job: dict) -> dict:
     seconds, the process's peak resident memory in bytes, and whether the folder could be
     emptied)."""
     home, env = os.getcwd(), dict(os.environ)
-    cpu = _cpu()
+    cpu, _ = _usage()
     try:
         os.chdir(job["workdir"])
         os.environ["TMPDIR"] = job["workdir"]
@@ -207,9 +208,8 @@ def run_one(job: dict) -> dict:
         linecache.cache.pop(code_filename(job), None)
         os.chdir(home)
         _restore_environ(env)
-    usage = resource.getrusage(resource.RUSAGE_SELF)
-    outcome["cpu_time"] = usage.ru_utime + usage.ru_stime - cpu
-    outcome["peak_memory"] = usage.ru_maxrss * MAXRSS_UNIT
+    cpu_end, outcome["peak_memory"] = _usage()
+    outcome["cpu_time"] = cpu_end - cpu
     try:
         outcome["clean"] = empty(job["workdir"])
     except OSError:

@@ -61,7 +61,7 @@ def job_settings(max_memory: float = 0, max_open_files: int = 1024, max_file_siz
     return {"limits": {"memory": int(max_memory * 2**20), "open_files": max_open_files,
                        "file_size": int(max_file_size * 2**20)},
             "max_output": max(1024, int(max_output * 2**20)), "prefetch": prefetch,
-            "recycle_memory": None if recycle_memory is None else int(recycle_memory * 2**20)}
+            "recycle_memory": RECYCLE_MEMORY if recycle_memory is None else int(recycle_memory * 2**20)}
 
 
 def enqueue(queue: collections.deque, job: dict) -> None:
@@ -93,7 +93,7 @@ class WorkerService(service.MultiService):
 
     def __init__(self, bundle: tls.Bundle, address: str, reactor, *, slots: int | None = None,
                  nice: int = 10, max_output: int = 1 << 20, limits: dict | None = None,
-                 prefetch: int | None = None, recycle_memory: int | None = None) -> None:
+                 prefetch: int | None = None, recycle_memory: int = RECYCLE_MEMORY) -> None:
         super().__init__()
         self.bundle = bundle
         self.reactor = reactor
@@ -107,8 +107,7 @@ class WorkerService(service.MultiService):
         self._hold_check = None
         self.stopping = False            # shutting down: takes no more jobs
         self.runner = JobRunner(reactor, nice=nice, max_output=max_output, limits=limits,
-                                keep_idle=2 * self.slots,
-                                recycle_memory=RECYCLE_MEMORY if recycle_memory is None else recycle_memory)
+                                keep_idle=2 * self.slots, recycle_memory=recycle_memory)
         self.session: WorkerSession | None = None
         self._reports: list[dict] = []
         self._sessions: list[WorkerSession] = []
