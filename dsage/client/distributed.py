@@ -112,9 +112,10 @@ class DistributedFunction:
         return self
 
     def wait(self, timeout: float | None = None) -> Any:
-        """Block until done; returns `result` (TimeoutError if `timeout` passes first)."""
+        """Block until done; returns `result` (TimeoutError if `timeout` passes first).  A
+        function this process has not started (new, or just restored) is started first."""
         if self._thread is None:
-            raise errors.DsageError(f"{self.name} was not started (call start())")
+            self.start()
         self._thread.join(timeout)
         if self._thread.is_alive():
             raise TimeoutError(f"{self.name} not done within {timeout:g} s")

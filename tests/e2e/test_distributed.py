@@ -47,7 +47,7 @@ def test_checkpointed_function_runs_to_the_right_answer(cluster):
         f.save()
         again = dsage.DistributedFunction.restore(D, "plain")
         assert again.done and again.result == expected(200) and again.outstanding_jobs == []
-        assert again.note == "checked" and again.start().wait(timeout=10) == expected(200)
+        assert again.note == "checked" and again.wait(timeout=10) == expected(200)
         again.save()
         with pytest.raises(dsage.RemoteError, match="no distributed function"):
             dsage.DistributedFunction.restore(D, "never-made")
@@ -231,6 +231,24 @@ def test_stop_then_start_again_goes_on_and_a_done_function_has_nothing_to_start(
         assert not f.done
         assert f.start().wait(timeout=120) == expected(300)
         assert f.start() is f and f.wait(timeout=1) == expected(300)
+    finally:
+        D.close()
+
+
+def test_wait_on_a_restored_function_resumes_it(cluster):
+    """`restore(D, name).wait()` goes on from the checkpoint without a `start()` first, as a
+    new function's `wait()` starts it."""
+    D = cluster.connect()
+    try:
+        f = SumOfSquares(D, 300, 10, "wait-resumes", delay=0.1).start()
+        wait_until = time.monotonic() + 30
+        while not f.processed_jobs and time.monotonic() < wait_until:
+            time.sleep(0.05)
+        f.stop()
+        assert not f.done
+        again = dsage.DistributedFunction.restore(D, "wait-resumes")
+        assert not again.done and again.wait(timeout=120) == expected(300)
+        assert SumOfSquares(D, 50, 10, "wait-starts").wait(timeout=60) == expected(50)
     finally:
         D.close()
 
