@@ -7,6 +7,7 @@ import os
 import socket
 import uuid
 from pathlib import Path
+from urllib.parse import parse_qs, urlsplit
 
 from twisted.application import internet, service
 from twisted.internet import defer
@@ -21,6 +22,11 @@ from dsage.server.hub import Hub
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
 from dsage.server.syncer import file_storage
+
+
+#: the ZODB cache of the server's connection: objects, and their estimated bytes.
+CACHE_OBJECTS = 100_000
+CACHE_BYTES = 256 << 20
 
 
 def open_db(uri: str):
@@ -52,9 +58,11 @@ def open_db(uri: str):
         raise ValueError(f"bad database URI {masked(uri)!r}: no storage for {scheme}:// is installed{hint}") from None
     except Exception as e:
         raise ValueError(f"bad database URI {masked(uri)!r}: {e}") from None
-    dbkw.setdefault("cache_size", 100_000)
+    # zodburi gives every URI a cache of 10,000 objects: ours, unless the URI names one.
+    if not uri.startswith("zconfig:") and "connection_cache_size" not in parse_qs(urlsplit(uri).query):
+        dbkw["cache_size"] = CACHE_OBJECTS
     # Payloads and results make objects of up to 64 KiB: bound the cache by size too.
-    dbkw.setdefault("cache_size_bytes", 256 << 20)
+    dbkw.setdefault("cache_size_bytes", CACHE_BYTES)
     try:
         return ZODB.DB(storage_factory(), **dbkw)
     except LockError:

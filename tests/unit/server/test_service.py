@@ -1,0 +1,26 @@
+"""open_db: the server's database and its cache."""
+from __future__ import annotations
+
+import pytest
+
+from dsage.server.service import CACHE_BYTES, CACHE_OBJECTS, open_db
+
+
+def test_the_cache_is_the_servers_unless_the_uri_names_one(tmp_path):
+    """zodburi gives every URI a cache of 10,000 objects, which made the server reload jobs
+    from the file under load; a URI's own connection_cache_size still wins."""
+    db = open_db(f"file://{tmp_path}/a.fs")
+    try:
+        assert (db.getCacheSize(), db.getCacheSizeBytes()) == (CACHE_OBJECTS, CACHE_BYTES) == (100_000, 256 << 20)
+    finally:
+        db.close()
+    db = open_db(f"file://{tmp_path}/b.fs?connection_cache_size=500&connection_cache_size_bytes=10MB")
+    try:
+        assert (db.getCacheSize(), db.getCacheSizeBytes()) == (500, 10 << 20)
+    finally:
+        db.close()
+
+
+def test_a_uri_with_an_unknown_parameter_is_a_clear_error(tmp_path):
+    with pytest.raises(ValueError, match="bad database URI .*cache_size"):
+        open_db(f"file://{tmp_path}/c.fs?cache_size=500")
