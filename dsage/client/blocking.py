@@ -286,7 +286,7 @@ class Dsage:
         return handle
 
     def jobs(self, status: str | None = None, all: bool = False, limit: int = 1000) -> list[JobHandle]:
-        """Your jobs, newest first (everyone's with all=True, for admins)."""
+        """Your newest `limit` jobs, newest first (everyone's with all=True, for admins)."""
         summaries = self._call("list_jobs", status=status, all=all, limit=limit)
         handles = self._handles(s["job_id"] for s in summaries)
         with self._lock:
