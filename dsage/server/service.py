@@ -64,12 +64,18 @@ def open_db(uri: str):
     # Payloads and results make objects of up to 64 KiB: bound the cache by size too.
     dbkw.setdefault("cache_size_bytes", CACHE_BYTES)
     try:
-        return ZODB.DB(storage_factory(), **dbkw)
+        db = ZODB.DB(storage_factory(), **dbkw)
     except LockError:
         raise ValueError(f"the database {masked(uri).split('?')[0]} is in use by another process "
                          f"(is a dsage_server already running?)") from None
     except Exception as e:      # a database server that does not answer, a file that cannot be read
         raise ValueError(f"cannot open the database {masked(uri).split('?')[0]}: {e}") from None
+    fs = file_storage(db.storage)
+    if fs is not None and uri.startswith("file://"):
+        # FileStorage keeps the file of before each pack as dsage.fs.old until the next
+        # one: the automatic packs would need twice the disk (zodburi has no option for it).
+        fs.pack_keep_old = False
+    return db
 
 
 #: the URI schemes RelStorage adds to zodburi's when it is installed.

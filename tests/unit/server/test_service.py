@@ -24,3 +24,23 @@ def test_the_cache_is_the_servers_unless_the_uri_names_one(tmp_path):
 def test_a_uri_with_an_unknown_parameter_is_a_clear_error(tmp_path):
     with pytest.raises(ValueError, match="bad database URI .*cache_size"):
         open_db(f"file://{tmp_path}/c.fs?cache_size=500")
+
+
+def test_a_pack_keeps_no_copy_of_the_file_of_before(tmp_path):
+    """A pack leaves dsage.fs and its index, not dsage.fs.old beside them (twice the disk)."""
+    import transaction
+
+    db = open_db(f"file://{tmp_path}/dsage.fs?blobstorage_dir={tmp_path}/blobs")
+    try:
+        conn = db.open()
+        for i in range(20):
+            conn.root()["x"] = "y" * 10_000 + str(i)
+            transaction.commit()
+        conn.close()
+        before = db.getSize()
+        db.pack()
+        assert db.getSize() < before / 10
+    finally:
+        db.close()
+    assert not (tmp_path / "dsage.fs.old").exists()
+    assert (tmp_path / "dsage.fs").exists() and (tmp_path / "dsage.fs.index").exists()
