@@ -193,17 +193,20 @@ def cell_steady(rounds: int, jobs: int) -> list[tuple[str, str]]:
         cluster.add_worker(slots=2)
         D = connect(cluster)
         fs = cluster.home / "db" / "dsage.fs"
-        sizes = []
+        sizes: list[float] = []
+        disk: list[float] = []          # the whole db folder: the file, its index, blobs, a pack's leftovers
         t0 = time.perf_counter()
         for _ in range(rounds):
             values = [j.wait(timeout=600) for j in D.map(len, [bytes(1000)] * jobs)]
             assert values == [1000] * jobs
             sizes.append(fs.stat().st_size / 2**20)
+            disk.append(sum(f.stat().st_size for f in fs.parent.rglob("*") if f.is_file()) / 2**20)
         elapsed = time.perf_counter() - t0
         done = D.status()
         D.close()
     rows.append((f"steady load, {rounds * jobs:,} jobs of 1 kB in {elapsed:.0f} s",
                  f"file after each round (MiB): {' '.join(f'{x:.0f}' for x in sizes)}"))
+    rows.append(("the database's folder after each round (MiB)", " ".join(f"{x:.0f}" for x in disk)))
     rows.append(("jobs kept at the end (keep_days = 10 s)", f"{sum(done['jobs'].values()):,}"))
     return rows
 
