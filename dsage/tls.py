@@ -264,11 +264,18 @@ def client_endpoint(bundle: Bundle, reactor, host: str, port: int, timeout: floa
     return _ClientTLSEndpoint(client_options(bundle), HostnameEndpoint(reactor, host, port, timeout=timeout))
 
 
+#: connections the kernel queues until the server accepts them (Twisted's default is 50):
+#: workers reconnecting after a restart come at once, and each TLS handshake takes the
+#: reactor a millisecond or two (1,000 at once overflowed a queue of 50 some 700 times).
+LISTEN_BACKLOG = 1024
+
+
 def listen(reactor, port: int, options: ssl.SSLContext, factory, interface: str = ""):
     """Listen on `port` with TLS (see `TLSProtocol`); a Deferred of the listening port."""
     from twisted.internet.endpoints import TCP4ServerEndpoint
 
-    return TCP4ServerEndpoint(reactor, port, interface=interface).listen(_factory()(options, True, factory))
+    endpoint = TCP4ServerEndpoint(reactor, port, backlog=LISTEN_BACKLOG, interface=interface)
+    return endpoint.listen(_factory()(options, True, factory))
 
 
 def send_now(tcp, data: bytes) -> None:

@@ -5,9 +5,12 @@ import dataclasses
 import datetime
 import os
 import pickle
+import select
+import signal
 import socket
 import ssl
 import subprocess
+import time
 
 import pytest
 
@@ -122,6 +125,35 @@ def test_connection_limit(strict, SD):
     finally:
         for s in socks:
             s.close()
+
+
+def test_connections_that_come_at_once_wait_in_the_listen_queue(strict, SD):
+    """300 connections made while the server cannot accept (stopped, as a reactor busy with
+    handshakes) all complete their TCP handshake in the kernel's queue: none is dropped to
+    retry a second later, as past Twisted's default queue of 50."""
+    host, port = strict.address.rsplit(":", 1)
+    socks = []
+    strict.server.send_signal(signal.SIGSTOP)
+    try:
+        for _ in range(300):
+            s = socket.socket()
+            s.setblocking(False)
+            s.connect_ex(("127.0.0.1", int(port)))
+            socks.append(s)
+        deadline = time.monotonic() + 3
+        pending = list(socks)
+        while pending and time.monotonic() < deadline:
+            _, writable, _ = select.select([], pending, [], 0.1)
+            pending = [s for s in pending if s not in writable]
+        done = [s for s in socks if s not in pending and s.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
+        # the kernel caps a queue at net.core.somaxconn (4,096 since Linux 5.4, 128 before)
+        cap = int(open("/proc/sys/net/core/somaxconn").read()) + 1
+        assert len(done) == min(300, cap)
+    finally:
+        strict.server.send_signal(signal.SIGCONT)
+        for s in socks:
+            s.close()
+    assert SD.eval("'served'").wait(timeout=30) == "served"
 
 
 def test_jobs_are_contained(strict, SD):
