@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import resource
 import socket
 import uuid
 from pathlib import Path
@@ -100,6 +101,24 @@ class _Refused(Exception):
     """The server cannot start: the database is held by another one."""
 
 
+#: files the server keeps open beside its connections (database, blobs, logs, web clients).
+SPARE_FILES = 256
+
+
+def raise_open_files(connections: int) -> tuple[int, int]:
+    """Raise this process's soft limit of open files to what `connections` connections need
+    (most systems start a process at 1,024, a thousand workers' connections), as far as the
+    hard limit allows; (the soft limit now, the number wanted)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    want = connections + SPARE_FILES
+    if soft != resource.RLIM_INFINITY and soft < want:
+        new = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        if new > soft:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (new, hard))
+            soft = new
+    return soft, want
+
+
 class ServerService(service.MultiService):
     """dsage_server: owns the database, the listener and the reaper."""
 
@@ -119,6 +138,11 @@ class ServerService(service.MultiService):
 
     def startService(self) -> None:
         home = self.config.home
+        files, want = raise_open_files(self.config.max_connections)
+        if files != resource.RLIM_INFINITY and files < want:
+            self.log.warn("this process may open only {files} files (its hard limit): about {n} connections, "
+                          "not max_connections {max}; raise the limit (ulimit -Hn; LimitNOFILE= in a systemd "
+                          "unit)", files=files, n=max(0, files - SPARE_FILES), max=self.config.max_connections)
         self.log.info("opening database {uri}", uri=masked(self.config.db_uri).split("?")[0])
         self.store = JobStore(self.db or open_db(self.config.db_uri), reactor=self.reactor)
         self.store.start()

@@ -5,6 +5,7 @@ import dataclasses
 import datetime
 import os
 import pickle
+import resource
 import select
 import signal
 import socket
@@ -16,6 +17,7 @@ import pytest
 
 import dsage
 from dsage import tls
+from dsage.server.service import SPARE_FILES
 from tests.e2e.conftest import connected, start_cluster, wait_for
 
 
@@ -154,6 +156,26 @@ def test_connections_that_come_at_once_wait_in_the_listen_queue(strict, SD):
         for s in socks:
             s.close()
     assert SD.eval("'served'").wait(timeout=30) == "served"
+
+
+def test_the_server_raises_its_open_files_limit_for_its_connections(tmp_path_factory):
+    """Started with the 1,024 open files most systems give a process (512 here), the server
+    raises its own limit to what max_connections (5,000) needs, as far as the hard limit
+    allows: at 1,024 it stopped accepting at 1,008 connections."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (512, hard))
+    try:
+        cluster = start_cluster(tmp_path_factory, workers=0)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        with open(f"/proc/{cluster.server.pid}/limits") as f:
+            line = next(x for x in f if x.startswith("Max open files"))
+        want = 5_000 + SPARE_FILES
+        assert int(line.split()[3]) == (want if hard == resource.RLIM_INFINITY else min(want, hard))
+        assert cluster.connect().status()["workers"] == 0
+    finally:
+        cluster.stop()
 
 
 def test_jobs_are_contained(strict, SD):

@@ -44,3 +44,20 @@ def test_a_pack_keeps_no_copy_of_the_file_of_before(tmp_path):
         db.close()
     assert not (tmp_path / "dsage.fs.old").exists()
     assert (tmp_path / "dsage.fs").exists() and (tmp_path / "dsage.fs.index").exists()
+
+
+@pytest.mark.parametrize("soft, hard, expected", [
+    (1024, 20_000, (5_256, (5_256, 20_000))),       # raised to what 5,000 connections need
+    (1024, 3_000, (3_000, (3_000, 3_000))),          # as far as the hard limit allows
+    (65_536, 65_536, (65_536, None)),                # already enough: left alone
+])
+def test_the_open_files_limit_is_raised_for_the_connections(monkeypatch, soft, hard, expected):
+    import resource
+
+    from dsage.server.service import raise_open_files
+
+    now = {}
+    monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
+    monkeypatch.setattr(resource, "setrlimit", lambda _, limits: now.update(limits=limits))
+    assert raise_open_files(5_000) == (expected[0], 5_256)
+    assert now.get("limits") == expected[1]
