@@ -21,6 +21,7 @@ msgpack decodes only plain data (no object graph); payloads are opaque bytes.
 from __future__ import annotations
 
 import itertools
+import socket
 import struct
 import threading
 from typing import Any, Callable, Iterator
@@ -34,6 +35,11 @@ from twisted.python.failure import Failure
 from dsage import errors
 
 PROTOCOL_VERSION = (2, 0)
+#: TCP keepalive: probes after this many idle seconds, this many seconds apart, and the
+#: link is dropped after this many unanswered (the kernel's defaults wait over two hours):
+#: a client waiting for a result from a server whose machine went away without a word
+#: finds out in about a minute, reconnects, and waits on.
+KEEPALIVE = (30, 10, 3)
 REQUEST, REPLY, EVENT, FRAGMENT = 0, 1, 2, 3
 #: bytes of message per frame; larger messages are fragmented.
 FRAME_DATA = 1 << 20
@@ -218,12 +224,19 @@ class MessageProtocol(Protocol):
         self.tune_transport()
 
     def tune_transport(self) -> None:
-        """Small frames go out at once (no Nagle delay); dead peers are noticed by TCP too."""
+        """Small frames go out at once (no Nagle delay); dead peers are noticed by TCP too,
+        within about a minute of silence (`KEEPALIVE`)."""
         for option in ("setTcpNoDelay", "setTcpKeepAlive"):
             try:
                 getattr(self.transport, option)(True)
             except (AttributeError, OSError, NotImplementedError):
                 pass
+        try:
+            sock = self.transport.getHandle()
+            for name, value in zip(("TCP_KEEPIDLE", "TCP_KEEPINTVL", "TCP_KEEPCNT"), KEEPALIVE):
+                sock.setsockopt(socket.IPPROTO_TCP, getattr(socket, name), value)
+        except (AttributeError, OSError):
+            pass            # not a TCP socket, or a system without these options
 
     # -- sending ---------------------------------------------------------------------
     def send_message(self, message: list) -> None:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -38,6 +40,27 @@ def namespaces_usable() -> str | None:
 
 WHY_NOT = namespaces_usable()
 pytestmark = pytest.mark.skipif(WHY_NOT is not None, reason=f"netns test not possible: {WHY_NOT}")
+
+
+def run_in(ns: str, cluster: LocalCluster, log_name: str, args: list[str]) -> subprocess.Popen:
+    """Start a program on the host `ns` (a network namespace), its output in the cluster's home."""
+    log = open(cluster.home / log_name, "ab")
+    return subprocess.Popen(["ip", "netns", "exec", ns] + args, env=cluster.env, stdout=log, stderr=log,
+                            start_new_session=True)
+
+
+def worker_on(ns: str, cluster: LocalCluster, name: str, server: str) -> subprocess.Popen:
+    """A dsage_worker named `name` (its bundle issued already) with 2 slots on the host `ns`."""
+    return run_in(ns, cluster, f"{name}.log", command("dsage_worker") +
+                  ["--cert", str(cluster.home / f"{name}.pem"), "--server", server, "--slots", "2"])
+
+
+def end(procs: list[subprocess.Popen], cluster: LocalCluster) -> None:
+    """Stop the programs started on the hosts, then the cluster."""
+    for proc in procs:
+        subprocess.run(["kill", "--", f"-{proc.pid}"], capture_output=True)
+        proc.wait()
+    cluster.stop()
 
 
 @pytest.fixture
@@ -76,29 +99,19 @@ def test_network_cut_and_heal(hosts, tmp_path):
     try:
         cluster.init()
         cluster.configure(host=SERVER_SIDE, interface="0.0.0.0", lease_seconds=3, heartbeat_seconds=0.5)
-        log = open(cluster.home / "server.log", "ab")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", SERVER_NS] + command("dsage_server"),
-                                      env=cluster.env, stdout=log, stderr=log, start_new_session=True))
+        procs.append(run_in(SERVER_NS, cluster, "server.log", command("dsage_server")))
         wait_for((cluster.home / "server.addr").exists, what="the server")
         cluster.address = (cluster.home / "server.addr").read_text().strip()
         port = cluster.address.rsplit(":", 1)[1]
         for name in ("remote", "local"):
             cluster.run("worker", "add", name, "--out", str(cluster.home / f"{name}.pem"))
-        wlog = open(cluster.home / "remote.log", "ab")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", WORKER_NS] + command("dsage_worker") +
-                                      ["--cert", str(cluster.home / "remote.pem"), "--server", f"{SERVER_LAN}:{port}",
-                                       "--slots", "2"], env=cluster.env, stdout=wlog, stderr=wlog,
-                                      start_new_session=True))
+        procs.append(worker_on(WORKER_NS, cluster, "remote", f"{SERVER_LAN}:{port}"))
         D = cluster.connect()
         wait_for(lambda: D.workers(), what="the remote worker")
         jobs = D.map(lambda i: __import__("time").sleep(2) or i * 10, range(4))
         wait_for(lambda: D.status()["busy"] == 2, what="the remote worker to run jobs")
         sh("ip", "netns", "exec", WORKER_NS, "ip", "link", "set", "lan1", "down")
-        llog = open(cluster.home / "local.log", "ab")
-        procs.append(subprocess.Popen(["ip", "netns", "exec", SERVER_NS] + command("dsage_worker") +
-                                      ["--cert", str(cluster.home / "local.pem"), "--server", f"127.0.0.1:{port}",
-                                       "--slots", "2"], env=cluster.env, stdout=llog, stderr=llog,
-                                      start_new_session=True))
+        procs.append(worker_on(SERVER_NS, cluster, "local", f"127.0.0.1:{port}"))
         assert [j.wait(timeout=120) for j in jobs] == [0, 10, 20, 30]
         sh("ip", "netns", "exec", WORKER_NS, "ip", "link", "set", "lan1", "up")
         wait_for(lambda: "stale report from remote" in (cluster.home / "server.log").read_text(), timeout=60,
@@ -114,7 +127,58 @@ def test_network_cut_and_heal(hosts, tmp_path):
         assert D.eval("'healed'").wait(timeout=60) == "healed"
         D.close()
     finally:
-        for proc in procs:
-            subprocess.run(["kill", "--", f"-{proc.pid}"], capture_output=True)
-            proc.wait()
-        cluster.stop()
+        end(procs, cluster)
+
+
+def test_a_client_waiting_on_a_link_gone_silent_reconnects(hosts, tmp_path, monkeypatch):
+    """The server's host goes away without a word (its link cut, the server killed and its
+    connections forgotten as in a reboot, then all back): a client blocked in wait() finds out
+    by TCP keepalive, reconnects and gets the result, where the kernel's defaults would keep it
+    waiting two hours (the test fails at 60 s without it)."""
+    from dsage import protocol
+
+    monkeypatch.setattr(protocol, "KEEPALIVE", (1, 1, 2))      # about a minute in use
+    cluster = LocalCluster(tmp_path / "home")
+    procs: list[subprocess.Popen] = []
+
+    def start_server(*port: str) -> subprocess.Popen:
+        (cluster.home / "server.addr").unlink(missing_ok=True)
+        proc = run_in(SERVER_NS, cluster, "server.log", command("dsage_server") + list(port))
+        procs.append(proc)
+        wait_for((cluster.home / "server.addr").exists, what="the server")
+        return proc
+
+    try:
+        cluster.init()
+        cluster.configure(host=SERVER_SIDE, interface="0.0.0.0")
+        server = start_server()
+        cluster.address = (cluster.home / "server.addr").read_text().strip()
+        port = cluster.address.rsplit(":", 1)[1]
+        cluster.run("worker", "add", "local", "--out", str(cluster.home / "local.pem"))
+        procs.append(worker_on(SERVER_NS, cluster, "local", f"127.0.0.1:{port}"))
+        D = cluster.connect()
+        wait_for(lambda: D.workers(), what="the worker")
+        job = D.eval("import time; time.sleep(4); 'done'")
+        wait_for(lambda: D.status()["busy"] == 1, what="the job to start")
+        waited: list = []
+        waiter = threading.Thread(target=lambda: waited.append(job.wait(timeout=60)))
+        waiter.start()          # its watch is asked for now: from here on the client sends nothing
+        time.sleep(0.5)
+        # The server's host is cut off from us (both ends of the link down: nothing it sends
+        # is kept for later), its server dies, and its kernel forgets the connections, as a
+        # reboot would (it would otherwise resend the dead server's FIN once the link is back)
+        server_side = ("ip", "netns", "exec", SERVER_NS)
+        sh(*server_side, "ip", "link", "set", f"{TAG}s", "down")
+        sh("ip", "link", "set", f"{TAG}r", "down")
+        subprocess.run(["kill", "-9", "--", f"-{server.pid}"], capture_output=True)
+        server.wait()
+        sh(*server_side, "ss", "-K", "-tn", "sport", "=", f":{port}")
+        start_server("--port", port)
+        sh(*server_side, "ip", "link", "set", f"{TAG}s", "up")
+        sh("ip", "link", "set", f"{TAG}r", "up")
+        waiter.join(70)
+        assert waited == ["done"]
+        assert D.eval("'again'").wait(timeout=30) == "again"
+        D.close()
+    finally:
+        end(procs, cluster)
