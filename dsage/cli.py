@@ -308,7 +308,7 @@ def worker_main(argv: list[str] | None = None) -> int:
 def _worker_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--cert", help="the worker's bundle (default $DSAGE_HOME/worker.pem)")
     parser.add_argument("--server", help="HOST:PORT of the server (default: the one in the bundle)")
-    parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core)")
+    parser.add_argument("--slots", type=int, help="jobs run at once (default: one per core it may use)")
     parser.add_argument("--nice", type=int, default=10, help="nice level of the jobs (default 10)")
     parser.add_argument("--prefetch", type=int, default=None,
                         help="jobs leased ahead, waiting for a free slot (default: automatic, about 50 ms of "

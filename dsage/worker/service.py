@@ -86,6 +86,15 @@ def automatic_ahead(slots: int, recent) -> int:
     return slots * max(1, min(MAX_AHEAD, int(AHEAD_SECONDS / max(longest, 1e-6))))
 
 
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity (`taskset`, a cgroup's cpuset, a
+    batch system's allocation), not every core of the machine."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
 class WorkerService(service.MultiService):
     """dsage_worker: connects (and reconnects) to the server and runs jobs in its slots."""
 
@@ -97,7 +106,7 @@ class WorkerService(service.MultiService):
         super().__init__()
         self.bundle = bundle
         self.reactor = reactor
-        self.slots = slots or os.cpu_count() or 1
+        self.slots = slots or usable_cores()
         #: leased jobs kept waiting here so that a slot never waits for the network (they
         #: show as processing meanwhile).  None: automatic, about 50 ms of work per slot
         #: while the recent jobs were short, given back to the server if they wait too long.

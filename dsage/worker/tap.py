@@ -12,7 +12,7 @@ class Options(usage.Options):
     optParameters = [
         ["cert", None, None, "the worker's bundle (default $DSAGE_HOME/worker.pem)"],
         ["server", None, None, "HOST:PORT of the server (default: the one in the bundle)"],
-        ["slots", None, None, "jobs run at once (default: one per core)", int],
+        ["slots", None, None, "jobs run at once (default: one per core it may use)", int],
         ["nice", None, 10, "nice level of the jobs", int],
         ["prefetch", None, None, "jobs leased ahead, waiting for a free slot (default: automatic)", int],
         ["max-memory", None, 0, "address space of each job in MB (default: no limit)", float],

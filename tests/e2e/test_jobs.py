@@ -349,6 +349,30 @@ def test_a_stopped_worker_leaves_no_job_folders(tmp_path_factory):
         cluster.stop()
 
 
+def test_a_worker_without_slots_takes_one_per_core_it_may_use(tmp_path_factory):
+    """dsage_worker without --slots, started under `taskset -c 0` (as an administrator or a
+    container leaves it one core of the machine's), runs one job at a time, not one per core
+    of the machine."""
+    import subprocess
+
+    from dsage.client.local import command
+    from tests.e2e.conftest import start_cluster
+
+    cluster = start_cluster(tmp_path_factory, workers=0)
+    cluster.run("worker", "add", "pinned", "--out", str(cluster.home / "pinned.pem"))
+    with open(cluster.home / "pinned.log", "ab") as log:
+        proc = subprocess.Popen(["taskset", "-c", "0"] + command("dsage_worker") +
+                                ["--cert", str(cluster.home / "pinned.pem"), "--server", cluster.address],
+                                env=cluster.env, stdout=log, stderr=log, start_new_session=True)
+    cluster.workers.append(proc)
+    try:
+        with connected(cluster) as D:
+            (worker,) = D.workers()
+            assert worker["slots"] == 1 and worker["facts"]["cores"] == os.cpu_count()
+    finally:
+        cluster.stop()
+
+
 def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
     """What a running job prints reaches job.output with its worker's next heartbeat (every
     second here); once it ends, the whole output."""
