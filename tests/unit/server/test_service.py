@@ -1,9 +1,12 @@
-"""open_db: the server's database and its cache."""
+"""The server's database as open_db opens it (its cache, its packs), and its open files."""
 from __future__ import annotations
 
-import pytest
+import resource
 
-from dsage.server.service import CACHE_BYTES, CACHE_OBJECTS, open_db
+import pytest
+import transaction
+
+from dsage.server.service import CACHE_BYTES, CACHE_OBJECTS, open_db, raise_open_files
 
 
 def test_the_cache_is_the_servers_unless_the_uri_names_one(tmp_path):
@@ -28,8 +31,6 @@ def test_a_uri_with_an_unknown_parameter_is_a_clear_error(tmp_path):
 
 def test_a_pack_keeps_no_copy_of_the_file_of_before(tmp_path):
     """A pack leaves dsage.fs and its index, not dsage.fs.old beside them (twice the disk)."""
-    import transaction
-
     db = open_db(f"file://{tmp_path}/dsage.fs?blobstorage_dir={tmp_path}/blobs")
     try:
         conn = db.open()
@@ -52,10 +53,6 @@ def test_a_pack_keeps_no_copy_of_the_file_of_before(tmp_path):
     (65_536, 65_536, (65_536, None)),                # already enough: left alone
 ])
 def test_the_open_files_limit_is_raised_for_the_connections(monkeypatch, soft, hard, expected):
-    import resource
-
-    from dsage.server.service import raise_open_files
-
     now = {}
     monkeypatch.setattr(resource, "getrlimit", lambda _: (soft, hard))
     monkeypatch.setattr(resource, "setrlimit", lambda _, limits: now.update(limits=limits))
