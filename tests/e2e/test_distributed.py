@@ -217,18 +217,24 @@ def test_a_long_function_does_not_keep_the_results_it_processed(cluster, monkeyp
         D.close()
 
 
+def stopped_midway(D, name: str) -> SumOfSquares:
+    """A SumOfSquares of 300 started, then stopped once it has processed a result."""
+    # 0.1 s per result: 30 results take 3 s, so the function cannot end before stop()
+    f = SumOfSquares(D, 300, 10, name, delay=0.1).start()
+    wait_until = time.monotonic() + 30
+    while not f.processed_jobs and time.monotonic() < wait_until:
+        time.sleep(0.05)
+    f.stop()
+    assert not f.done
+    return f
+
+
 def test_stop_then_start_again_goes_on_and_a_done_function_has_nothing_to_start(cluster):
     """stop() ends this client's driver; start() on the same object goes on from there, and
     once done, start() again does nothing."""
     D = cluster.connect()
     try:
-        # 0.1 s per result: 30 results take 3 s, so the function cannot end before stop()
-        f = SumOfSquares(D, 300, 10, "stop-start", delay=0.1).start()
-        wait_until = time.monotonic() + 30
-        while not f.processed_jobs and time.monotonic() < wait_until:
-            time.sleep(0.05)
-        f.stop()
-        assert not f.done
+        f = stopped_midway(D, "stop-start")
         assert f.start().wait(timeout=120) == expected(300)
         assert f.start() is f and f.wait(timeout=1) == expected(300)
     finally:
@@ -240,12 +246,7 @@ def test_wait_on_a_restored_function_resumes_it(cluster):
     new function's `wait()` starts it."""
     D = cluster.connect()
     try:
-        f = SumOfSquares(D, 300, 10, "wait-resumes", delay=0.1).start()
-        wait_until = time.monotonic() + 30
-        while not f.processed_jobs and time.monotonic() < wait_until:
-            time.sleep(0.05)
-        f.stop()
-        assert not f.done
+        stopped_midway(D, "wait-resumes")
         again = dsage.DistributedFunction.restore(D, "wait-resumes")
         assert not again.done and again.wait(timeout=120) == expected(300)
         assert SumOfSquares(D, 50, 10, "wait-starts").wait(timeout=60) == expected(50)
