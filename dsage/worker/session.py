@@ -55,7 +55,8 @@ class WorkerSession:
         self.proto = proto
         self.worker = worker
         self.clock = clock
-        self.asking = 0
+        self.asking = 0                  # jobs asked for and not yet answered (takes, reports)
+        self.taking = False              # a take is waiting on the server
         self.heartbeat: task.LoopingCall | None = None
         self.first_beat = True           # this connection's first: every running job's output
         self.unanswered = 0
@@ -81,22 +82,28 @@ class WorkerSession:
             self.heartbeat.stop()
 
     def ask(self) -> None:
-        """Ask for as many jobs as the worker has room for and has not already asked for."""
+        """Ask for as many jobs as the worker has room for and has not already asked for,
+        in one take at a time: the server answers a take as soon as it has any job for it,
+        so a second take would only split the jobs of a burst into more messages (and
+        every waiting take costs the server's dispatcher a look at each new job)."""
         want = min(MAX_TAKE, self.worker.room() - self.asking)
-        if want <= 0 or self.proto.closed:
+        if want <= 0 or self.taking or self.proto.closed:
             return
         self.asking += want
+        self.taking = True
         d = self.proto.call("take", n=want)
         d.addCallbacks(self._got, self._take_failed, callbackArgs=(want,), errbackArgs=(want,))
 
     def _got(self, jobs: list[dict], asked: int) -> None:
         self.asking -= asked
+        self.taking = False
         for job in jobs:
             self.worker.start_job(job)
         self.ask()
 
     def _take_failed(self, failure, asked: int) -> None:
         self.asking -= asked
+        self.taking = False
         if not failure.check(errors.ConnectionLost):
             self.log.failure("take failed", failure)
 

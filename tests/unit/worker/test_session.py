@@ -1,10 +1,11 @@
-"""The worker session's report batching: one request in flight, the rest batched by count
-and size."""
+"""The worker session: one take waiting at a time; report batching (one request in flight,
+the rest batched by count and size); heartbeats."""
 from __future__ import annotations
 
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
+from dsage import errors
 from dsage.worker.session import REPORTS_BYTES, WorkerSession
 
 
@@ -55,8 +56,6 @@ def test_heartbeats_carry_output_and_a_refused_one_is_logged():
     connection's first); the server refusing one is logged, a lost link is not."""
     from twisted.logger import globalLogPublisher
 
-    from dsage import errors
-
     class Worker(FakeWorker):
         def held(self):
             return [[1, 1, 7]]
@@ -82,3 +81,31 @@ def test_heartbeats_carry_output_and_a_refused_one_is_logged():
         assert [e for e in logged if "refused a heartbeat" in e.get("log_format", "")]
     finally:
         globalLogPublisher.removeObserver(logged.append)
+
+
+def test_one_take_waits_at_a_time_and_the_next_asks_for_all_the_room():
+    """Room that opens while a take waits (jobs ending, prefetch growing) is asked for when
+    that take is answered, in one take: not in a take per job, each of which the server's
+    dispatcher would look at for every new job."""
+
+    class Worker(FakeWorker):
+        free = 2
+
+        def room(self):
+            return self.free
+
+        def start_job(self, job):
+            self.free -= 1
+
+    worker = Worker()
+    proto = FakeProto()
+    session = WorkerSession(proto, worker, Clock())
+    session.ask()
+    worker.free = 130                   # short jobs ended: the automatic prefetch opened
+    session.ask()
+    session.ask()
+    assert [(verb, args) for verb, args, _ in proto.calls] == [("take", {"n": 2})]
+    proto.calls[0][2].callback([{"job_id": 1}])
+    assert [(verb, args) for verb, args, _ in proto.calls[1:]] == [("take", {"n": 129})]
+    proto.calls[1][2].errback(errors.ConnectionLost("gone"))
+    assert session.asking == 0 and not session.taking
