@@ -15,6 +15,9 @@ from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
 from dsage.server.hub import ADMIN, CLIENT_ROLES, WORKER, Hub
 
 HELLO_TIMEOUT = 15.0
+#: the most takes one worker connection may have waiting (dsage's worker has one; each
+#: waiting take is looked at for every new job, so a flood would slow every submission).
+MAX_TAKES = 64
 #: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
 #: finished in one commit go in as few events as fit.
 EVENT_BYTES = 64 << 20
@@ -316,6 +319,9 @@ class ServerProtocol(MessageProtocol):
         n = args.get("n", 1)
         if not isinstance(n, int) or not 1 <= n <= 1024:
             raise ValueError("take needs 1 <= n <= 1024")
+        if len(self.takes) >= MAX_TAKES:
+            raise ValueError(f"this connection has {len(self.takes)} takes waiting already: ask for "
+                             f"more jobs in one take")
         d = self.hub.dispatcher.take(self.identity, n)
         self.takes.add(d)
 

@@ -220,3 +220,22 @@ def test_a_refused_submission_leaves_the_waiting_slots_free(parts):
     assert hub.dispatcher.claiming == set()
     assert value(alice.handle_request("submit", {"jobs": [spec()]})) == {"job_ids": [1]}
     assert got and [j["job_id"] for j in got[0]] == [1]
+
+
+def test_a_worker_connection_has_at_most_max_takes_waiting(parts):
+    """Takes beyond MAX_TAKES waiting on one connection are refused with a message saying
+    so (each waiting take costs every submission a look); answered ones make room again."""
+    from dsage.server.connections import MAX_TAKES
+
+    clock, now, store, hub = parts
+    worker, alice = connect(hub, "w1", "worker"), connect(hub, "alice", "client")
+    got = []
+    for _ in range(MAX_TAKES):
+        worker.handle_request("take", {"n": 1}).addCallback(got.append)
+    with pytest.raises(ValueError, match=f"has {MAX_TAKES} takes waiting already"):
+        worker.handle_request("take", {"n": 1})
+    assert len(hub.dispatcher.waiting) == MAX_TAKES
+    value(alice.handle_request("submit", {"jobs": [spec()]}))
+    assert [[j["job_id"] for j in jobs] for jobs in got] == [[1]]
+    worker.handle_request("take", {"n": 1})
+    assert len(hub.dispatcher.waiting) == MAX_TAKES
