@@ -196,6 +196,29 @@ def cmd_user_revoke(args) -> int:
 
 
 # -- server and worker ---------------------------------------------------------------------
+#: a log file is rotated when it reaches this size (the newest old one is FILE.1) ...
+LOG_ROTATE_BYTES = 10 << 20
+#: ... and this many old ones are kept.
+LOG_KEEP = 5
+
+
+def _log_file(path: str):
+    """The log file at `path`, appended to, rotated by size (`LOG_ROTATE_BYTES`, keeping
+    `LOG_KEEP`), and reopened on SIGHUP (for logrotate and the like, which move it away)."""
+    import signal
+
+    from twisted.python.logfile import LogFile
+
+    stream = LogFile.fromFullPath(os.path.abspath(path), rotateLength=LOG_ROTATE_BYTES, maxRotatedFiles=LOG_KEEP)
+
+    def reopen(*_) -> None:
+        from twisted.internet import reactor
+
+        reactor.callFromThread(stream.reopen)      # not in the middle of a write
+    signal.signal(signal.SIGHUP, reopen)
+    return stream
+
+
 def _start_logging(log_file: str | None = None) -> None:
     """Twisted's log to stderr (or a file), with Python's `logging` (ZODB's) routed into it."""
     import logging
@@ -203,7 +226,10 @@ def _start_logging(log_file: str | None = None) -> None:
     from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
                                 globalLogBeginner, textFileLogObserver)
 
-    stream = open(log_file, "a") if log_file else sys.stderr
+    try:
+        stream = _log_file(log_file) if log_file else sys.stderr
+    except OSError as e:
+        raise UserError(f"cannot write the log file {log_file}: {e.strerror or e}") from None
     try:
         level = LogLevel.levelWithName(os.environ.get("DSAGE_LOG_LEVEL", "info").lower())
     except Exception:
@@ -234,7 +260,7 @@ def _server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--port", type=int, help="TLS port for workers and clients (0: any free port)")
     parser.add_argument("--web-port", type=int, help="HTTP port of the dashboard")
     parser.add_argument("--db", help="storage URI: file://, zeo://, postgres://... (zodburi)")
-    parser.add_argument("--log-file", help="log to this file instead of stderr")
+    parser.add_argument("--log-file", help="log to this file instead of stderr (rotated at 10 MiB, reopened on SIGHUP)")
 
 
 def _serve(args) -> int:
@@ -325,7 +351,7 @@ def _worker_args(parser: argparse.ArgumentParser) -> None:
                              "process for every job)")
     parser.add_argument("--max-output", type=float, default=1, metavar="MB",
                         help="stdout and stderr kept per job, in MB (default 1; the middle is cut)")
-    parser.add_argument("--log-file", help="log to this file instead of stderr")
+    parser.add_argument("--log-file", help="log to this file instead of stderr (rotated at 10 MiB, reopened on SIGHUP)")
 
 
 def _work(args) -> int:

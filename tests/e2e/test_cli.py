@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import stat
 import subprocess
@@ -116,6 +117,29 @@ def test_a_server_that_cannot_listen_says_why_and_exits_1(tmp_path):
     assert out.returncode == 1, out.stderr
     assert f"cannot listen on 127.0.0.1:{port}" in out.stderr and "Address already in use" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def test_the_server_logs_to_its_log_file_and_reopens_it_on_sighup(tmp_path):
+    """`log_file`: the server's log goes there; after logrotate moves it away and sends
+    SIGHUP, the server writes a new one and serves on; a file it cannot write is one line."""
+    log = tmp_path / "server.log"
+    with LocalCluster(tmp_path / "home") as c:
+        c.init()
+        c.configure(log_file=str(log))
+        c.start_server()
+        wait_for(lambda: "listening on" in log.read_text(), what="the log file")
+        log.rename(tmp_path / "server.log.1")
+        c.server.send_signal(signal.SIGHUP)
+        D = c.connect()
+        D.status()
+        wait_for(lambda: log.exists() and "connected from" in log.read_text(), what="a new log file")
+        D.close()
+        assert "listening on" in (tmp_path / "server.log.1").read_text()
+        assert "listening on" not in log.read_text() and c.server.poll() is None
+    out = run(tmp_path / "home", "server", "--log-file", str(tmp_path / "no" / "such.log"))
+    assert out.returncode == 1 and "Traceback" not in out.stderr
+    assert out.stderr.strip() == (f"dsage: error: cannot write the log file {tmp_path / 'no' / 'such.log'}: "
+                                  "No such file or directory")
 
 
 def test_no_server_is_a_clear_error(tmp_path):
