@@ -26,6 +26,8 @@ def host_facts() -> dict:
 MISSED_BEATS = 3
 #: the most jobs one take (or report) asks for (the server's limit).
 MAX_TAKE = 1024
+#: seconds before a worker asks again for jobs after the server refused a take.
+TAKE_RETRY = 1.0
 #: reports batched in one request up to this many bytes of results and output (at least one).
 REPORTS_BYTES = 8 << 20
 
@@ -105,7 +107,10 @@ class WorkerSession:
         self.asking -= asked
         self.taking = False
         if not failure.check(errors.ConnectionLost):
+            # Refused (the server's error): this was the one take, so ask again in a while,
+            # or an idle worker would wait for jobs it never asked for.
             self.log.failure("take failed", failure)
+            self.clock.callLater(TAKE_RETRY, self.ask)
 
     def send_report(self, report: dict) -> None:
         """Send a report, asking in the same round trip for the next jobs there is room for.

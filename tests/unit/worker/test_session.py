@@ -109,3 +109,29 @@ def test_one_take_waits_at_a_time_and_the_next_asks_for_all_the_room():
     assert [(verb, args) for verb, args, _ in proto.calls[1:]] == [("take", {"n": 129})]
     proto.calls[1][2].errback(errors.ConnectionLost("gone"))
     assert session.asking == 0 and not session.taking
+
+
+def test_a_refused_take_is_asked_again_after_take_retry():
+    """A take the server refuses (an error, not a lost link) is logged and asked again
+    TAKE_RETRY s later: it was the worker's one take, and an idle worker would wait forever."""
+    from twisted.logger import globalLogPublisher
+
+    from dsage.worker.session import TAKE_RETRY
+
+    class Worker(FakeWorker):
+        def room(self):
+            return 2
+
+    clock, proto = Clock(), FakeProto()
+    session = WorkerSession(proto, Worker(), clock)
+    logged = []
+    globalLogPublisher.addObserver(logged.append)
+    try:
+        session.ask()
+        proto.calls[0][2].errback(errors.RemoteError("the server had a bad moment"))
+    finally:
+        globalLogPublisher.removeObserver(logged.append)
+    assert [e for e in logged if e.get("log_format") == "take failed"]
+    assert len(proto.calls) == 1
+    clock.advance(TAKE_RETRY)
+    assert [(verb, args) for verb, args, _ in proto.calls[1:]] == [("take", {"n": 2})]
