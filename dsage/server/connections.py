@@ -168,7 +168,7 @@ class ServerProtocol(MessageProtocol):
             raise ValueError("token must be a string of at most 64 characters")
         # The new jobs go straight to the slots that wait for work, in the same transaction,
         # and out to them while it commits; the submitter's reply waits for the commit.
-        entries, arrivals = self.hub.dispatcher.snapshot()
+        entries, arrivals = self.hub.dispatcher.snapshot(len(jobs))
 
         def leased(out: dict) -> None:
             if entries:

@@ -127,10 +127,18 @@ class Dispatcher:
         d.addErrback(self.unclaim, entries)
         d.addBoth(self._round_done)
 
-    def snapshot(self) -> tuple[list, int]:
-        """The waiting slots no claim is in flight for, now reserved for the caller's claim
-        (whose results go to `deliver`), and the arrival count to hand back with them."""
-        entries = [(key, slot) for key, slot in self.waiting.items() if key not in self.claiming]
+    def snapshot(self, jobs: int | None = None) -> tuple[list, int]:
+        """The waiting slots no claim is in flight for (the first of them with room for
+        `jobs` jobs, when given: a lone job does not look at every idle worker), now reserved
+        for the caller's claim (whose results go to `deliver`), and the arrival count to
+        hand back with them."""
+        entries, room = [], 0
+        for key, slot in self.waiting.items():
+            if key not in self.claiming:
+                entries.append((key, slot))
+                room += slot[1]
+                if jobs is not None and room >= jobs:
+                    break
         self.claiming.update(key for key, _ in entries)
         return entries, self._arrivals
 

@@ -224,3 +224,26 @@ def test_a_vanished_slots_leases_go_back_to_the_queue_of_a_real_store(tmp_path):
         assert [a["outcome"] for a in rec["attempts"]] == ["undelivered"]
     finally:
         store.stop()
+
+
+def test_a_submission_reserves_only_the_slots_its_jobs_need():
+    """A submission of k jobs claims for the first waiting takes with room for k, not for
+    every idle worker (a lone job with 500 workers idle looked at all 500); the others
+    stay waiting and unreserved, and a round (no k) still takes them all."""
+    claims, clock, disp = make()
+    disp.take("w1", 2)
+    claims.rounds[0][1].callback([[]])           # the queue is empty: w1 parks
+    for w in ("w2", "w3", "w4"):
+        disp.take(w, 1)
+    entries, arrivals = disp.snapshot(1)
+    assert [slot[:2] for _key, slot in entries] == [("w1", 2)]
+    entries3, arrivals3 = disp.snapshot(3)
+    assert [slot[:2] for _key, slot in entries3] == [("w2", 1), ("w3", 1), ("w4", 1)]
+    disp.unreserve(entries3)
+    entries4, _ = disp.snapshot(4)
+    assert [slot[:2] for _key, slot in entries4] == [("w2", 1), ("w3", 1), ("w4", 1)], "all there are"
+    disp.unreserve(entries4)
+    disp.deliver([[{"job_id": 1, "attempt": 1}]], entries, arrivals)
+    assert disp.claiming == set() and sorted(slot[0] for slot in disp.waiting.values()) == ["w2", "w3", "w4"]
+    round_entries, _ = disp.snapshot()
+    assert len(round_entries) == 3
