@@ -166,8 +166,9 @@ class ServerProtocol(MessageProtocol):
         function_id, token = args.get("function_id"), args.get("token")
         if token is not None and not (isinstance(token, str) and 0 < len(token) <= 64):
             raise ValueError("token must be a string of at most 64 characters")
-        # The new jobs go straight to the slots that wait for work, in the same transaction,
-        # and out to them while it commits; the submitter's reply waits for the commit.
+        # The new jobs go straight to the first slots that wait for work (as many as they
+        # need), in the same transaction, and out to them while it commits; the submitter's
+        # reply waits for the commit.  Jobs left queued go to the other waiting slots after.
         entries, arrivals = self.hub.dispatcher.snapshot(len(jobs))
 
         def leased(out: dict) -> None:
@@ -185,7 +186,7 @@ class ServerProtocol(MessageProtocol):
             raise
 
         def stored(out: dict) -> dict:
-            if sum(map(len, out["claims"])) < len(out["ids"]):
+            if out["queued"]:       # for the waiting slots this claim did not reserve
                 self.hub.dispatcher.work_arrived()
             return {"job_ids": out["ids"]}
 

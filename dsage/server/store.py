@@ -358,8 +358,9 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
                          limit: int | None, claim_for: list[tuple[str, int]], lease: float,
                          early: Callable[[dict], None] | None = None) -> defer.Deferred:
         """Store new jobs and, in the same transaction, lease pending jobs to the worker slots
-        that wait for work; fires with {"ids": [...], "claims": [[job, ...] per slot]}, also
-        given to `early` before the commit (see `_run`)."""
+        that wait for work; fires with {"ids": [...], "claims": [[job, ...] per slot],
+        "queued": whether jobs are left in the queue}, also given to `early` before the
+        commit (see `_run`)."""
         clean = [scheduler.validate_spec(s) for s in specs]
 
         def op(root: Root) -> dict:
@@ -368,7 +369,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             claims = self._claim(root, claim_for, lease, fresh) if claim_for else []
             for job in fresh:
                 self._enter(root, job, "new", fresh=True, keep_place=True)
-            return {"ids": ids, "claims": claims}
+            return {"ids": ids, "claims": claims, "queued": bool(root.pending)}
         return self._run_staged(large_fields(clean), op, early=early)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,

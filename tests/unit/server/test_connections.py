@@ -239,3 +239,18 @@ def test_a_worker_connection_has_at_most_max_takes_waiting(parts):
     assert [[j["job_id"] for j in jobs] for jobs in got] == [[1]]
     worker.handle_request("take", {"n": 1})
     assert len(hub.dispatcher.waiting) == MAX_TAKES
+
+
+def test_a_submission_that_leaves_jobs_queued_wakes_the_slots_it_did_not_reserve(parts):
+    """A submission reserves only the waiting slots its own jobs need; when older jobs are
+    still queued after its claim, the other waiting slots are given them."""
+    clock, now, store, hub = parts
+    worker, alice = connect(hub, "w1", "worker"), connect(hub, "alice", "client")
+    got = []
+    for _ in range(3):
+        hub.dispatcher.take("w1", 1).addCallback(got.append)
+    assert len(hub.dispatcher.waiting) == 3, "the queue is empty: all three wait"
+    value(store.submit("alice", [spec("old1"), spec("old2")]))   # queued behind the dispatcher's back
+    value(alice.handle_request("submit", {"jobs": [spec("new")]}))
+    assert sorted(j["name"] for jobs in got for j in jobs) == ["new", "old1", "old2"]
+    assert not hub.dispatcher.waiting and not hub.dispatcher.claiming

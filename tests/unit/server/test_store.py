@@ -462,7 +462,7 @@ def test_submit_and_claim_pairs_new_jobs_with_waiting_slots(store):
     """New jobs go to the waiting slots in the submit's own transaction; the rest queue."""
     out = value(store.submit_and_claim("a", [spec("x"), spec("y"), spec("z")], None, None, None,
                                        [("w1", 1), ("w2", 1)], 60.0))
-    assert out["ids"] == [1, 2, 3]
+    assert out["ids"] == [1, 2, 3] and out["queued"]
     assert [[j["job_id"] for j in c] for c in out["claims"]] == [[1], [2]]
     assert value(store.status()) == {"new": 1, "processing": 2}
     assert claim_one(store)["job_id"] == 3, "the one left over is queued"
@@ -476,7 +476,7 @@ def test_submit_and_claim_keeps_the_queue_order(store):
     out = value(store.submit_and_claim("a", [spec("n1", priority=7), spec("urgent", priority=1),
                                              spec("n3", priority=7)], None, None, None,
                                        [("w1", 3)], 60.0))
-    assert [j["name"] for j in out["claims"][0]] == ["urgent", "old", "n1"]
+    assert [j["name"] for j in out["claims"][0]] == ["urgent", "old", "n1"] and out["queued"]
     rest = [claim_one(store)["name"] for _ in range(2)]
     assert rest == ["n3", "old-low"]
     assert value(store.status()) == {"new": 0, "processing": 5}
@@ -485,7 +485,7 @@ def test_submit_and_claim_keeps_the_queue_order(store):
 def test_submit_and_claim_with_nobody_waiting_queues_everything(store):
     """No slot waiting: the new jobs are queued like any submission."""
     out = value(store.submit_and_claim("a", [spec("x")], None, "tok", None, [], 60.0))
-    assert out == {"ids": [1], "claims": []}
+    assert out == {"ids": [1], "claims": [], "queued": True}
     assert value(store.status()) == {"new": 1}
     assert claim_one(store)["job_id"] == 1
 
