@@ -153,6 +153,10 @@ class LeaseOps:
         return self._run(self._renew, worker, held, lease)
 
     def _renew(self, root: Root, worker: str, held: list, lease: float) -> list[list[int]]:
+        """Renewals are kept in memory (`renewed`), not written: a heartbeat would write
+        each running job's record again (500 bytes per job every 10 s, the file's growth
+        under long jobs), and a restart gives every running job a fresh lease anyway
+        (`grace`)."""
         now, lost = self.now(), []
         for entry in held:
             job = root.jobs.get(entry[0])
@@ -160,8 +164,13 @@ class LeaseOps:
                 lost.append(list(entry))
             else:
                 # Renewal never carries a job past its timeout: the lease is the server's backstop.
-                job.lease_expires = min(now + lease, (job.started or now) + job.timeout + lease)
+                self.renewed[job.job_id] = (job.lease, min(now + lease, (job.started or now) + job.timeout + lease))
         return lost
+
+    def lease_expires(self, job: JobRecord) -> float:
+        """When the current lease of a processing job expires, renewals counted."""
+        token, expires = self.renewed.get(job.job_id, (None, 0.0))
+        return max(job.lease_expires, expires) if token == job.lease else job.lease_expires
 
     def expire(self) -> defer.Deferred:
         """Return jobs whose lease expired to the queue (or fail them); fires with summaries."""
@@ -172,10 +181,14 @@ class LeaseOps:
         root.turn_tokens(now, TOKEN_TTL)
         for job_id in list(root.status_ids("processing")):
             job = root.jobs[job_id]
-            if job.lease_expires < now:
+            if self.lease_expires(job) < now:
                 self._fail(root, job, f"lease of worker {job.lease_worker} expired "
                                       f"(worker lost, or job past its timeout)", "lost")
                 out.append(job.summary(False))
+        # Drop the renewals of leases that have ended.
+        self.renewed = {job_id: r for job_id, r in self.renewed.items()
+                        if (job := root.jobs.get(job_id)) is not None and job.status == "processing"
+                        and job.lease == r[0]}
         return out
 
     def grace(self, lease: float) -> defer.Deferred:
@@ -185,7 +198,7 @@ class LeaseOps:
             ids = list(root.status_ids("processing"))
             for job_id in ids:
                 job = root.jobs[job_id]
-                job.lease_expires = max(job.lease_expires, self.now() + lease)
+                job.lease_expires = max(self.lease_expires(job), self.now() + lease)
             return len(ids)
         return self._run(extend)
 

@@ -78,6 +78,8 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         self.warm = WarmBytes(WARM_BYTES)
         #: the earliest time a backed-off job becomes runnable, as the last claim saw it.
         self._retry_due: float | None = None
+        #: job id -> (lease token, expiry) of leases renewed by heartbeats (`LeaseOps._renew`).
+        self.renewed: dict[int, tuple[int, float]] = {}
         self.blobs = _has_blobs(db.storage)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None

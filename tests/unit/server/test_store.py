@@ -177,6 +177,25 @@ def test_lease_expiry_requeues_and_renewal_keeps(store, clock):
     assert value(store.renew("w2", [(2, 1, lost["lease"])], 10.0)) == [[2, 1, lost["lease"]]]
 
 
+def test_a_renewal_writes_nothing_and_counts_only_for_its_own_lease(store, clock):
+    """A heartbeat's renewal commits no transaction (each used to write every running job's
+    record again: the file's growth under long jobs); the reaper counts it all the same,
+    and a later lease of the same job is not stretched by an earlier lease's renewal."""
+    value(store.submit("a", [spec()]))
+    job = claim_one(store, lease=10.0)
+    last = store.db.storage.lastTransaction()
+    for _ in range(5):
+        clock.now += 8
+        assert value(store.renew("w1", [(1, 1, job["lease"])], 10.0)) == []
+    assert store.db.storage.lastTransaction() == last, "renewals wrote to the database"
+    assert value(store.expire()) == []
+    assert value(store.release("w1", [(1, 1, job["lease"])])) == 1
+    again = claim_one(store, lease=1.0)
+    clock.now += 2
+    assert [(s["job_id"], s["attempts"][-1]["attempt"]) for s in value(store.expire())] == [(1, again["attempt"])]
+    assert store.renewed == {}, "renewals of ended leases are dropped"
+
+
 def test_renewal_never_passes_the_timeout(store, clock):
     """A job running past its timeout loses its lease even with heartbeats."""
     value(store.submit("a", [spec(timeout=5.0)]))
