@@ -245,7 +245,7 @@ def test_a_submission_that_leaves_jobs_queued_wakes_the_slots_it_did_not_reserve
     """A submission reserves only the waiting slots its own jobs need; when older jobs are
     still queued after its claim, the other waiting slots are given them."""
     clock, now, store, hub = parts
-    worker, alice = connect(hub, "w1", "worker"), connect(hub, "alice", "client")
+    alice = connect(hub, "alice", "client")
     got = []
     for _ in range(3):
         hub.dispatcher.take("w1", 1).addCallback(got.append)

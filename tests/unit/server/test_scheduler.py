@@ -237,7 +237,7 @@ def test_a_submission_reserves_only_the_slots_its_jobs_need():
         disp.take(w, 1)
     entries, arrivals = disp.snapshot(1)
     assert [slot[:2] for _key, slot in entries] == [("w1", 2)]
-    entries3, arrivals3 = disp.snapshot(3)
+    entries3, _ = disp.snapshot(3)
     assert [slot[:2] for _key, slot in entries3] == [("w2", 1), ("w3", 1), ("w4", 1)]
     disp.unreserve(entries3)
     entries4, _ = disp.snapshot(4)
