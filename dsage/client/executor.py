@@ -21,6 +21,7 @@ class JobFuture(concurrent.futures.Future):
         self.job = job
         self._lock = threading.Lock()
         self._cancelling = False
+        self._cancelled = False                   # cancel() killed the job: its JobKilled is ours
         self._held: BaseException | None = None   # the kill's JobKilled, while cancel() waits
 
     def running(self) -> bool:
@@ -40,6 +41,7 @@ class JobFuture(concurrent.futures.Future):
             killed = False
         with self._lock:
             self._cancelling = False
+            self._cancelled = killed        # the kill's event may come after this: it is ours
             held, self._held = self._held, None
         if killed:
             return super().cancel()
@@ -54,6 +56,8 @@ class JobFuture(concurrent.futures.Future):
         except BaseException as e:
             value, error = None, e
         with self._lock:
+            if self._cancelled and isinstance(error, errors.JobKilled):
+                return                       # cancel()'s own kill: the Future is cancelled, not failed
             if self._cancelling and isinstance(error, errors.JobKilled):
                 self._held = error           # cancel() decides: cancelled, or killed by someone else
                 return

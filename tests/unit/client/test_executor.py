@@ -1,0 +1,43 @@
+"""An executor Future's cancel() against the push of its own kill (the race of the two)."""
+from __future__ import annotations
+
+import concurrent.futures
+
+from dsage.client import executor
+
+
+class Handle:
+    job_id = 7
+
+    class dsage:
+        class client:
+            @staticmethod
+            def kill(job_id, queued_only):
+                raise AssertionError("called through rt.call")
+
+
+def test_cancel_wins_over_its_own_kill_pushed_meanwhile(monkeypatch):
+    """The server pushes the end of a job that cancel() killed right after its reply; when
+    that push is handled between cancel()'s reply and its cancelling the Future, the Future
+    is still cancelled (it used to end with JobKilled, and cancel() returned False)."""
+    future = executor.JobFuture(Handle())
+    monkeypatch.setattr(executor.rt, "call", lambda *a, **kw: {"status": "killed"})
+    cancel = concurrent.futures.Future.cancel
+
+    def pushed_first(self):
+        self.finished({"job_id": 7, "status": "killed"})     # the reactor's thread, just then
+        return cancel(self)
+    monkeypatch.setattr(concurrent.futures.Future, "cancel", pushed_first)
+    assert future.cancel() is True
+    assert future.cancelled() and future.done()
+
+
+def test_a_kill_by_someone_else_is_the_futures_end():
+    """A job killed by another (its end pushed with no cancel() under way) ends the Future
+    with JobKilled, and a later cancel() says it was not cancelled."""
+    from dsage import errors
+
+    future = executor.JobFuture(Handle())
+    future.finished({"job_id": 7, "status": "killed"})
+    assert isinstance(future.exception(timeout=0), errors.JobKilled)
+    assert future.cancel() is False and not future.cancelled()
