@@ -15,6 +15,7 @@ from pathlib import Path
 
 from dsage import __version__, errors
 from dsage.job import STATUSES
+from dsage.logs import start_logging
 
 
 class UserError(Exception):
@@ -196,58 +197,6 @@ def cmd_user_revoke(args) -> int:
 
 
 # -- server and worker ---------------------------------------------------------------------
-#: a log file is rotated when it reaches this size (the newest old one is FILE.1) ...
-LOG_ROTATE_BYTES = 10 << 20
-#: ... and this many old ones are kept.
-LOG_KEEP = 5
-
-
-def _log_file(path: str):
-    """The log file at `path`, appended to, rotated by size (`LOG_ROTATE_BYTES`, keeping
-    `LOG_KEEP`), and reopened on SIGHUP (for logrotate and the like, which move it away)."""
-    import signal
-
-    from twisted.python.logfile import LogFile
-
-    stream = LogFile.fromFullPath(os.path.abspath(path), rotateLength=LOG_ROTATE_BYTES, maxRotatedFiles=LOG_KEEP)
-
-    def reopen(*_) -> None:
-        from twisted.internet import reactor
-
-        reactor.callFromThread(stream.reopen)      # not in the middle of a write
-    signal.signal(signal.SIGHUP, reopen)
-    return stream
-
-
-def _start_logging(log_file: str | None = None) -> None:
-    """Twisted's log to stderr (or a file), with Python's `logging` (ZODB's) routed into it."""
-    import logging
-
-    from twisted.logger import (FilteringLogObserver, LogLevel, LogLevelFilterPredicate, Logger,
-                                globalLogBeginner, textFileLogObserver)
-
-    try:
-        stream = _log_file(log_file) if log_file else sys.stderr
-    except OSError as e:
-        raise UserError(f"cannot write the log file {log_file}: {e.strerror or e}") from None
-    try:
-        level = LogLevel.levelWithName(os.environ.get("DSAGE_LOG_LEVEL", "info").lower())
-    except Exception:
-        level = LogLevel.info
-    observer = FilteringLogObserver(textFileLogObserver(stream), [LogLevelFilterPredicate(level)])
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    levels = {logging.DEBUG: LogLevel.debug, logging.INFO: LogLevel.info, logging.WARNING: LogLevel.warn,
-              logging.ERROR: LogLevel.error, logging.CRITICAL: LogLevel.critical}
-
-    class ToTwisted(logging.Handler):
-        def emit(self, record: logging.LogRecord) -> None:
-            level = levels.get(record.levelno, LogLevel.info)
-            Logger(namespace=record.name).emit(level, "{message}", message=record.getMessage())
-
-    logging.getLogger().addHandler(ToTwisted())
-    logging.getLogger().setLevel(logging.INFO)
-
-
 def server_main(argv: list[str] | None = None) -> int:
     """`dsage_server`: run the server in the foreground."""
     parser = argparse.ArgumentParser(prog="dsage_server", description="Run the dsage server in the foreground.")
@@ -277,7 +226,7 @@ def _serve(args) -> int:
 
     from dsage.server.service import ServerService, open_db
 
-    _start_logging(config.log_file or None)
+    start_logging(config.log_file or None)
     db = open_db(config.db_uri)
     service = ServerService(config, reactor, db)
     reactor.callWhenRunning(service.startService)
@@ -372,7 +321,7 @@ def _work(args) -> int:
         split_address(address)
     except ValueError as e:
         raise UserError(str(e)) from None
-    _start_logging(args.log_file)
+    start_logging(args.log_file)
     service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, **settings)
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)

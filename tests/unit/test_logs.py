@@ -3,18 +3,18 @@ from __future__ import annotations
 
 import signal
 
-from dsage import cli
+from dsage import logs
 
 
 def test_the_log_file_is_rotated_by_size_keeping_log_keep_old_ones(tmp_path, monkeypatch):
     """Past LOG_ROTATE_BYTES the file becomes FILE.1 (the older ones move up) and a new one
     starts; no more than LOG_KEEP old ones stay."""
-    monkeypatch.setattr(cli, "LOG_ROTATE_BYTES", 100)
-    monkeypatch.setattr(cli, "LOG_KEEP", 2)
+    monkeypatch.setattr(logs, "LOG_ROTATE_BYTES", 100)
+    monkeypatch.setattr(logs, "LOG_KEEP", 2)
     handler = signal.getsignal(signal.SIGHUP)
     path = tmp_path / "server.log"
     try:
-        stream = cli._log_file(str(path))
+        stream = logs.rotating_file(str(path))
         for i in range(10):
             stream.write(f"line {i} " + "x" * 52 + "\n")
         stream.close()
