@@ -9,7 +9,7 @@ from typing import Any, Callable, Iterator
 
 from dsage import errors
 from dsage.client import reactor as rt
-from dsage.client.blocking import CALL_TIMEOUT, outcome
+from dsage.client.blocking import outcome
 
 
 class JobFuture(concurrent.futures.Future):
@@ -35,8 +35,8 @@ class JobFuture(concurrent.futures.Future):
         with self._lock:
             self._cancelling = True
         try:
-            killed = rt.call(self.job.dsage.client.kill, self.job.job_id, True,
-                             timeout=CALL_TIMEOUT)["status"] == "killed"
+            # (`_call` asks again through a reconnection: a kill of a killed job says "killed")
+            killed = self.job.dsage._call("kill", job_id=self.job.job_id, queued_only=True)["status"] == "killed"
         except (errors.DsageError, TimeoutError):
             killed = False
         with self._lock:

@@ -210,9 +210,12 @@ def test_executor_map_gives_results_in_order_and_failures_at_their_place(D):
         assert list(results) == []          # ended by the failure, as in concurrent.futures
 
 
-def test_executor_cancels_only_queued_jobs(D):
+def test_executor_cancels_only_queued_jobs(D, cluster):
     """Future.cancel() kills a job still in the queue (True) and leaves a running one alone
     (False); shutdown(cancel_futures=True) cancels the queued ones, as concurrent.futures."""
+    def story() -> str:         # what a failure shows: each job's attempts, the worker's log
+        jobs = [(f.job.job_id, f.job.status, f.job.attempts) for f in running + queued]
+        return f"{jobs}\n{(cluster.home / 'worker1.log').read_text()[-3000:]}"
     ex = D.executor()
     running = [ex.submit(time.sleep, 60) for _ in range(2)]     # the cluster's 2 slots
     try:
@@ -227,7 +230,7 @@ def test_executor_cancels_only_queued_jobs(D):
             queued[0].result(timeout=1)
         assert not running[0].cancel() and not running[0].cancelled()
         ex.shutdown(wait=False, cancel_futures=True)
-        assert [f.cancelled() for f in queued] == [True, True, True]
+        assert [f.cancelled() for f in queued] == [True, True, True], story()
         # never run (a job leased ahead to a busy slot and given back shows as "undelivered")
         assert [f.job.status for f in queued] == ["killed"] * 3
         assert all(a["outcome"] == "undelivered" for f in queued for a in f.job.attempts)
