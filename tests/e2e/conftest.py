@@ -21,12 +21,13 @@ def wait_for(predicate, timeout: float = 30.0, what: str = "condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
-def start_cluster(tmp_path_factory, workers: int = 1, slots: int = 2, lease_seconds=None) -> LocalCluster:
+def start_cluster(tmp_path_factory, workers: int = 1, slots: int = 2, lease_seconds=None,
+                  worker_args: tuple[str, ...] = ()) -> LocalCluster:
     cluster = LocalCluster(tmp_path_factory.mktemp("home"), lease_seconds=lease_seconds)
     cluster.init()
     cluster.start_server()
     for _ in range(workers):
-        cluster.add_worker(slots=slots)
+        cluster.add_worker(slots=slots, args=worker_args)
     return cluster
 
 
