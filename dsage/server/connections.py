@@ -15,6 +15,8 @@ from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
 from dsage.server.hub import ADMIN, CLIENT_ROLES, WORKER, Hub
 
 HELLO_TIMEOUT = 15.0
+#: seconds a worker has to say whether a job leased to it has started (a `queued_only` kill).
+UNQUEUE_WAIT = 5.0
 #: the most takes one worker connection may have waiting (dsage's worker has one; each
 #: waiting take is looked at for every new job, so a flood would slow every submission).
 MAX_TAKES = 64
@@ -213,14 +215,43 @@ class ServerProtocol(MessageProtocol):
 
     def kill(self, args: dict) -> defer.Deferred:
         """Kill a job; a running one is stopped on its worker (unless `queued_only`: then
-        only a job that has not started is killed)."""
-        def killed(out: dict) -> dict:
+        only a job that has not started is killed, one leased ahead to a busy worker too
+        if that worker gives it up)."""
+        job_id = _job_id(args)
+
+        def killed(out: dict) -> dict | defer.Deferred:
+            held = out.get("held")
+            if held is not None:
+                return self._unqueue(out["job"], held)
             self.hub.stop_running(out["worker"])
             if out["worker"] is not None or out["job"]["status"] == "killed":
                 self.hub.job_finished(out["job"])
             return out["job"]
-        return self.hub.store.kill(self.identity, self.role, _job_id(args),
+        return self.hub.store.kill(self.identity, self.role, job_id,
                                    bool(args.get("queued_only"))).addCallback(killed)
+
+    def _unqueue(self, summary: dict, held: list) -> defer.Deferred | dict:
+        """Ask the worker that holds a job whether it is still waiting there for a slot; if
+        it gives the job up, kill it (its attempt "undelivered"), else leave it running."""
+        job_id, attempt, _, worker = held
+        conn = next((c for c in self.hub.connections.get(worker, ()) if c.role == "worker"
+                     and (job_id, attempt) in c.running), None)
+        if conn is None:
+            return summary
+
+        def answered(reply: Any) -> defer.Deferred | dict:
+            if not (isinstance(reply, dict) and reply.get("removed") is True):
+                return summary
+            conn.running.discard((job_id, attempt))
+            return self.hub.store.kill(self.identity, self.role, job_id, True, held).addCallback(killed)
+
+        def killed(out: dict) -> dict:
+            if out["job"]["status"] == "killed":
+                self.hub.job_finished(out["job"])
+            return out["job"]
+        d = conn.call("unqueue", held=held[:3])
+        d.addTimeout(UNQUEUE_WAIT, self.hub.clock)
+        return d.addCallbacks(answered, lambda f: summary)
 
     def rerun(self, args: dict) -> defer.Deferred:
         """Queue a finished job again."""

@@ -39,7 +39,7 @@ from dsage.job import FINAL, check_transition
 from dsage.server import scheduler
 from dsage.server.access import AccessOps
 from dsage.server.functions import FunctionOps
-from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, TOKEN_TTL, LeaseOps  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
+from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, TOKEN_TTL, LeaseOps, _holds  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
 from dsage.server.model import (JobRecord, Root, Staged, StagedValue, WarmBytes, large_fields,
                                 store_bytes)
 from dsage.server.retention import RetentionOps
@@ -437,17 +437,28 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
                 break
         return out
 
-    def kill(self, requester: str, role: str, job_id: int, queued_only: bool = False) -> defer.Deferred:
+    def kill(self, requester: str, role: str, job_id: int, queued_only: bool = False,
+             unstarted: list | None = None) -> defer.Deferred:
         """Kill a job (with `queued_only`, only one that has not started); fires with its
-        summary plus the worker to stop, if it was running."""
-        return self._run(self._kill, requester, role, job_id, queued_only)
+        summary plus the worker to stop, if it was running.  A `queued_only` kill of a job
+        leased to a worker kills nothing and says whose lease it is ("held": [job id,
+        attempt, token, worker]); once that worker has given it up unstarted, the kill with
+        `unstarted` (that list) kills it if the lease is still the same."""
+        return self._run(self._kill, requester, role, job_id, queued_only, unstarted)
 
-    def _kill(self, root: Root, requester: str, role: str, job_id: int, queued_only: bool = False) -> dict:
+    def _kill(self, root: Root, requester: str, role: str, job_id: int, queued_only: bool = False,
+              unstarted: list | None = None) -> dict:
         job = self._own(root, requester, role, job_id)
         running = None
-        if job.status in FINAL or (queued_only and job.status != "new"):
-            return {"job": job.summary(False), "worker": None}
-        if job.status == "processing":
+        if unstarted is not None and _holds(job, unstarted[3], unstarted[1], unstarted[2]):
+            self._close_attempt(job, "undelivered")     # never ran: its worker gave it up
+            job.started = None
+        elif job.status in FINAL or (queued_only and job.status != "new"):
+            out = {"job": job.summary(False), "worker": None}
+            if queued_only and job.status == "processing" and unstarted is None:
+                out["held"] = [job.job_id, job.attempt, job.lease, job.lease_worker]
+            return out
+        elif job.status == "processing":
             running = {"worker": job.lease_worker, "job_id": job_id, "attempt": job.attempt}
             self._close_attempt(job, "killed")
         job.error = f"killed by {requester}"

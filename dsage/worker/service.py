@@ -235,6 +235,18 @@ class WorkerService(service.MultiService):
             self.runner.run(job).addCallback(self._finished).addErrback(
                 lambda f, j=job: self.log.failure("running job {job_id} failed", f, job_id=j["job_id"]))
 
+    def unqueue(self, key: tuple[int, int, int]) -> bool:
+        """Give up a job leased ahead that still waits here for a slot (the server kills it:
+        its owner cancelled it); False if it has started, or is not here."""
+        for job in list(self.queue):
+            if lease_key(job) == key:
+                self.queue.remove(job)
+                session = self.session
+                if session is not None:
+                    session.ask()           # its room is free again
+                return True
+        return False
+
     def drop(self, job_id: int, attempt: int | None = None, lease: int | None = None) -> bool:
         """Give up a job (killed, or its lease lost): out of the queue, or stopped if running."""
         for job in list(self.queue):

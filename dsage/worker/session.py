@@ -43,6 +43,14 @@ class WorkerProtocol(MessageProtocol):
         if event == "kill" and isinstance(data, dict):
             self.factory.worker.kill(data)
 
+    def handle_request(self, verb: str, args: dict) -> dict:
+        """The server's one request: give up a job leased ahead, if it has not started."""
+        held = args.get("held") if isinstance(args, dict) else None
+        if verb != "unqueue" or not (isinstance(held, list) and len(held) == 3
+                                     and all(isinstance(x, int) for x in held)):
+            return super().handle_request(verb, args)
+        return {"removed": self.factory.worker.unqueue(tuple(held))}
+
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)
         self.factory.worker.connection_lost(self)

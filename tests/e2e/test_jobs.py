@@ -213,8 +213,8 @@ def test_executor_map_gives_results_in_order_and_failures_at_their_place(D):
 def test_executor_cancels_only_queued_jobs(tmp_path_factory):
     """Future.cancel() kills a job still in the queue (True) and leaves a running one alone
     (False); shutdown(cancel_futures=True) cancels the queued ones, as concurrent.futures.
-    (A worker that leases jobs ahead may take a queued job at any moment, and a job it holds
-    is not cancelled: this worker does not, `--prefetch 0`.)"""
+    (This worker leases nothing ahead, `--prefetch 0`, so that the queued jobs stay in the
+    queue; test_prefetch cancels a job leased ahead.)"""
     from tests.e2e.conftest import start_cluster
 
     cluster = start_cluster(tmp_path_factory, workers=1, slots=2, worker_args=("--prefetch", "0"))

@@ -29,3 +29,26 @@ def test_a_job_fetched_ahead_behind_a_long_one_is_given_back(tmp_path_factory):
             assert long.wait(timeout=30) == "long"
     finally:
         cluster.stop()
+
+
+def test_a_job_leased_ahead_is_cancelled_while_it_waits_for_a_slot(tmp_path_factory):
+    """An executor Future's cancel() of a job its worker has leased ahead but not started
+    (`--prefetch 2`, its one slot busy) kills it: True, as for a job in the queue; the job
+    next to it and the running one go on."""
+    cluster = start_cluster(tmp_path_factory, workers=1, slots=1, worker_args=("--prefetch", "2"))
+    try:
+        with connected(cluster) as D:
+            ex = D.executor()
+            running = ex.submit(time.sleep, 60)
+            wait_for(running.running, what="the long job to start")
+            ahead = [ex.submit(abs, -5), ex.submit(abs, -6)]
+            wait_for(lambda: all(f.job.status == "processing" for f in ahead), what="both jobs leased ahead")
+            assert ahead[0].cancel() and ahead[0].cancelled()
+            assert ahead[0].job.status == "killed"
+            assert [a["outcome"] for a in ahead[0].job.attempts] == ["undelivered"]
+            assert not running.cancel() and running.job.status == "processing"
+            assert ahead[1].job.status == "processing"
+            running.job.kill()
+            assert ahead[1].result(timeout=30) == 6
+    finally:
+        cluster.stop()

@@ -126,6 +126,24 @@ def test_kill_new_and_running_jobs(store):
     assert value(store.claim([("w1", 5)], 60.0)) == [[]]
 
 
+def test_a_queued_only_kill_of_a_leased_job_names_its_lease_then_kills_it_given_up(store):
+    """`queued_only` leaves a leased job alone and says whose lease it is; once its worker
+    has given it up unstarted, the kill with that lease kills it (attempt "undelivered"),
+    and a lease that has changed meanwhile is left alone."""
+    value(store.submit("a", [spec("ahead"), spec("other")]))
+    job = claim_one(store)
+    out = value(store.kill("a", "client", 1, True))
+    assert out["job"]["status"] == "processing" and out["worker"] is None
+    assert out["held"] == [1, 1, job["lease"], "w1"]
+    stale = [1, 1, job["lease"] + 2, "w1"]
+    assert value(store.kill("a", "client", 1, True, stale))["job"]["status"] == "processing"
+    out = value(store.kill("a", "client", 1, True, out["held"]))
+    assert out["job"]["status"] == "killed" and out["worker"] is None and "held" not in out
+    assert [a["outcome"] for a in value(store.get("a", "client", 1))["attempts"]] == ["undelivered"]
+    assert value(store.report("w1", reported(job, result=b"")))["applied"] is False
+    assert value(store.status()) == {"new": 1, "processing": 0, "killed": 1}
+
+
 def test_owner_checks(store):
     """Another user can neither see nor kill a job; an admin can."""
     value(store.submit("alice", [spec()]))
