@@ -135,3 +135,28 @@ def test_a_refused_take_is_asked_again_after_take_retry():
     assert len(proto.calls) == 1
     clock.advance(TAKE_RETRY)
     assert [(verb, args) for verb, args, _ in proto.calls[1:]] == [("take", {"n": 2})]
+
+
+def test_the_servers_unqueue_request_reaches_the_worker_and_nothing_else_does():
+    """`unqueue` with a lease key [job id, attempt, token] asks the worker to give the job
+    up; a malformed one, or another request, is refused as unknown."""
+    import pytest
+
+    from dsage.worker.session import WorkerProtocol
+
+    asked = []
+
+    class Worker:
+        def unqueue(self, key):
+            asked.append(key)
+            return key[0] == 7
+
+    proto = WorkerProtocol()
+    proto.factory = type("Factory", (), {"worker": Worker()})()
+    assert proto.handle_request("unqueue", {"held": [7, 1, 99]}) == {"removed": True}
+    assert proto.handle_request("unqueue", {"held": [8, 1, 99]}) == {"removed": False}
+    for verb, args in (("unqueue", {"held": [7, 1]}), ("unqueue", {"held": [7, 1, "x"]}),
+                       ("unqueue", None), ("take", {"held": [7, 1, 99]})):
+        with pytest.raises(errors.ProtocolError):
+            proto.handle_request(verb, args)
+    assert asked == [(7, 1, 99), (8, 1, 99)]
