@@ -7,14 +7,16 @@ import threading
 import time
 from typing import Any, Callable, Iterator
 
+from twisted.internet import defer
+
 from dsage import errors
 from dsage.client import reactor as rt
-from dsage.client.blocking import outcome
+from dsage.client.blocking import CALL_TIMEOUT, outcome
 
 
 class JobFuture(concurrent.futures.Future):
     """The Future of one dsage job (`.job`, its handle): pending until the job finishes, and
-    `cancel()` succeeds while the job waits in the queue (it is then killed on the server)."""
+    `cancel()` succeeds until the job starts (it is then killed on the server)."""
 
     def __init__(self, job) -> None:
         super().__init__()
@@ -32,13 +34,24 @@ class JobFuture(concurrent.futures.Future):
         """Kill the job if it has not started; True if it will never run."""
         if self.done():
             return self.cancelled()
-        with self._lock:
-            self._cancelling = True
+        self._cancelling_now()
+        return self._cancel_ends(self._kill())
+
+    def _kill(self) -> bool:
+        """Ask the server to kill the job if it has not started: whether it did."""
         try:
             # (`_call` asks again through a reconnection: a kill of a killed job says "killed")
-            killed = self.job.dsage._call("kill", job_id=self.job.job_id, queued_only=True)["status"] == "killed"
+            return self.job.dsage._call("kill", job_id=self.job.job_id, queued_only=True)["status"] == "killed"
         except (errors.DsageError, TimeoutError):
-            killed = False
+            return False
+
+    def _cancelling_now(self) -> None:
+        with self._lock:
+            self._cancelling = True
+
+    def _cancel_ends(self, killed: bool) -> bool:
+        """The kill's answer: cancelled if it killed the job (its pushed end is ours), else
+        the end pushed meanwhile, if any, is the Future's."""
         with self._lock:
             self._cancelling = False
             self._cancelled = killed        # the kill's event may come after this: it is ours
@@ -86,9 +99,10 @@ class DsageExecutor(concurrent.futures.Executor):
 
     def map(self, fn: Callable, *iterables: Any, timeout: float | None = None, chunksize: int = 1,
             **_: Any) -> Iterator[Any]:
-        """As `Executor.map` (results in order, TimeoutError once `timeout` has passed since
-        the call, the jobs not yet reached cancelled when the iterator is closed early), with
-        the calls submitted in batches (`D.map`) rather than one round trip each."""
+        """As `Executor.map` (results in order; TimeoutError once `timeout` has passed since
+        the call; the jobs whose results were not given cancelled, together, when it times
+        out, fails or is closed early), with the calls submitted in batches (`D.map`) rather
+        than one round trip each."""
         if self._shutdown:
             raise RuntimeError("cannot submit after shutdown")
         futures = self._futures_of(self.dsage.map(fn, *iterables))
@@ -98,10 +112,12 @@ class DsageExecutor(concurrent.futures.Executor):
             try:
                 futures.reverse()
                 while futures:
-                    yield futures.pop().result(None if end is None else max(0.0, end - time.monotonic()))
+                    # (one whose wait timed out stays in the list: it is cancelled with the rest)
+                    value = futures[-1].result(None if end is None else max(0.0, end - time.monotonic()))
+                    futures.pop()
+                    yield value
             finally:
-                for future in futures:
-                    future.cancel()
+                cancel_all(self.dsage, futures)
         return results()
 
     def _futures_of(self, handles: list) -> list[JobFuture]:
@@ -124,7 +140,33 @@ class DsageExecutor(concurrent.futures.Executor):
         running go on); with `wait`, return once every job has finished."""
         self._shutdown = True
         if cancel_futures:
-            for f in list(self._futures):
-                f.cancel()
+            cancel_all(self.dsage, list(self._futures))
         if wait:
             concurrent.futures.wait(list(self._futures))
+
+
+#: kills `cancel_all` has on their way at once.
+CANCELS_IN_FLIGHT = 1000
+
+
+def cancel_all(dsage, futures: list[JobFuture]) -> None:
+    """Cancel many Futures together: their kills travel at once, the server commits them in
+    batches (2,000 one after the other took 7.6 s here); a kill lost with the link is asked
+    again alone, through the reconnection."""
+    pending = [f for f in futures if not f.done()]
+    for start in range(0, len(pending), CANCELS_IN_FLIGHT):
+        chunk = pending[start:start + CANCELS_IN_FLIGHT]
+        for f in chunk:
+            f._cancelling_now()
+
+        def kill_all() -> defer.Deferred:
+            return defer.DeferredList([dsage.client.kill(f.job.job_id, True) for f in chunk], consumeErrors=True)
+        try:
+            answers = rt.call(kill_all, timeout=CALL_TIMEOUT)
+        except TimeoutError:
+            answers = [(False, None)] * len(chunk)
+        for f, (ok, value) in zip(chunk, answers):
+            if ok:
+                f._cancel_ends(value["status"] == "killed")
+            else:
+                f._cancel_ends(f._kill() if value is not None and value.check(errors.ConnectionLost) else False)

@@ -236,6 +236,11 @@ def test_executor_cancels_only_queued_jobs(tmp_path_factory):
             assert [f.job.status for f in queued] == ["killed"] * 3
             assert all(f.job.attempts == [] for f in queued)        # never run
             assert [f.running() for f in running] == [True, True]
+            # A map given up (its timeout) cancels the rest of its jobs, together.
+            with pytest.raises(TimeoutError):
+                list(D.executor().map(abs, range(300), timeout=0.2))
+            assert D.status()["jobs"]["new"] == 0
+            assert [f.running() for f in running] == [True, True]
             for f in running:
                 f.job.kill()
             for f in running:
