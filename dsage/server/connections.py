@@ -217,41 +217,35 @@ class ServerProtocol(MessageProtocol):
         """Kill a job; a running one is stopped on its worker (unless `queued_only`: then
         only a job that has not started is killed, one leased ahead to a busy worker too
         if that worker gives it up)."""
-        job_id = _job_id(args)
-
         def killed(out: dict) -> dict | defer.Deferred:
-            held = out.get("held")
-            if held is not None:
-                return self._unqueue(out["job"], held)
+            if out.get("held") is not None:
+                return self._unqueue(out).addCallback(killed)
             self.hub.stop_running(out["worker"])
             if out["worker"] is not None or out["job"]["status"] == "killed":
                 self.hub.job_finished(out["job"])
             return out["job"]
-        return self.hub.store.kill(self.identity, self.role, job_id,
+        return self.hub.store.kill(self.identity, self.role, _job_id(args),
                                    bool(args.get("queued_only"))).addCallback(killed)
 
-    def _unqueue(self, summary: dict, held: list) -> defer.Deferred | dict:
-        """Ask the worker that holds a job whether it is still waiting there for a slot; if
-        it gives the job up, kill it (its attempt "undelivered"), else leave it running."""
+    def _unqueue(self, out: dict) -> defer.Deferred:
+        """A `queued_only` kill of a job leased to a worker: ask that worker whether the job
+        still waits there for a slot; if it gives the job up, the store kills it (its attempt
+        "undelivered"); fires with the kill's outcome, or `out` with nothing killed."""
+        held = out.pop("held")
         job_id, attempt, _, worker = held
         conn = next((c for c in self.hub.connections.get(worker, ()) if c.role == "worker"
                      and (job_id, attempt) in c.running), None)
         if conn is None:
-            return summary
+            return defer.succeed(out)
 
-        def answered(reply: Any) -> defer.Deferred | dict:
+        def answered(reply: Any) -> dict | defer.Deferred:
             if not (isinstance(reply, dict) and reply.get("removed") is True):
-                return summary
+                return out
             conn.running.discard((job_id, attempt))
-            return self.hub.store.kill(self.identity, self.role, job_id, True, held).addCallback(killed)
-
-        def killed(out: dict) -> dict:
-            if out["job"]["status"] == "killed":
-                self.hub.job_finished(out["job"])
-            return out["job"]
+            return self.hub.store.kill(self.identity, self.role, job_id, True, held)
         d = conn.call("unqueue", held=held[:3])
         d.addTimeout(UNQUEUE_WAIT, self.hub.clock)
-        return d.addCallbacks(answered, lambda f: summary)
+        return d.addCallbacks(answered, lambda f: out)
 
     def rerun(self, args: dict) -> defer.Deferred:
         """Queue a finished job again."""

@@ -238,22 +238,24 @@ class WorkerService(service.MultiService):
     def unqueue(self, key: tuple[int, int, int]) -> bool:
         """Give up a job leased ahead that still waits here for a slot (the server kills it:
         its owner cancelled it); False if it has started, or is not here."""
-        for job in list(self.queue):
-            if lease_key(job) == key:
-                self.queue.remove(job)
-                session = self.session
-                if session is not None:
-                    session.ask()           # its room is free again
-                return True
-        return False
+        if not self._take_out(*key):
+            return False
+        session = self.session
+        if session is not None:
+            session.ask()           # its room is free again
+        return True
 
     def drop(self, job_id: int, attempt: int | None = None, lease: int | None = None) -> bool:
         """Give up a job (killed, or its lease lost): out of the queue, or stopped if running."""
+        return self._take_out(job_id, attempt, lease) or self.runner.kill(job_id, attempt, lease)
+
+    def _take_out(self, job_id: int, attempt: int | None, lease: int | None) -> bool:
+        """Take a job out of the queue of those waiting here for a slot: whether it was there."""
         for job in list(self.queue):
             if lease_matches(lease_key(job), job_id, attempt, lease):
                 self.queue.remove(job)
                 return True
-        return self.runner.kill(job_id, attempt, lease)
+        return False
 
     def _finished(self, report: dict) -> None:
         if self.stopping:       # stopped by the shutdown, and given back: nothing to report
