@@ -199,9 +199,9 @@ class ServerProtocol(MessageProtocol):
 
     def get_job(self, args: dict) -> defer.Deferred:
         """One job, with its result unless ``result`` is false; a running job's output is
-        what its worker sent with its last heartbeat."""
+        the end of it as of now (`Hub.fresh_output`)."""
         return self.hub.store.get(self.identity, self.role, _job_id(args),
-                                  bool(args.get("result", True))).addCallback(self.hub.with_live_output)
+                                  bool(args.get("result", True))).addCallback(self.hub.fresh_output)
 
     def list_jobs(self, args: dict) -> defer.Deferred:
         """The caller's jobs (everyone's with ``all``, for admins)."""

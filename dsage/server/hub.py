@@ -14,6 +14,9 @@ from dsage.server.scheduler import Dispatcher
 if TYPE_CHECKING:
     from dsage.server.connections import ServerProtocol
 
+#: seconds a read of a running job waits for its worker's output before it shows the copy
+#: of the last heartbeat.
+OUTPUT_WAIT = 1.0
 CLIENT_ROLES = ("client", "admin")
 ADMIN = ("admin",)
 WORKER = ("worker",)
@@ -64,6 +67,25 @@ class Hub:
                 (rec["attempts"][-1].get("attempt"), rec["attempts"][-1].get("worker")) == live[:2]:
             rec["output"] = live[2]
         return rec
+
+    def fresh_output(self, rec: dict) -> dict | defer.Deferred:
+        """`rec` with its running job's output as of now, asked of the worker that runs it
+        (as `condor_tail` does), else as of that worker's last heartbeat."""
+        last = rec["attempts"][-1] if rec["status"] == "processing" and rec["attempts"] else {}
+        key = (rec["job_id"], last.get("attempt"))
+        conn = next((c for c in self.connections.get(last.get("worker"), ()) if c.role == "worker"
+                     and key in c.running), None)
+        if conn is None:
+            return self.with_live_output(rec)
+
+        def answered(reply: object) -> dict:
+            text = reply.get("output") if isinstance(reply, dict) else None
+            if isinstance(text, str) and key in conn.running:       # not finished meanwhile
+                self.live_output[key[0]] = (key[1], last["worker"], text)
+            return self.with_live_output(rec)
+        d = conn.call("output", job=list(key))
+        d.addTimeout(OUTPUT_WAIT, self.clock)
+        return d.addCallbacks(answered, lambda f: self.with_live_output(rec))
 
     def job_finished(self, summary: dict) -> None:
         """Tell the owner's client connections that a job reached a final status."""

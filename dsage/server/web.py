@@ -68,7 +68,7 @@ class Jobs(_Async):
         if request.postpath and request.postpath[0]:
             job_id = _integer(request.postpath[0], "a job id")
             d = self.hub.store.get("", "admin", job_id, False)
-            return d.addCallback(self.hub.with_live_output).addCallback(_json)
+            return d.addCallback(self.hub.fresh_output).addCallback(_json)
         status = (request.args.get(b"status") or [b""])[0].decode("utf-8", "replace") or None
         if status is not None and status not in STATUSES:
             raise BadRequest(f"unknown status {status!r}: one of {', '.join(STATUSES)}")

@@ -338,6 +338,13 @@ class JobRunner:
                 out.append([*key, attempt.output.recent(LIVE_OUTPUT)])
         return out
 
+    def output_of(self, job_id: int, attempt: int) -> str | None:
+        """The end of a running attempt's output now (None if it does not run here)."""
+        for key, (running, _) in self.running.items():
+            if lease_matches(key, job_id, attempt, None):
+                return running.output.recent(LIVE_OUTPUT)
+        return None
+
     def stop_all(self) -> None:
         """Kill every running job and end the idle children (worker shutdown); their
         folders go now, since the reactor may stop before the children end."""

@@ -245,6 +245,10 @@ class WorkerService(service.MultiService):
             session.ask()           # its room is free again
         return True
 
+    def output_of(self, job_id: int, attempt: int) -> str | None:
+        """The end of a running job's output now (the server asks when its owner reads it)."""
+        return self.runner.output_of(job_id, attempt)
+
     def drop(self, job_id: int, attempt: int | None = None, lease: int | None = None) -> bool:
         """Give up a job (killed, or its lease lost): out of the queue, or stopped if running."""
         return self._take_out(job_id, attempt, lease) or self.runner.kill(job_id, attempt, lease)

@@ -44,12 +44,15 @@ class WorkerProtocol(MessageProtocol):
             self.factory.worker.kill(data)
 
     def handle_request(self, verb: str, args: dict) -> dict:
-        """The server's one request: give up a job leased ahead, if it has not started."""
-        held = args.get("held") if isinstance(args, dict) else None
-        if verb != "unqueue" or not (isinstance(held, list) and len(held) == 3
-                                     and all(isinstance(x, int) for x in held)):
+        """The server's requests: give up a job leased ahead if it has not started
+        (`unqueue`), and the end of a running job's output (`output`)."""
+        name, size = {"unqueue": ("held", 3), "output": ("job", 2)}.get(verb, (None, 0))
+        key = args.get(name) if isinstance(args, dict) else None
+        if not (isinstance(key, list) and len(key) == size and all(isinstance(x, int) for x in key)):
             return super().handle_request(verb, args)
-        return {"removed": self.factory.worker.unqueue(tuple(held))}
+        if verb == "output":
+            return {"output": self.factory.worker.output_of(*key)}
+        return {"removed": self.factory.worker.unqueue(tuple(key))}
 
     def connectionLost(self, reason=None) -> None:
         super().connectionLost(reason)

@@ -384,27 +384,36 @@ def test_a_worker_without_slots_takes_one_per_core_it_may_use(tmp_path_factory):
 
 
 def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
-    """What a running job prints reaches job.output with its worker's next heartbeat (every
-    second here); once it ends, the whole output."""
-    from tests.e2e.conftest import start_cluster
+    """What a running job has printed is job.output as soon as it is read: the server asks
+    the job's worker (its heartbeats, every 600 s here, would show nothing in this test);
+    once the job ends, the whole output."""
+    from dsage.client.local import LocalCluster
 
-    cluster = start_cluster(tmp_path_factory, lease_seconds=4)
+    cluster = LocalCluster(tmp_path_factory.mktemp("home"))
+    cluster.init()
+    cluster.configure(heartbeat_seconds=600, lease_seconds=2400)
+    cluster.start_server()
+    cluster.add_worker(slots=2)
+    gate = tmp_path_factory.mktemp("gate")
     try:
         with connected(cluster) as D:
             job = D.eval("import sys, time\nprint('step 1', flush=True)\nsys.stderr.write('warned\\n')\n"
                          "while True: time.sleep(0.05)\n", max_failures=1)
             # stdout and stderr come through two pipes: their order is the worker's reads'.
-            wait_for(lambda: sorted(job.output.splitlines()) == ["step 1", "warned"], timeout=20,
+            wait_for(lambda: sorted(job.output.splitlines()) == ["step 1", "warned"], timeout=30,
                      what="the output so far")
             assert job.status == "processing"
             assert job.kill() == "killed"
-            done = D.eval("import time\nfor i in range(3):\n    print(i, flush=True); time.sleep(2)\n'ok'")
-            seen, deadline = set(), time.monotonic() + 60
-            while not done.done() and time.monotonic() < deadline:
-                seen.add(done.output)
-                time.sleep(0.1)
+            # Each step waits for the test to have seen the one before.
+            done = D.eval(f"import os, time\nfor i in range(3):\n    print(i, flush=True)\n"
+                          f"    while not os.path.exists(os.path.join({str(gate)!r}, str(i))): time.sleep(0.02)\n"
+                          f"'ok'")
+            for i in range(3):
+                wait_for(lambda: done.output == "".join(f"{k}\n" for k in range(i + 1)), timeout=30,
+                         what=f"output up to {i}")
+                assert done.status == "processing"
+                (gate / str(i)).touch()
             assert done.wait(timeout=30) == "ok" and done.output == "0\n1\n2\n"
-            assert seen & {"0\n", "0\n1\n"}, seen
     finally:
         cluster.stop()
 

@@ -175,9 +175,32 @@ def test_large_results_of_one_turn_are_told_in_several_events(parts, monkeypatch
     assert events == [[1, 2], [3], [4]]
 
 
+def shown_output(clock, client, job_id: int) -> str:
+    """What get_job shows as a job's output, its worker not answering (OUTPUT_WAIT passes)."""
+    from dsage.server.hub import OUTPUT_WAIT
+
+    d = client.handle_request("get_job", {"job_id": job_id})
+    clock.advance(OUTPUT_WAIT)
+    return value(d)["output"]
+
+
+def requests_sent(proto) -> list[list]:
+    """The messages a connection has sent since the last call (its transport emptied)."""
+    from dsage.protocol import decode
+
+    frames, out = proto.transport.value(), []
+    proto.transport.clear()
+    while frames:
+        n = int.from_bytes(frames[:4], "big")
+        out.append(decode(frames[4:4 + n]))
+        frames = frames[4 + n:]
+    return out
+
+
 def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
-    """A heartbeat's output is what get_job shows for a running job (its owner's record),
-    only from the worker that holds it, until the report brings the whole output."""
+    """A heartbeat's output is what get_job shows for a running job (its owner's record)
+    when its worker does not answer the request for it now, only from the worker that
+    holds it, until the report brings the whole output."""
     clock, now, store, hub = parts
     value(store.submit("alice", [spec(), spec()]))
     [[one, two]] = value(store.claim([("w1", 2)], 10.0))
@@ -187,7 +210,7 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
             "output": [[1, one["attempt"], one["lease"], "step 1\nstep 2\n"]]}
     assert value(worker.handle_request("heartbeat", beat)) == {"lost": []}
     value(intruder.handle_request("heartbeat", {"held": [], "output": [[2, two["attempt"], 0, "forged"]]}))
-    shown = lambda job_id: value(alice.handle_request("get_job", {"job_id": job_id}))["output"]
+    shown = lambda job_id: shown_output(clock, alice, job_id)
     assert (shown(1), shown(2)) == ("step 1\nstep 2\n", "")
     with pytest.raises(ValueError, match="output must be"):
         worker.handle_request("heartbeat", {"held": [], "output": [[1, 1, 0, b"bytes"]]})
@@ -205,6 +228,45 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
     assert shown(3) == "y"
     value(alice.handle_request("kill", {"job_id": 3}))     # a killed attempt is not reported
     assert not hub.live_output
+
+
+def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
+    """get_job of a running job asks the worker that holds it for the end of its output
+    and shows that; a refusal shows the heartbeat's copy at once; an answer that comes
+    after the job's report is not kept."""
+    from dsage.protocol import REPLY, REQUEST, encode
+
+    clock, now, store, hub = parts
+    value(store.submit("alice", [spec(), spec()]))
+    [[one, two]] = value(store.claim([("w1", 2)], 10.0))
+    worker, alice = connect(hub, "w1", "worker"), connect(hub, "alice", "client")
+    beat = {"held": [[1, one["attempt"], one["lease"]], [2, two["attempt"], two["lease"]]],
+            "output": [[1, one["attempt"], one["lease"], "old\n"]]}
+    value(worker.handle_request("heartbeat", beat))
+    worker.transport.clear()
+
+    def reply(msg_id: int, ok: bool, answer: object) -> None:
+        message = encode([REPLY, msg_id, ok, answer])
+        worker.dataReceived(len(message).to_bytes(4, "big") + message)
+
+    def read(job_id: int, answer: tuple[bool, object]) -> dict:
+        d = alice.handle_request("get_job", {"job_id": job_id})
+        [[kind, msg_id, verb, args]] = requests_sent(worker)
+        assert (kind, verb, args) == (REQUEST, "output", {"job": [job_id, 1]})
+        reply(msg_id, *answer)
+        return value(d)
+
+    assert read(1, (True, {"output": "old\nnew\n"}))["output"] == "old\nnew\n"
+    assert read(2, (True, {"output": None}))["output"] == ""
+    assert read(1, (False, {"type": "ProtocolError", "message": "unknown request 'output'"}))["output"] \
+        == "old\nnew\n"
+    d = alice.handle_request("get_job", {"job_id": 2})
+    [[_, msg_id, _, _]] = requests_sent(worker)
+    value(worker.handle_request("report", reported(two, output="all\n")))
+    reply(msg_id, True, {"output": "late\n"})
+    assert value(d)["status"] == "processing" and 2 not in hub.live_output
+    assert value(alice.handle_request("get_job", {"job_id": 2}))["output"] == "all\n"
+    assert requests_sent(worker) == []          # a finished job's output is not asked for
 
 
 def test_a_refused_submission_leaves_the_waiting_slots_free(parts):

@@ -371,3 +371,19 @@ def test_a_job_process_reuses_the_memory_of_earlier_payloads():
                                        check=True, cwd=root).stdout)
               for mode in ("default", "keep")}
     assert counts["keep"] < 1_000 < 10_000 < counts["default"], counts
+
+
+def test_a_running_jobs_output_is_read_by_job_and_attempt():
+    """output_of gives the end of what a running attempt printed so far; None for an attempt
+    that does not run here."""
+    from dsage.worker.runner import JobRunner
+
+    runner = JobRunner(SpawningReactor())
+    runner.run({"job_id": 4, "attempt": 2, "lease": 9, "timeout": 60.0, "kind": "code", "payload": b"1",
+                "name": "j"})
+    attempt, child = runner.running[(4, 2, 9)]
+    child.childDataReceived(1, b"so far\n")
+    assert runner.output_of(4, 2) == "so far\n"
+    assert runner.output_of(4, 1) is None and runner.output_of(5, 2) is None
+    finish(child, attempt)
+    assert runner.output_of(4, 2) is None

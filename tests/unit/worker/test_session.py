@@ -137,9 +137,10 @@ def test_a_refused_take_is_asked_again_after_take_retry():
     assert [(verb, args) for verb, args, _ in proto.calls[1:]] == [("take", {"n": 2})]
 
 
-def test_the_servers_unqueue_request_reaches_the_worker_and_nothing_else_does():
+def test_the_servers_requests_reach_the_worker_and_nothing_else_does():
     """`unqueue` with a lease key [job id, attempt, token] asks the worker to give the job
-    up; a malformed one, or another request, is refused as unknown."""
+    up; `output` with [job id, attempt] asks for the end of a running job's output; a
+    malformed one, or another request, is refused as unknown."""
     import pytest
 
     from dsage.worker.session import WorkerProtocol
@@ -151,12 +152,19 @@ def test_the_servers_unqueue_request_reaches_the_worker_and_nothing_else_does():
             asked.append(key)
             return key[0] == 7
 
+        def output_of(self, job_id, attempt):
+            asked.append(("output", job_id, attempt))
+            return "so far\n" if job_id == 7 else None
+
     proto = WorkerProtocol()
     proto.factory = type("Factory", (), {"worker": Worker()})()
     assert proto.handle_request("unqueue", {"held": [7, 1, 99]}) == {"removed": True}
     assert proto.handle_request("unqueue", {"held": [8, 1, 99]}) == {"removed": False}
+    assert proto.handle_request("output", {"job": [7, 2]}) == {"output": "so far\n"}
+    assert proto.handle_request("output", {"job": [8, 2]}) == {"output": None}
     for verb, args in (("unqueue", {"held": [7, 1]}), ("unqueue", {"held": [7, 1, "x"]}),
-                       ("unqueue", None), ("take", {"held": [7, 1, 99]})):
+                       ("unqueue", None), ("take", {"held": [7, 1, 99]}), ("output", {"job": [7, 1, 99]}),
+                       ("output", {"held": [7, 1]}), ("output", {"job": [7, None]})):
         with pytest.raises(errors.ProtocolError):
             proto.handle_request(verb, args)
-    assert asked == [(7, 1, 99), (8, 1, 99)]
+    assert asked == [(7, 1, 99), (8, 1, 99), ("output", 7, 2), ("output", 8, 2)]
