@@ -1,7 +1,8 @@
 """`python -m dsage.worker.child`: a worker slot's job process, without Twisted.
 
 It starts once per slot (in its own session and process group, niced, with the worker's
-resource limits) and then runs jobs one after another: each job arrives on stdin as a
+resource limits) and then runs jobs one after another (what a job leaves running is killed
+when it ends, or when the worker stops it): each job arrives on stdin as a
 length-prefixed msgpack message, runs in the slot's temporary folder (emptied after each job)
 with the slot's clean environment, and its outcome leaves on file descriptor 3 the same way.  stdout and stderr
 flow to the worker; after each job the child writes the job's sentinel (a nonce chosen by the
@@ -154,6 +155,83 @@ def _write_all(fd: int, *parts: bytes) -> None:
             views[0] = views[0][n:]
 
 
+#: rounds of killing what a job left running (each round's orphans are the next's children).
+LEFTOVER_ROUNDS = 20
+PR_SET_CHILD_SUBREAPER = 36
+#: whether this process adopts the orphans of what it starts (a job process does).
+_adopting = False
+
+
+def _has_children() -> bool:
+    """Whether this process has a child, running or ended (one system call)."""
+    try:
+        os.waitid(os.P_ALL, 0, os.WEXITED | os.WNOHANG | os.WNOWAIT)
+    except ChildProcessError:
+        return False
+    return True
+
+
+def _children() -> list[int]:
+    """The pids of this process's children (Linux: the parent pid in each /proc/PID/stat)."""
+    me, out = os.getpid(), []
+    for name in os.listdir("/proc"):
+        if not name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{name}/stat", "rb") as fh:
+                stat = fh.read()
+        except OSError:
+            continue                    # ended meanwhile
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
+            out.append(int(name))
+    return out
+
+
+def end_leftovers() -> bool:
+    """Kill the processes a job left running and theirs (this process adopts every orphan
+    of them: `adopt_orphans`), so that a job's end is the end of all it started, as on a
+    batch system; False if some could not be ended.  One system call when there are none.
+    Only in a process that adopts orphans (a job process: not in a test's own process)."""
+    if not _adopting or not os.path.isdir("/proc"):
+        return True
+    for _ in range(LEFTOVER_ROUNDS):
+        if not _has_children():
+            return True
+        for pid in _children():
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)      # its children are ours once it has ended
+            except (ProcessLookupError, ChildProcessError):
+                pass
+        while True:                     # any other that had ended
+            try:
+                if os.waitpid(-1, os.WNOHANG)[0] == 0:
+                    break
+            except ChildProcessError:
+                break
+    return not _has_children()
+
+
+def adopt_orphans() -> None:
+    """Become the parent of every process a job starts whose own parent ends (Linux), so
+    that none escapes `end_leftovers` by a double fork or a new session."""
+    global _adopting
+    try:
+        import ctypes
+
+        _adopting = ctypes.CDLL(None, use_errno=True).prctl(PR_SET_CHILD_SUBREAPER, 1) == 0
+    except (OSError, AttributeError):
+        pass
+
+
+def _end_on_term(signum: int, frame: object) -> None:
+    """Stopped by the worker (a timeout, a kill): end what the job started, then go as the
+    signal would have ended this process."""
+    end_leftovers()
+    signal.signal(signal.SIGTERM, signal.SIG_DFL)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def empty(folder: str) -> bool:
     """Remove everything in `folder`; False if something could not be removed."""
     clean = True
@@ -181,7 +259,7 @@ def _restore_environ(saved: dict[str, str]) -> None:
 def run_one(job: dict) -> dict:
     """Run a job in its folder, emptied afterwards; its outcome (result or traceback, CPU
     seconds, the process's peak resident memory in bytes, and whether the folder could be
-    emptied)."""
+    emptied and what the job left running ended)."""
     home, env = os.getcwd(), dict(os.environ)
     cpu, _ = _usage()
     try:
@@ -210,8 +288,9 @@ def run_one(job: dict) -> dict:
         _restore_environ(env)
     cpu_end, outcome["peak_memory"] = _usage()
     outcome["cpu_time"] = cpu_end - cpu
+    ended = end_leftovers()
     try:
-        outcome["clean"] = empty(job["workdir"])
+        outcome["clean"] = empty(job["workdir"]) and ended
     except OSError:
         outcome["clean"] = False
     return outcome
@@ -290,6 +369,8 @@ def main() -> None:
     except OSError:
         pass
     die_with(parent)
+    adopt_orphans()
+    signal.signal(signal.SIGTERM, _end_on_term)
     keep_freed_memory()
     jobs, outcomes, streams = _private_fds()
     settings = msgpack.unpackb(_read(jobs, struct.unpack("!I", _read(jobs, 4))[0]))

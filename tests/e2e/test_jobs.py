@@ -4,8 +4,10 @@ from __future__ import annotations
 import concurrent.futures
 import gc
 import os
+import random
 import time
 import tracemalloc
+from pathlib import Path
 
 import pytest
 
@@ -477,15 +479,53 @@ def test_what_a_job_does_to_its_streams_does_not_stall_its_slot(D, code, value):
     assert [j.output for j in jobs[1:]] == [f"after {i}\n" for i in range(4)]
 
 
+def processes_marked(mark: str) -> list[int]:
+    """The pids of the processes whose command line has `mark` in it."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if mark in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                found.append(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    return found
+
+
 def test_a_process_a_job_left_behind_does_not_hold_its_slot(D):
     """A job that starts a process outside its process group (which keeps the job's stdout
     open) and then times out: the failure comes once the job's own process is gone, not when
-    the other one exits a minute later, and the slot takes the next job."""
-    job = D.eval("import subprocess, time\nsubprocess.Popen(['sleep', '60'], start_new_session=True)\n"
+    the other one exits a minute later, and the slot takes the next job; the process is
+    ended with the job."""
+    mark = f"{random.randrange(10**6, 10**7)}.25"
+    job = D.eval(f"import subprocess, time\nsubprocess.Popen(['sleep', '{mark}'], start_new_session=True)\n"
                  "time.sleep(60)", timeout=2, max_failures=1)
-    with pytest.raises(dsage.JobFailed, match="timed out after 2 s"):
-        job.wait(timeout=25)
-    assert [D.eval(str(i)).wait(timeout=25) for i in range(3)] == [0, 1, 2]
+    try:
+        with pytest.raises(dsage.JobFailed, match="timed out after 2 s"):
+            job.wait(timeout=25)
+        assert [D.eval(str(i)).wait(timeout=25) for i in range(3)] == [0, 1, 2]
+        wait_for(lambda: not processes_marked(mark), timeout=10, what="the job's process to be ended")
+    finally:
+        for pid in processes_marked(mark):
+            os.kill(pid, 9)
+
+
+def test_what_a_job_leaves_running_ends_with_it(D):
+    """Processes a job started and did not wait for (in its process group, in a session of
+    their own, orphaned by a shell) are killed when the job ends; the lab machine is left as
+    it was, and the next jobs run as usual."""
+    mark = f"{random.randrange(10**6, 10**7)}.75"
+    code = ("import subprocess\nquiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+            f"subprocess.Popen(['sleep', '{mark}'], **quiet)\n"
+            f"subprocess.Popen(['sleep', '{mark}'], start_new_session=True, **quiet)\n"
+            f"subprocess.run(['sh', '-c', 'sleep {mark} & exit 0'], **quiet)\n"
+            "'started'")
+    try:
+        assert D.eval(code, max_failures=1).wait(timeout=60) == "started"
+        assert processes_marked(mark) == []
+        assert [D.eval(str(i)).wait(timeout=25) for i in range(3)] == [0, 1, 2]
+    finally:
+        for pid in processes_marked(mark):
+            os.kill(pid, 9)
 
 
 def test_a_job_process_that_grew_past_recycle_memory_is_replaced(tmp_path_factory):

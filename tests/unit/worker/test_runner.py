@@ -387,3 +387,45 @@ def test_a_running_jobs_output_is_read_by_job_and_attempt():
     assert runner.output_of(4, 1) is None and runner.output_of(5, 2) is None
     finish(child, attempt)
     assert runner.output_of(4, 2) is None
+
+
+def test_a_job_process_ends_what_a_job_left_running():
+    """What a job started and left running (a child, one in a session of its own, one whose
+    parent exited, one whose parent still runs) is killed when the job ends, in a job
+    process (it adopts orphans); the children it had already waited for are untouched."""
+    import random
+    import subprocess
+    from pathlib import Path
+
+    from dsage.worker import child
+
+    mark = f"{random.randrange(10**6, 10**7)}.5"
+    probe = ("import subprocess, sys, time\nfrom dsage.worker import child\n"
+             "child.adopt_orphans()\n"
+             "quiet = dict(stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)\n"
+             f"subprocess.Popen(['sleep', '{mark}'], **quiet)\n"
+             f"subprocess.Popen(['sleep', '{mark}'], start_new_session=True, **quiet)\n"
+             f"subprocess.run(['sh', '-c', 'sleep {mark} & exit 0'], **quiet)\n"
+             f"subprocess.Popen(['sh', '-c', 'sleep {mark} & sleep {mark}'], **quiet)\n"
+             "subprocess.run(['true'])\n"
+             "time.sleep(0.5)\n"
+             "print(child.end_leftovers(), child._has_children())\n")
+    root = str(Path(child.__file__).parents[2])
+
+    def marked() -> list[str]:
+        found = []
+        for entry in Path("/proc").iterdir():
+            try:
+                if mark in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                    found.append(entry.name)
+            except OSError:
+                pass
+        return found
+
+    try:
+        out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=60)
+        assert out.stdout.split() == ["True", "False"], out.stderr
+        assert marked() == []
+    finally:
+        for pid in marked():
+            os.kill(int(pid), 9)
