@@ -200,8 +200,11 @@ def end_leftovers() -> bool:
         for pid in _children():
             try:
                 os.kill(pid, signal.SIGKILL)
+            except OSError:             # ended meanwhile, or not ours to kill (setuid)
+                continue
+            try:
                 os.waitpid(pid, 0)      # its children are ours once it has ended
-            except (ProcessLookupError, ChildProcessError):
+            except ChildProcessError:
                 pass
         while True:                     # any other that had ended
             try:

@@ -429,3 +429,28 @@ def test_a_job_process_ends_what_a_job_left_running():
     finally:
         for pid in marked():
             os.kill(int(pid), 9)
+
+
+def test_a_leftover_the_job_process_cannot_kill_makes_it_retire_instead_of_waiting():
+    """A process left running that cannot be killed (another user's, say: a setuid
+    program) is not waited for: the sweep says it failed (the job process is then
+    replaced), and succeeds once the process is gone."""
+    import subprocess
+    from pathlib import Path
+
+    from dsage.worker import child
+
+    probe = ("import os, subprocess, sys\nfrom dsage.worker import child\n"
+             "child.adopt_orphans()\n"
+             "p = subprocess.Popen(['sleep', '60'])\n"
+             "kill = os.kill\n"
+             "def refuse(pid, sig):\n"
+             "    if pid == p.pid: raise PermissionError(1, 'Operation not permitted')\n"
+             "    kill(pid, sig)\n"
+             "child.os.kill = refuse\n"
+             "print(child.end_leftovers())\n"
+             "child.os.kill = kill\n"
+             "print(child.end_leftovers(), child._has_children())\n")
+    root = str(Path(child.__file__).parents[2])
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, cwd=root, timeout=60)
+    assert out.stdout.split() == ["False", "True", "False"], out.stderr
