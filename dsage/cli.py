@@ -396,7 +396,7 @@ def cmd_jobs(args) -> int:
 
 def cmd_job(args) -> int:
     D = _connect(args)
-    r = D._call("get_job", job_id=args.id, result=False)
+    r = D._call("get_job", job_id=args.id, result=False, output=True)
     print(f"job {r['job_id']}: {r['name']}\n  owner     {r['owner']}\n  status    {r['status']}\n"
           f"  kind      {r['kind']}\n  priority  {r['priority']}   timeout {r['timeout']:g} s   "
           f"failures {r['failures']}/{r['max_failures']}\n  created   {_stamp(r['created'])}\n"

@@ -207,11 +207,12 @@ class Dsage:
             if rec is not None and "result" in rec:
                 handle._record.rec = {k: v for k, v in rec.items() if k != "result"}
 
-    def record(self, job_id: int, fresh: bool = False) -> dict:
-        """The latest known record of a job (fetched when unknown, unfinished or `fresh`)."""
+    def record(self, job_id: int, fresh: bool = False, output: bool = False) -> dict:
+        """The latest known record of a job (fetched when unknown, unfinished or `fresh`;
+        with `output`, a running job's output as of now, asked of its worker)."""
         rec = self._known(job_id)
         if rec is None or fresh or (rec["status"] not in FINAL):
-            rec = self._call("get_job", job_id=job_id, result=True)
+            rec = self._call("get_job", job_id=job_id, result=True, **({"output": True} if output else {}))
             with self._lock:
                 rec = self._remember(rec)
         elif rec["status"] == "completed" and "result" not in rec:
@@ -376,7 +377,8 @@ class JobHandle:
 
     status = property(lambda self: self._rec()["status"], doc="new, processing, completed, failed or killed")
     name = property(lambda self: self._rec()["name"], doc="the job's name")
-    output = property(lambda self: self._rec()["output"], doc="captured stdout and stderr")
+    output = property(lambda self: self.dsage.record(self.job_id, output=True)["output"],
+                      doc="captured stdout and stderr (while it runs: the end of it so far)")
     error = property(lambda self: self._rec()["error"], doc="the traceback of the last failure")
     failures = property(lambda self: self._rec()["failures"], doc="how many attempts failed")
     attempts = property(lambda self: self._rec()["attempts"], doc="every attempt: worker, times, outcome")

@@ -199,9 +199,11 @@ class ServerProtocol(MessageProtocol):
 
     def get_job(self, args: dict) -> defer.Deferred:
         """One job, with its result unless ``result`` is false; a running job's output is
-        the end of it as of now (`Hub.fresh_output`)."""
+        the end of it as of now with ``output`` (`Hub.fresh_output`), else as of its worker's
+        last heartbeat (a look at its status does not bother the worker)."""
+        show = self.hub.fresh_output if args.get("output") else self.hub.with_live_output
         return self.hub.store.get(self.identity, self.role, _job_id(args),
-                                  bool(args.get("result", True))).addCallback(self.hub.fresh_output)
+                                  bool(args.get("result", True))).addCallback(show)
 
     def list_jobs(self, args: dict) -> defer.Deferred:
         """The caller's jobs (everyone's with ``all``, for admins)."""

@@ -386,10 +386,12 @@ def test_a_worker_without_slots_takes_one_per_core_it_may_use(tmp_path_factory):
 
 
 def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
-    """What a running job has printed is job.output as soon as it is read: the server asks
-    the job's worker (its heartbeats, every 600 s here, would show nothing in this test);
-    once the job ends, the whole output."""
-    from dsage.client.local import LocalCluster
+    """What a running job has printed is job.output (and in `dsage job`) as soon as it is
+    read: the server asks the job's worker (its heartbeats, every 600 s here, would show
+    nothing in this test); once the job ends, the whole output."""
+    import subprocess
+
+    from dsage.client.local import LocalCluster, command
 
     cluster = LocalCluster(tmp_path_factory.mktemp("home"))
     cluster.init()
@@ -402,8 +404,11 @@ def test_output_of_a_running_job_is_shown_while_it_runs(tmp_path_factory):
             job = D.eval("import sys, time\nprint('step 1', flush=True)\nsys.stderr.write('warned\\n')\n"
                          "while True: time.sleep(0.05)\n", max_failures=1)
             # stdout and stderr come through two pipes: their order is the worker's reads'.
-            wait_for(lambda: sorted(job.output.splitlines()) == ["step 1", "warned"], timeout=30,
-                     what="the output so far")
+            shown = lambda: subprocess.run(command("dsage") + ["job", str(job.job_id)], capture_output=True,
+                                           text=True, env=dict(os.environ, DSAGE_HOME=str(cluster.home)),
+                                           timeout=60).stdout
+            wait_for(lambda: "step 1" in shown(), timeout=30, what="the output so far in `dsage job`")
+            assert sorted(job.output.splitlines()) == ["step 1", "warned"]
             assert job.status == "processing"
             assert job.kill() == "killed"
             # Each step waits for the test to have seen the one before.

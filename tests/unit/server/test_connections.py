@@ -175,15 +175,6 @@ def test_large_results_of_one_turn_are_told_in_several_events(parts, monkeypatch
     assert events == [[1, 2], [3], [4]]
 
 
-def shown_output(clock, client, job_id: int) -> str:
-    """What get_job shows as a job's output, its worker not answering (OUTPUT_WAIT passes)."""
-    from dsage.server.hub import OUTPUT_WAIT
-
-    d = client.handle_request("get_job", {"job_id": job_id})
-    clock.advance(OUTPUT_WAIT)
-    return value(d)["output"]
-
-
 def requests_sent(proto) -> list[list]:
     """The messages a connection has sent since the last call (its transport emptied)."""
     from dsage.protocol import decode
@@ -198,9 +189,8 @@ def requests_sent(proto) -> list[list]:
 
 
 def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
-    """A heartbeat's output is what get_job shows for a running job (its owner's record)
-    when its worker does not answer the request for it now, only from the worker that
-    holds it, until the report brings the whole output."""
+    """A heartbeat's output is what get_job shows for a running job (its owner's record),
+    only from the worker that holds it, until the report brings the whole output."""
     clock, now, store, hub = parts
     value(store.submit("alice", [spec(), spec()]))
     [[one, two]] = value(store.claim([("w1", 2)], 10.0))
@@ -210,7 +200,7 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
             "output": [[1, one["attempt"], one["lease"], "step 1\nstep 2\n"]]}
     assert value(worker.handle_request("heartbeat", beat)) == {"lost": []}
     value(intruder.handle_request("heartbeat", {"held": [], "output": [[2, two["attempt"], 0, "forged"]]}))
-    shown = lambda job_id: shown_output(clock, alice, job_id)
+    shown = lambda job_id: value(alice.handle_request("get_job", {"job_id": job_id}))["output"]
     assert (shown(1), shown(2)) == ("step 1\nstep 2\n", "")
     with pytest.raises(ValueError, match="output must be"):
         worker.handle_request("heartbeat", {"held": [], "output": [[1, 1, 0, b"bytes"]]})
@@ -231,9 +221,11 @@ def test_a_running_jobs_output_shows_what_its_worker_sent_last(parts):
 
 
 def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
-    """get_job of a running job asks the worker that holds it for the end of its output
-    and shows that; a refusal shows the heartbeat's copy at once; an answer that comes
-    after the job's report is not kept."""
+    """get_job of a running job with `output` asks the worker that holds it for the end of
+    its output and shows that (without, the heartbeat's copy: the worker is not asked); a
+    refusal shows the heartbeat's copy at once, and so does no answer within OUTPUT_WAIT;
+    an answer that comes after the job's report is not kept."""
+    from dsage.server.hub import OUTPUT_WAIT
     from dsage.protocol import REPLY, REQUEST, encode
 
     clock, now, store, hub = parts
@@ -250,7 +242,7 @@ def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
         worker.dataReceived(len(message).to_bytes(4, "big") + message)
 
     def read(job_id: int, answer: tuple[bool, object]) -> dict:
-        d = alice.handle_request("get_job", {"job_id": job_id})
+        d = alice.handle_request("get_job", {"job_id": job_id, "output": True})
         [[kind, msg_id, verb, args]] = requests_sent(worker)
         assert (kind, verb, args) == (REQUEST, "output", {"job": [job_id, 1]})
         reply(msg_id, *answer)
@@ -260,12 +252,18 @@ def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
     assert read(2, (True, {"output": None}))["output"] == ""
     assert read(1, (False, {"type": "ProtocolError", "message": "unknown request 'output'"}))["output"] \
         == "old\nnew\n"
-    d = alice.handle_request("get_job", {"job_id": 2})
+    assert value(alice.handle_request("get_job", {"job_id": 1}))["output"] == "old\nnew\n"
+    assert requests_sent(worker) == []
+    d = alice.handle_request("get_job", {"job_id": 1, "output": True})
+    assert len(requests_sent(worker)) == 1
+    clock.advance(OUTPUT_WAIT)
+    assert value(d)["output"] == "old\nnew\n"
+    d = alice.handle_request("get_job", {"job_id": 2, "output": True})
     [[_, msg_id, _, _]] = requests_sent(worker)
     value(worker.handle_request("report", reported(two, output="all\n")))
     reply(msg_id, True, {"output": "late\n"})
     assert value(d)["status"] == "processing" and 2 not in hub.live_output
-    assert value(alice.handle_request("get_job", {"job_id": 2}))["output"] == "all\n"
+    assert value(alice.handle_request("get_job", {"job_id": 2, "output": True}))["output"] == "all\n"
     assert requests_sent(worker) == []          # a finished job's output is not asked for
 
 
