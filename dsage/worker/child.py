@@ -2,7 +2,7 @@
 
 It starts once per slot (in its own session and process group, niced, with the worker's
 resource limits) and then runs jobs one after another (what a job leaves running is killed
-when it ends, or when the worker stops it): each job arrives on stdin as a
+when it ends): each job arrives on stdin as a
 length-prefixed msgpack message, runs in the slot's temporary folder (emptied after each job)
 with the slot's clean environment, and its outcome leaves on file descriptor 3 the same way.  stdout and stderr
 flow to the worker; after each job the child writes the job's sentinel (a nonce chosen by the
@@ -171,9 +171,9 @@ def _has_children() -> bool:
     return True
 
 
-def _children() -> list[int]:
-    """The pids of this process's children (Linux: the parent pid in each /proc/PID/stat)."""
-    me, out = os.getpid(), []
+def children(parent: int) -> list[int]:
+    """The pids of `parent`'s children (Linux: the parent pid in each /proc/PID/stat)."""
+    out = []
     for name in os.listdir("/proc"):
         if not name.isdigit():
             continue
@@ -182,9 +182,23 @@ def _children() -> list[int]:
                 stat = fh.read()
         except OSError:
             continue                    # ended meanwhile
-        if int(stat.rsplit(b")", 1)[1].split()[1]) == me:
+        if int(stat.rsplit(b")", 1)[1].split()[1]) == parent:
             out.append(int(name))
     return out
+
+
+def end_processes(pids: list[int]) -> None:
+    """Kill this process's children `pids` and wait for each (their own children are then
+    this process's, if it adopts orphans); one that cannot be killed is not waited for."""
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:                 # ended meanwhile, or not ours to kill (setuid)
+            continue
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
 
 
 def end_leftovers() -> bool:
@@ -192,20 +206,12 @@ def end_leftovers() -> bool:
     of them: `adopt_orphans`), so that a job's end is the end of all it started, as on a
     batch system; False if some could not be ended.  One system call when there are none.
     Only in a process that adopts orphans (a job process: not in a test's own process)."""
-    if not _adopting or not os.path.isdir("/proc"):
+    if not adopting():
         return True
     for _ in range(LEFTOVER_ROUNDS):
         if not _has_children():
             return True
-        for pid in _children():
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:             # ended meanwhile, or not ours to kill (setuid)
-                continue
-            try:
-                os.waitpid(pid, 0)      # its children are ours once it has ended
-            except ChildProcessError:
-                pass
+        end_processes(children(os.getpid()))
         while True:                     # any other that had ended
             try:
                 if os.waitpid(-1, os.WNOHANG)[0] == 0:
@@ -216,8 +222,9 @@ def end_leftovers() -> bool:
 
 
 def adopt_orphans() -> None:
-    """Become the parent of every process a job starts whose own parent ends (Linux), so
-    that none escapes `end_leftovers` by a double fork or a new session."""
+    """Become the parent of every process started below this one whose own parent ends
+    (Linux), so that none escapes `end_leftovers` (or the worker's sweep, when a job process
+    is killed) by a double fork or a new session."""
     global _adopting
     try:
         import ctypes
@@ -227,12 +234,9 @@ def adopt_orphans() -> None:
         pass
 
 
-def _end_on_term(signum: int, frame: object) -> None:
-    """Stopped by the worker (a timeout, a kill): end what the job started, then go as the
-    signal would have ended this process."""
-    end_leftovers()
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
-    os.kill(os.getpid(), signal.SIGTERM)
+def adopting() -> bool:
+    """Whether this process adopts orphans (`adopt_orphans`) and can find its children."""
+    return _adopting and os.path.isdir("/proc")
 
 
 def empty(folder: str) -> bool:
@@ -373,7 +377,6 @@ def main() -> None:
         pass
     die_with(parent)
     adopt_orphans()
-    signal.signal(signal.SIGTERM, _end_on_term)
     keep_freed_memory()
     jobs, outcomes, streams = _private_fds()
     settings = msgpack.unpackb(_read(jobs, struct.unpack("!I", _read(jobs, 4))[0]))

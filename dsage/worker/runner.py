@@ -6,7 +6,7 @@ folder of its own, which the child empties after each job and the runner removes
 child ends.  A job's stdout and stderr are kept (head
 and tail, up to a limit) until the child marks the job's end with the job's sentinel.  A
 timeout or a kill stops the child (TERM to its process group, then KILL); a crash ends it;
-either way the next job gets a fresh child."""
+either way the next job gets a fresh child, and what the job left running is killed."""
 from __future__ import annotations
 
 import fcntl
@@ -22,6 +22,8 @@ import time
 import msgpack
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
+
+from dsage.worker.child import LEFTOVER_ROUNDS, adopting, children, end_processes
 
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
 LIVE_MARKER = b"[... earlier output not shown while the job runs ...]\n"
@@ -170,6 +172,7 @@ class Child(protocol.ProcessProtocol):
         hold its pipes open, which would hold back `processEnded` (and the slot) until that
         one exits: what is left in them is read for `PIPE_GRACE`, then they are closed."""
         self.alive = False
+        self.runner.end_orphans()
         self.pipes_timer = self.runner.reactor.callLater(PIPE_GRACE, self._close_pipes)
 
     def _close_pipes(self) -> None:
@@ -337,6 +340,20 @@ class JobRunner:
                 attempt.shown = total
                 out.append([*key, attempt.output.recent(LIVE_OUTPUT)])
         return out
+
+    def end_orphans(self) -> None:
+        """Kill what a job process that ended (killed, timed out, crashed) left running: in
+        a worker that adopts orphans (`WorkerService.startService`), they are now the
+        worker's children, besides the job processes Twisted knows."""
+        if not adopting():
+            return
+        from twisted.internet.process import reapProcessHandlers
+
+        for _ in range(LEFTOVER_ROUNDS):
+            orphans = [pid for pid in children(os.getpid()) if pid not in reapProcessHandlers]
+            if not orphans:
+                return
+            end_processes(orphans)
 
     def output_of(self, job_id: int, attempt: int) -> str | None:
         """The end of a running attempt's output now (None if it does not run here)."""

@@ -15,6 +15,7 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.config import split_address
 from dsage.reconnect import Reconnector
+from dsage.worker.child import adopt_orphans
 from dsage.worker.runner import RECYCLE_MEMORY, JobRunner, lease_key, lease_matches
 from dsage.worker.session import WorkerProtocol, WorkerSession
 
@@ -290,6 +291,7 @@ class WorkerService(service.MultiService):
         return reports
 
     def startService(self) -> None:
+        adopt_orphans()             # what a killed job process leaves comes here (`JobRunner.end_orphans`)
         super().startService()
         self.link.start()
 
