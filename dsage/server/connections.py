@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from dsage import errors, tls
 from dsage.job import STATUSES
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
-from dsage.server.hub import ADMIN, CLIENT_ROLES, WORKER, Hub
+from dsage.server.hub import ADMIN, CLIENT_ROLES, LIVE_OUTPUT_CHARS, WORKER, Hub
 
 HELLO_TIMEOUT = 15.0
 #: seconds a worker has to say whether a job leased to it has started (a `queued_only` kill).
@@ -23,9 +23,6 @@ MAX_TAKES = 64
 #: the most result bytes one `jobs_done` event carries (beyond one job's): the jobs that
 #: finished in one commit go in as few events as fit.
 EVENT_BYTES = 64 << 20
-#: the most of a running job's output the server keeps in memory to show (a worker sends
-#: the last 16 KiB).
-LIVE_OUTPUT_CHARS = 32 << 10
 
 
 class ServerProtocol(MessageProtocol):

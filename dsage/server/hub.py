@@ -17,6 +17,9 @@ if TYPE_CHECKING:
 #: seconds a read of a running job waits for its worker's output before it shows the copy
 #: of the last heartbeat.
 OUTPUT_WAIT = 1.0
+#: the most of a running job's output the server keeps in memory to show (a worker sends
+#: the last 16 KiB).
+LIVE_OUTPUT_CHARS = 32 << 10
 CLIENT_ROLES = ("client", "admin")
 ADMIN = ("admin",)
 WORKER = ("worker",)
@@ -81,7 +84,7 @@ class Hub:
         def answered(reply: object) -> dict:
             text = reply.get("output") if isinstance(reply, dict) else None
             if isinstance(text, str) and key in conn.running:       # not finished meanwhile
-                self.live_output[key[0]] = (key[1], last["worker"], text)
+                self.live_output[key[0]] = (key[1], last["worker"], text[-LIVE_OUTPUT_CHARS:])
             return self.with_live_output(rec)
         d = conn.call("output", job=list(key))
         d.addTimeout(OUTPUT_WAIT, self.clock)

@@ -224,8 +224,8 @@ def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
     """get_job of a running job with `output` asks the worker that holds it for the end of
     its output and shows that (without, the heartbeat's copy: the worker is not asked); a
     refusal shows the heartbeat's copy at once, and so does no answer within OUTPUT_WAIT;
-    an answer that comes after the job's report is not kept."""
-    from dsage.server.hub import OUTPUT_WAIT
+    an answer that comes after the job's report is not kept, a long one only its end."""
+    from dsage.server.hub import LIVE_OUTPUT_CHARS, OUTPUT_WAIT
     from dsage.protocol import REPLY, REQUEST, encode
 
     clock, now, store, hub = parts
@@ -250,6 +250,9 @@ def test_a_running_jobs_output_is_asked_of_its_worker_when_read(parts):
 
     assert read(1, (True, {"output": "old\nnew\n"}))["output"] == "old\nnew\n"
     assert read(2, (True, {"output": None}))["output"] == ""
+    shown = read(2, (True, {"output": "x" * LIVE_OUTPUT_CHARS + "end"}))["output"]       # a worker's own limit
+    assert len(shown) == LIVE_OUTPUT_CHARS and shown.endswith("xend")
+    hub.live_output.pop(2)
     assert read(1, (False, {"type": "ProtocolError", "message": "unknown request 'output'"}))["output"] \
         == "old\nnew\n"
     assert value(alice.handle_request("get_job", {"job_id": 1}))["output"] == "old\nnew\n"
