@@ -172,7 +172,8 @@ class Child(protocol.ProcessProtocol):
         hold its pipes open, which would hold back `processEnded` (and the slot) until that
         one exits: what is left in them is read for `PIPE_GRACE`, then they are closed."""
         self.alive = False
-        self.runner.end_orphans()
+        if self.attempt is not None:        # ended in a job: what it started may be left
+            self.runner.end_orphans()
         self.pipes_timer = self.runner.reactor.callLater(PIPE_GRACE, self._close_pipes)
 
     def _close_pipes(self) -> None:
