@@ -431,7 +431,7 @@ def _why_waiting(r: dict, s: dict) -> str:
         return "no worker is connected (start one: dsage_worker --cert BUNDLE)"
     if s["busy"] >= s["slots"]:
         return (f"all {s['slots']} slots of {s['workers']} workers are busy, {s['queued']} jobs queued "
-                f"(lower priority numbers go first, then the oldest)")
+                f"(lower priority numbers go first, then users take turns, each one's oldest first)")
     return f"for a worker to take it ({s['slots'] - s['busy']} of {s['slots']} slots free)"
 
 

@@ -75,6 +75,7 @@ class LeaseOps:
                         self._delay(root, job)       # queued by a version without the delayed tree
                         continue
                     self._enter(root, job, "processing", unqueue=False)
+                root.leased(job.seq)
                 size += more
                 got.append(self._lease(job, worker, now, lease))
             out.append(got)

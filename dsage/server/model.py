@@ -20,6 +20,8 @@ from BTrees.OOBTree import OOBTree
 from persistent import Persistent
 from ZODB.blob import Blob
 
+from dsage.server import scheduler
+
 #: payloads, files and results up to SMALL bytes live in the record that holds them (no
 #: object of their own to write); up to INLINE_LIMIT in a Persistent of their own; larger
 #: in a Blob, its file made durable by an fsync of its own before the commit (measured:
@@ -418,6 +420,8 @@ class Root(Packed):
 
     generation = 0
     next_seq = 1
+    turn = 0             # the queue's present turn: that of the last job leased (`scheduler.place`)
+    turns = None         # owner -> the turn of their last job queued
     queued = None
     tokens = None        # (owner, token) -> first job id, or (first, how many): submissions since tokens_since
     old_tokens = None    # the same, of the generation before; forgotten whole at the next turn
@@ -430,7 +434,7 @@ class Root(Packed):
 
     def __init__(self) -> None:
         self.jobs = JobTree()                 # job id -> JobRecord
-        self.pending = OOBTree()              # (priority, seq) -> job id; FIFO within a priority
+        self.pending = OOBTree()              # (priority, seq) -> job id: by priority, then turn (`place`)
         self.by_status = OOBTree()            # status -> IdSet of job ids
         self.by_owner = OOBTree()             # owner -> IdSet of job ids
         self.identities = OOBTree()           # name -> Identity
@@ -485,6 +489,21 @@ class Root(Packed):
         if self.tokens is None or age >= ttl:
             self.old_tokens = self.tokens if self.tokens and age < 2 * ttl else None
             self.tokens, self.tokens_since = TokenTree(), now
+
+    def place(self, owner: str) -> int:
+        """A new queue place (`seq`) for one of `owner`'s jobs: the turn after the owner's
+        last, not before the present turn (`scheduler.place`)."""
+        if self.turns is None:
+            self.turns = {}
+        turn = self.turns[owner] = max(self.turn, self.turns.get(owner, 0)) + 1
+        order, self.next_seq = self.next_seq, self.next_seq + 1      # marks the root changed
+        return scheduler.place(turn, order)
+
+    def leased(self, seq: int) -> None:
+        """A job at queue place `seq` was leased: the present turn is at least its turn."""
+        turn = scheduler.turn_of(seq)
+        if turn > self.turn:
+            self.turn = turn
 
     def count(self, status: str, delta: int) -> None:
         """Change the number of jobs in a status."""

@@ -15,9 +15,30 @@ RETRY_BASE = 1.0
 RETRY_MAX = 60.0
 
 
+#: a queue place (`seq`) is a turn times TURN plus the order of submission (below TURN).
+TURN = 1 << 32
+
+
 def pending_key(priority: int, seq: int) -> tuple[int, int]:
-    """Queue order: lower priority value first, then first in, first out."""
+    """Queue order: lower priority value first, then by turn (`place`), then first in,
+    first out."""
     return (priority, seq)
+
+
+def place(turn: int, order: int) -> int:
+    """A queue place: `turn`, then `order` (a counter of submissions) within it.
+
+    Users take turns (start-time fair queueing): each job of a user gets the turn after the
+    user's last one, and never one before the queue's present turn (the turn of the last job
+    leased).  A user who queues 100,000 jobs takes the next 100,000 turns; another who then
+    queues one gets the present turn + 1, and waits for one job, not 100,000.  Each user's
+    jobs stay first in, first out; a user alone sees plain FIFO."""
+    return turn * TURN + order % TURN
+
+
+def turn_of(seq: int) -> int:
+    """The turn of a queue place (0 for places given before turns existed)."""
+    return seq // TURN
 
 
 def retry_delay(failures: int) -> float:

@@ -400,8 +400,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             if fresh is None:
                 self._enter(root, job, "new", fresh=True)
             else:
-                job.seq = root.next_seq
-                root.next_seq += 1
+                job.seq = root.place(owner)
                 fresh.append(job)
             ids.append(job_id)
         if token is not None:
@@ -516,7 +515,8 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
     def _enter(self, root: Root, job: JobRecord, status: str, unqueue: bool = True,
                fresh: bool = False, keep_place: bool = False) -> None:
         """Move a job to `status`, keeping the indexes, counts and the pending queue right
-        (back to new: at the end of its priority's queue, or where it was with `keep_place`)."""
+        (back to new: at its owner's next turn in its priority's queue, or where it was with
+        `keep_place`)."""
         if not fresh:
             old = job.status
             check_transition(old, status)
@@ -535,8 +535,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         root.count(status, 1)
         if status == "new":
             if not keep_place:
-                job.seq = root.next_seq
-                root.next_seq += 1
+                job.seq = root.place(job.owner)
             if job.not_before > self.now():
                 self._delay(root, job)
             else:

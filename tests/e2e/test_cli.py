@@ -221,7 +221,7 @@ def test_job_says_why_a_queued_job_waits(tmp_path):
         second = run(cluster.home, "submit", "-c", "1").stdout.strip()
         shown = run(cluster.home, "job", second).stdout
         assert ("  waiting   all 1 slots of 1 workers are busy, 1 jobs queued (lower priority numbers go "
-                "first, then the oldest)\n") in shown
+                "first, then users take turns, each one's oldest first)\n") in shown
         assert "waiting" not in run(cluster.home, "job", first).stdout
 
 

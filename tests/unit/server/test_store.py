@@ -47,6 +47,39 @@ def test_claim_in_priority_then_fifo_order(store):
     assert value(store.claim([("w", 1)], 60.0)) == [[]]
 
 
+def test_users_take_turns_within_a_priority_each_first_in_first_out(store):
+    """Within a priority, users take turns: bob's jobs queued behind 50 of alice's wait for
+    one of hers each, not 50; each user's jobs keep their order; a rerun goes to its owner's
+    next turn; a lower priority value still goes first."""
+    value(store.submit("alice", [spec(f"a{i}") for i in range(1, 51)]))
+    assert claim_one(store)["name"] == "a1"
+    value(store.submit("bob", [spec("b1"), spec("b2")]))
+    value(store.submit("carol", [spec("c1", priority=1)]))
+    got = [j["name"] for j in value(store.claim([("w1", 7)], 60.0))[0]]
+    assert got == ["c1", "a2", "b1", "a3", "b2", "a4", "a5"]
+    b1 = value(store.list("bob", "client"))[-1]
+    assert b1["name"] == "b1"
+    value(store.kill("bob", "client", b1["job_id"]))
+    value(store.rerun("bob", "client", b1["job_id"]))
+    assert [claim_one(store)["name"] for _ in range(3)] == ["a6", "b1", "a7"]
+
+
+def test_turns_go_on_after_a_restart(tmp_path):
+    """The queue's turns are stored: after a restart a user's new job still waits for one
+    job of a user with many queued, not for all of them."""
+    path = str(tmp_path / "d.fs")
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    value(s.submit("alice", [spec(f"a{i}") for i in range(1, 21)]))
+    assert [claim_one(s)["name"] for _ in range(5)] == ["a1", "a2", "a3", "a4", "a5"]
+    s.stop()
+    s = JobStore(ZODB.DB(FileStorage(path)), threaded=False)
+    try:
+        value(s.submit("bob", [spec("b1")]))
+        assert [claim_one(s)["name"] for _ in range(3)] == ["a6", "b1", "a7"]
+    finally:
+        s.stop()
+
+
 def test_claim_serves_several_waiting_workers_in_order(store):
     """One claim round pairs each waiting slot with the next job."""
     value(store.submit("a", [spec("x"), spec("y"), spec("z")]))
