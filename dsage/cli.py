@@ -460,8 +460,11 @@ def cmd_status(args) -> int:
     D = _connect(args)
     s = D.status()
     jobs = ", ".join(f"{k} {v}" for k, v in sorted(s["jobs"].items()) if v) or "none"
+    load = s.get("server_load")
     print(f"workers {s['workers']}, slots {s['slots']} ({s['busy']} busy), queued {s['queued']}, "
           f"{s['jobs_per_second']:.1f} jobs/s over the last minute\njobs: {jobs}")
+    if load is not None:
+        print(f"server: busy {load:.0%} of the last minute" + (" (overloaded: it falls behind)" if load > 0.95 else ""))
     for w in D.workers():
         facts = w.get("facts", {})
         print(f"  {w['name']:20} {w['busy']}/{w['slots']} busy  {facts.get('host', '?')} "

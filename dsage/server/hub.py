@@ -9,6 +9,7 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsage import tls
+from dsage.server.load import ReactorLoad
 from dsage.server.scheduler import Dispatcher
 
 if TYPE_CHECKING:
@@ -48,6 +49,7 @@ class Hub:
         #: job id -> (attempt, worker, the end of its output), for running jobs: not stored,
         #: shown by get_job until the job's report brings the whole output.
         self.live_output: dict[int, tuple[int, str, str]] = {}
+        self.load = ReactorLoad(clock)
         self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
                                      store.next_retry, clock)
 
@@ -121,16 +123,18 @@ class Hub:
         return [dict(c.info, busy=len(c.running)) for c in self.worker_connections()]
 
     def status(self) -> defer.Deferred:
-        """Queue depth, jobs by status, workers, slots and the recent rate of finished jobs."""
+        """Queue depth, jobs by status, workers, slots, the recent rate of finished jobs and
+        the server's own load (`ReactorLoad`)."""
         now = self.clock.seconds()
         recent = sum(1 for t in self.finished_times if t >= now - 60)
         workers = self.worker_connections()
+        load = self.load.busy()
 
         def build(counts: dict) -> dict:
             return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
                     "slots": sum(c.info.get("slots", 0) for c in workers),
                     "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0,
-                    "finished_total": self.finished_total}
+                    "finished_total": self.finished_total, "server_load": load}
         return self.store.status().addCallback(build)
 
     def drop_silent_workers(self) -> None:

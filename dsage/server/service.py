@@ -20,6 +20,7 @@ from dsage.config import ServerConfig, masked
 from dsage.server.access import Held
 from dsage.server.connections import ServerFactory
 from dsage.server.hub import Hub
+from dsage.server.load import SAMPLE_SECONDS
 from dsage.server.maintenance import Maintenance
 from dsage.server.store import JobStore
 from dsage.server.syncer import file_storage
@@ -159,6 +160,9 @@ class ServerService(service.MultiService):
         reaper = internet.TimerService(max(0.5, self.config.lease_seconds / 4), self.hub.reap)
         reaper.clock = self.reactor
         reaper.setServiceParent(self)
+        load = internet.TimerService(SAMPLE_SECONDS, self.hub.load.sample)
+        load.clock = self.reactor
+        load.setServiceParent(self)
         Maintenance(self.store, self.reactor, keep_days=self.config.keep_days,
                     pack_growth=self.config.pack_growth, pack_min_mb=self.config.pack_min_mb,
                     interval=self.config.maintenance_seconds,

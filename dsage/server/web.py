@@ -123,6 +123,10 @@ class Metrics(_Async):
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {s[key]}"]
             lines += ["# HELP dsage_jobs_finished_total Jobs that reached a final status since start.",
                       "# TYPE dsage_jobs_finished_total counter", f"dsage_jobs_finished_total {s['finished_total']}"]
+            if s["server_load"] is not None:
+                lines += ["# HELP dsage_server_load Share of the last minute the server's reactor thread spent "
+                          "working (near 1: it falls behind).", "# TYPE dsage_server_load gauge",
+                          f"dsage_server_load {s['server_load']:.4f}"]
             return ("\n".join(lines) + "\n").encode()
         return self.hub.status().addCallback(text)
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import stat
@@ -180,6 +181,7 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
     assert again.returncode == 1 and again.stderr == failed.stderr
     status = run(home, "status").stdout
     assert "workers 1" in status and "worker1" in status
+    assert re.search(r"^server: busy \d+% of the last minute$", status, re.M), status
 
 
 def test_an_unwritable_bundle_adds_no_one_and_only_an_admin_adds_anyone(cluster, D, tmp_path):

@@ -44,6 +44,8 @@ def test_json_api_and_metrics(cluster, D):
         assert "no such resource" in json.loads(info.value.read())["error"], path
     metrics = get(cluster, "/metrics")[1]
     assert 'dsage_jobs{status="completed"}' in metrics and "dsage_workers 1" in metrics
+    (load,) = [line.split()[1] for line in metrics.splitlines() if line.startswith("dsage_server_load ")]
+    assert 0.0 <= float(load) <= 1.0
     page = get(cluster, "/")[1]
     assert "<h1>dsage</h1>" in page and "worker1" in page
 
