@@ -178,7 +178,7 @@ def test_listing_and_lookup(D):
     assert workers[0]["slots"] == 2 and workers[0]["facts"]["cores"] >= 1
     status = D.status()
     assert status["workers"] == 1 and status["slots"] == 2 and status["jobs"]["completed"] >= 1
-    assert 0.0 < status["server_load"] < 1.0       # it has run jobs; it is far from overloaded
+    assert 0.0 < status["server_load"] <= 1.0      # it has run jobs
 
 
 def test_executor_and_as_completed(D):
