@@ -29,10 +29,11 @@ class ReactorLoad:
             self.samples.popleft()
 
     def busy(self) -> float | None:
-        """CPU seconds per second of the reactor thread over the window, up to now (None
-        until a moment has passed since the first sample)."""
-        self.sample()
-        (t0, c0), (t1, c1) = self.samples[0], self.samples[-1]
-        if t1 <= t0:
+        """CPU seconds per second of the reactor thread from the window's first sample up to
+        now (None before a first sample, or in its moment); keeps no sample of its own."""
+        if not self.samples:
             return None
-        return min(1.0, max(0.0, (c1 - c0) / (t1 - t0)))
+        (t0, c0), now = self.samples[0], self.clock.seconds()
+        if now <= t0:
+            return None
+        return min(1.0, max(0.0, (self.cpu() - c0) / (now - t0)))

@@ -7,10 +7,13 @@ from dsage.server.load import WINDOW, ReactorLoad
 
 
 def test_the_load_is_the_reactor_thread_s_cpu_share_over_the_last_minute():
-    """None until time has passed; then CPU seconds per second since the oldest sample of the
-    window (a busy spell long ago no longer counts); never above 1."""
+    """None before a first sample; then CPU seconds per second since the oldest sample of
+    the window (a busy spell long ago no longer counts); never above 1; reading it adds no
+    sample (a client asking often does not fill the window)."""
     clock, cpu = Clock(), [0.0]
     load = ReactorLoad(clock, cpu=lambda: cpu[0])
+    assert load.busy() is None
+    load.sample()
     assert load.busy() is None
     clock.advance(10)
     cpu[0] += 5.0
@@ -22,3 +25,6 @@ def test_the_load_is_the_reactor_thread_s_cpu_share_over_the_last_minute():
     clock.advance(1)
     cpu[0] += 100.0                             # more than the window: shown as 1
     assert load.busy() == 1.0
+    for _ in range(1000):
+        load.busy()
+    assert len(load.samples) <= WINDOW / 5 + 2
