@@ -232,8 +232,7 @@ class ServerProtocol(MessageProtocol):
         "undelivered"); fires with the kill's outcome, or `out` with nothing killed."""
         held = out.pop("held")
         job_id, attempt, _, worker = held
-        conn = next((c for c in self.hub.connections.get(worker, ()) if c.role == "worker"
-                     and (job_id, attempt) in c.running), None)
+        conn = self.hub.running_on(worker, job_id, attempt)
         if conn is None:
             return defer.succeed(out)
 

@@ -73,13 +73,17 @@ class Hub:
             rec["output"] = live[2]
         return rec
 
+    def running_on(self, worker: str | None, job_id: int, attempt: int | None) -> ServerProtocol | None:
+        """The connection of `worker` that holds that attempt of the job, if any."""
+        return next((c for c in self.connections.get(worker, ()) if c.role == "worker"
+                     and (job_id, attempt) in c.running), None)
+
     def fresh_output(self, rec: dict) -> dict | defer.Deferred:
         """`rec` with its running job's output as of now, asked of the worker that runs it
         (as `condor_tail` does), else as of that worker's last heartbeat."""
         last = rec["attempts"][-1] if rec["status"] == "processing" and rec["attempts"] else {}
         key = (rec["job_id"], last.get("attempt"))
-        conn = next((c for c in self.connections.get(last.get("worker"), ()) if c.role == "worker"
-                     and key in c.running), None)
+        conn = self.running_on(last.get("worker"), *key)
         if conn is None:
             return self.with_live_output(rec)
 
