@@ -402,7 +402,9 @@ def cmd_job(args) -> int:
           f"failures {r['failures']}/{r['max_failures']}\n  created   {_stamp(r['created'])}\n"
           f"  started   {_stamp(r['started'])}\n  finished  {_stamp(r['finished'])}")
     if r["cpu_time"] is not None or r["wall_time"] is not None:
-        print(f"  cpu time  {r['cpu_time'] or 0:.3f} s   wall time {r['wall_time'] or 0:.3f} s")
+        peak = r.get("peak_memory")
+        print(f"  cpu time  {r['cpu_time'] or 0:.3f} s   wall time {r['wall_time'] or 0:.3f} s"
+              + (f"   peak memory {peak / 2**20:.1f} MiB" if peak is not None else ""))
     for a in r["attempts"]:
         print(f"  attempt {a['attempt']} on {a['worker']}: {a.get('outcome') or 'running'}")
     if r["status"] == "new":

@@ -384,6 +384,8 @@ class JobHandle:
     attempts = property(lambda self: self._rec()["attempts"], doc="every attempt: worker, times, outcome")
     cpu_time = property(lambda self: self._rec()["cpu_time"], doc="CPU seconds of the last attempt")
     wall_time = property(lambda self: self._rec()["wall_time"], doc="wall seconds of the last attempt")
+    peak_memory = property(lambda self: self._rec().get("peak_memory"),
+                           doc="peak resident memory of the last attempt's process, in bytes (None: unknown)")
     function_id = property(lambda self: self._rec()["function_id"], doc="its DistributedFunction, if any")
 
     @property

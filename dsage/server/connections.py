@@ -480,11 +480,14 @@ def _report_args(args: dict) -> dict:
     if not _is_int(rep["attempt"]) or not _is_int(rep["lease"]) or rep["outcome"] not in ("completed", "failed"):
         raise ValueError("report needs attempt, lease and outcome (completed or failed)")
     checks = {"result": (bytes, type(None)), "output": (str, type(None)), "error": (str, type(None)),
-              "cpu_time": (int, float, type(None)), "wall_time": (int, float, type(None))}
+              "cpu_time": (int, float, type(None)), "wall_time": (int, float, type(None)),
+              "peak_memory": (int, type(None))}
     for key, types in checks.items():
         if not isinstance(args.get(key), types):
             raise ValueError(f"report field {key} has the wrong type")
         rep[key] = args.get(key)
+    if isinstance(rep["peak_memory"], bool) or (rep["peak_memory"] or 0) < 0:
+        raise ValueError("report field peak_memory has the wrong type")
     return rep
 
 

@@ -138,7 +138,7 @@ class LeaseOps:
         if not _holds(job, worker, rep["attempt"], rep.get("lease", 0)):
             return {"applied": False, "reason": "attempt is no longer current"}
         job.output = _cap_output(rep.get("output") or "")
-        job.cpu_time, job.wall_time = rep.get("cpu_time"), rep.get("wall_time")
+        job.cpu_time, job.wall_time, job.peak_memory = rep.get("cpu_time"), rep.get("wall_time"), rep.get("peak_memory")
         if rep["outcome"] == "completed":
             self._close_attempt(job, "completed")
             job.result = self._keep(rep.get("result") or b"")

@@ -304,6 +304,7 @@ class JobRecord(Packed):
     error = None
     cpu_time = None
     wall_time = None
+    peak_memory = None       # bytes: the last attempt's peak resident memory
     result = None
     files = None
     not_before = 0.0
@@ -332,7 +333,8 @@ class JobRecord(Packed):
                "status": self.status, "priority": self.priority, "timeout": self.timeout,
                "max_failures": self.max_failures, "failures": self.failures,
                "attempts": [dict(a) for a in self.attempts], "output": self.output, "error": self.error,
-               "cpu_time": self.cpu_time, "wall_time": self.wall_time, "created": self.created,
+               "cpu_time": self.cpu_time, "wall_time": self.wall_time,
+               "peak_memory": self.peak_memory, "created": self.created,
                "started": self.started, "finished": self.finished, "function_id": self.function_id,
                "not_before": self.not_before}
         if with_result:

@@ -474,7 +474,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         if job.status not in FINAL:
             raise errors.RemoteError(f"job {job_id} is still {job.status}; kill it first")
         job.failures, job.error, job.result, job.output = 0, None, None, ""
-        job.cpu_time = job.wall_time = job.started = job.finished = None
+        job.cpu_time = job.wall_time = job.peak_memory = job.started = job.finished = None
         job.not_before = 0.0
         self._enter(root, job, "new")
         return job.summary(False)

@@ -23,7 +23,7 @@ import msgpack
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
-from dsage.worker.child import LEFTOVER_ROUNDS, adopting, children, end_processes
+from dsage.worker.child import LEFTOVER_ROUNDS, adopting, children, end_processes, peak_of
 
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
 LIVE_MARKER = b"[... earlier output not shown while the job runs ...]\n"
@@ -92,6 +92,7 @@ class Attempt:
         self.ended_streams: set[int] = set()
         self.outcome: dict | None = None
         self.reason: str | None = None
+        self.peak: int | None = None     # of a stopped job: its process's, read as it was stopped
         self.shown = 0               # output bytes the server has seen (`JobRunner.live_output`)
         self.timer = None
         self.done = defer.Deferred()
@@ -284,8 +285,11 @@ class JobRunner:
         job = attempt.job
         report = {"job_id": job["job_id"], "attempt": job["attempt"], "lease": job.get("lease", 0),
                   "output": attempt.output.text(),
-                  "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None}
+                  "wall_time": time.monotonic() - attempt.start, "cpu_time": None, "result": None, "error": None,
+                  "peak_memory": attempt.peak}
         outcome = attempt.outcome
+        if isinstance(outcome, dict) and isinstance(outcome.get("peak_memory"), int):
+            report["peak_memory"] = outcome["peak_memory"]
         if attempt.reason is not None:
             report.update(outcome="failed", error=f"dsage: the job was stopped: {attempt.reason}")
             report["killed"] = attempt.reason == "killed"
@@ -304,6 +308,8 @@ class JobRunner:
         attempt, child = entry
         if attempt.reason is None:
             attempt.reason = reason
+            if child.alive and child.transport.pid:
+                attempt.peak = peak_of(child.transport.pid)
         self._signal(child, signal.SIGTERM)
         self.reactor.callLater(KILL_GRACE, self._signal, child, signal.SIGKILL)
 

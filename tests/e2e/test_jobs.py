@@ -88,6 +88,31 @@ def test_a_job_killed_by_sigkill_is_said_to_be_maybe_out_of_memory(D):
         job.wait(timeout=30)
 
 
+def test_peak_memory_is_each_job_s_own(D, cluster):
+    """A job's peak resident memory is its own, even in a job process reused from an earlier
+    job: one that filled 120 MiB for a moment shows at least that, a small job after it in the
+    same process much less; a job stopped by its timeout shows what it held; `dsage job` and
+    the JSON API show it."""
+    pid = "__import__('os').getpid()"
+    big = D.eval(f"x = bytearray(120 << 20)\ndel x\n{pid}")
+    process = big.wait(timeout=30)
+    assert big.peak_memory >= 120 << 20
+    for _ in range(50):              # two slots: the next small job may run in the other process
+        small = D.eval(pid)
+        if small.wait(timeout=30) == process:
+            break
+    else:
+        pytest.fail("no small job ran in the process the big one used")
+    assert 0 < small.peak_memory < 100 << 20
+    stopped = D.eval("import time\nx = bytearray(80 << 20)\ntime.sleep(60)", timeout=1, max_failures=1)
+    with pytest.raises(dsage.JobFailed, match="timed out"):
+        stopped.wait(timeout=30)
+    assert stopped.peak_memory >= 80 << 20
+    shown = cluster.run("job", str(big.job_id)).stdout
+    mib = float(shown.split("peak memory ")[1].split(" MiB")[0])
+    assert mib == round(big.peak_memory / 2**20, 1)
+
+
 def test_timeout_stops_the_job(D):
     """A job past its timeout is stopped and fails with a clear reason."""
     job = D.eval("import time\ntime.sleep(60)", timeout=1, max_failures=1)

@@ -29,6 +29,7 @@ def test_json_api_and_metrics(cluster, D):
     assert job.job_id in [j["job_id"] for j in jobs] and all("result" not in j for j in jobs)
     one = json.loads(get(cluster, f"/api/v1/jobs/{job.job_id}")[1])
     assert one["status"] == "completed" and "payload" not in one and "result" not in one
+    assert one["peak_memory"] == job.peak_memory > 0
     assert json.loads(get(cluster, f"/api/v1/job/{job.job_id}")[1]) == one, "SPEC's singular 'job' too"
     with pytest.raises(urllib.error.HTTPError) as info:
         get(cluster, "/api/v1/jobs/999999")

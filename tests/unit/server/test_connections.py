@@ -147,7 +147,9 @@ def test_batched_reports_apply_each_and_tell_the_owner_once_per_turn(parts):
     assert len(frames) == 4 + int.from_bytes(frames[:4], "big"), "one event"
     kind, event, data = decode(frames[4:])
     assert (kind, event) == (EVENT, "jobs_done") and [s["job_id"] for s in data["jobs"]] == [1, 2]
-    for bad in ({"reports": []}, {"reports": "x"}, {"reports": [{"job_id": 1}]}, {"reports": [done], "take": -1}):
+    bad_peaks = [{"reports": [dict(done, **reported(two), peak_memory=peak)]} for peak in (-1, True, 1.5, "1")]
+    for bad in ({"reports": []}, {"reports": "x"}, {"reports": [{"job_id": 1}]}, {"reports": [done], "take": -1},
+                *bad_peaks):
         with pytest.raises(ValueError):
             value(worker.handle_request("reports", bad))
 

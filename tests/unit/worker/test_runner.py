@@ -236,6 +236,17 @@ def test_a_result_too_large_for_one_message_fails_the_job_with_its_size(tmp_path
     assert child.run_one(dict(job, payload=b"b'x' * 1000"))["ok"]
 
 
+def test_a_job_s_peak_memory_is_its_own(tmp_path):
+    """A job's outcome carries its own peak resident memory: what it filled for a moment
+    counts, and a small job after it in the same process is not charged with it."""
+    from dsage.worker import child
+
+    job = {"kind": "code", "payload": b"x = bytearray(64 << 20)\ndel x", "workdir": str(tmp_path), "name": "big"}
+    big = child.run_one(job)["peak_memory"]
+    assert big >= 64 << 20
+    assert child.run_one(dict(job, payload=b"1"))["peak_memory"] < big - (48 << 20)
+
+
 def test_a_job_error_shows_the_job_s_own_frames_and_lines_only(tmp_path):
     """A code job's traceback starts in the job's code and shows its lines; a syntax error
     is the error alone; neither shows dsage's frames."""
