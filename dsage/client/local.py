@@ -23,7 +23,7 @@ def command(name: str) -> list[str]:
         return [str(script)]
     module = {"dsage": "dsage.cli"}.get(name)
     entry = {"dsage_server": "server_main", "dsage_worker": "worker_main"}.get(name, "main")
-    return [sys.executable, "-c", f"import sys, dsage.cli as c; sys.exit(c.{entry}())"] if module is None \
+    return [sys.executable, "-c", f"import sys, dsage.daemons as d; sys.exit(d.{entry}())"] if module is None \
         else [sys.executable, "-m", module]
 
 
