@@ -26,8 +26,17 @@ def server_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-file", help="log to this file instead of stderr (rotated at 10 MiB, reopened on SIGHUP)")
 
 
+def posix_only(program: str) -> None:
+    """Refuse to run `program` where it cannot (it needs POSIX process groups, resource
+    limits and fcntl: Linux, where it is tested, or another Unix such as macOS)."""
+    if os.name != "posix":
+        raise UserError(f"{program} runs on Linux or another Unix (macOS), not on {os.name}; "
+                        f"this machine can be a client")
+
+
 def serve(args) -> int:
     """Run the server of $DSAGE_HOME/server.conf (or --config), with the options over it."""
+    posix_only("the dsage server")
     import dataclasses
 
     from dsage.config import check_server_config, load_server_config
@@ -119,6 +128,7 @@ def worker_args(parser: argparse.ArgumentParser) -> None:
 
 def work(args) -> int:
     """Run a worker with its bundle until stopped; its exit status."""
+    posix_only("a dsage worker")
     from dsage.worker.service import job_settings, worker_bundle
 
     settings = job_settings(args.max_memory, args.max_open_files, args.max_file_size, args.max_output,
