@@ -216,7 +216,7 @@ def _show(value) -> str:
 
 def cmd_submit(args) -> int:
     if (args.file is None) == (args.code is None):
-        raise UserError("give a FILE or -c CODE")
+        raise UserError("give a FILE or -c CODE" + (", not both" if args.file is not None else ""))
     code = args.code
     name = None
     if args.file is not None:

@@ -58,6 +58,7 @@ def test_identities_offline(tmp_path):
 
 @pytest.mark.parametrize("args, message", [
     (("submit",), "give a FILE or -c CODE"),
+    (("submit", "job.py", "-c", "1"), "give a FILE or -c CODE, not both"),
     (("submit", "/no/such/file.py"), "cannot read"),
     (("submit", "/bin/sh"), "/bin/sh is not Python source: it is not UTF-8 text"),
     (("kill", "notanumber"), "invalid int value"),
