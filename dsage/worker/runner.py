@@ -23,6 +23,7 @@ import msgpack
 from twisted.internet import defer, protocol
 from twisted.logger import Logger
 
+from dsage.job import MIB
 from dsage.worker.child import LEFTOVER_ROUNDS, adopting, children, end_processes, peak_of
 
 OUTPUT_MARKER = b"\n[... output truncated by dsage ...]\n"
@@ -296,10 +297,21 @@ class JobRunner:
         elif isinstance(outcome, dict) and outcome.get("ok"):
             report.update(outcome="completed", result=outcome["result"], cpu_time=outcome.get("cpu_time"))
         elif isinstance(outcome, dict):
-            report.update(outcome="failed", error=outcome.get("error"), cpu_time=outcome.get("cpu_time"))
+            report.update(outcome="failed", error=self._explained(outcome.get("error"), report["peak_memory"]),
+                          cpu_time=outcome.get("cpu_time"))
         else:
             report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}")
         attempt.done.callback(report)
+
+    def _explained(self, error: str | None, peak: int | None) -> str | None:
+        """A job's traceback, with what this worker allows when it ends in a MemoryError
+        under the worker's --max-memory (the job's peak then says how close it came)."""
+        limit = self.limits.get("memory")
+        if not error or not limit or not error.rstrip().splitlines()[-1].startswith("MemoryError"):
+            return error
+        used = f"; the job's peak resident memory was {peak / MIB:.0f} MiB" if peak else ""
+        return (f"{error.rstrip()}\ndsage: this worker limits each job to {limit / MIB:.0f} MiB of address "
+                f"space (dsage_worker --max-memory){used}\n")
 
     def _stop(self, key: tuple[int, int, int], reason: str) -> None:
         entry = self.running.get(key)

@@ -180,9 +180,14 @@ def test_the_server_raises_its_open_files_limit_for_its_connections(tmp_path_fac
 
 def test_jobs_are_contained(strict, SD):
     """Memory, open files, file size and output are limited per job, as configured."""
-    hog = SD.eval("x = bytearray(1 << 30)", max_failures=1)
+    hog = SD.eval("keep = bytearray(100 << 20)\nx = bytearray(1 << 30)", max_failures=1)
     with pytest.raises(dsage.JobFailed, match="MemoryError"):
         hog.wait(timeout=60)
+    # The error says what the worker allows, and how close the job came (its peak).
+    note = hog.error.splitlines()[-1]
+    assert note.startswith("dsage: this worker limits each job to 400 MiB of address space "
+                           "(dsage_worker --max-memory); the job's peak resident memory was ")
+    assert int(note.split("was ")[1].split(" MiB")[0]) == round(hog.peak_memory / 2**20) >= 100
     files = SD.eval("fs = [open('f%d' % i, 'w') for i in range(200)]", max_failures=1)
     with pytest.raises(dsage.JobFailed, match="Too many open files"):
         files.wait(timeout=60)
