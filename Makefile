@@ -7,9 +7,6 @@ SOURCES := $(shell find dsage twisted -name '*.py' -o -name '*.pov' 2>/dev/null)
 
 .PHONY: install system test unit e2e demo bench bench-dsage bench-scale chaos clean
 
-# The examples' engines: GMP-ECM (DistributedFactor) and POV-Ray (DistributedPOVRay).
-SYSTEM_PACKAGES := gmp-ecm povray
-
 $(STAMP): setup.cfg pyproject.toml $(SOURCES)
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
@@ -18,10 +15,13 @@ $(STAMP): setup.cfg pyproject.toml $(SOURCES)
 
 install: $(STAMP)
 
+# system: the examples' engines (GMP-ECM for DistributedFactor, POV-Ray for DistributedPOVRay),
+# and for the tests PostgreSQL and libfaketime (a step of the machine's clock).
 system:
 	@missing=""; command -v ecm >/dev/null || missing="$$missing gmp-ecm"; \
 	command -v povray >/dev/null || missing="$$missing povray"; \
 	command -v initdb >/dev/null || ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	command -v faketime >/dev/null || missing="$$missing faketime"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing$$missing"; apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq $$missing >/dev/null; \

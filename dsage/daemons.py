@@ -48,7 +48,10 @@ def serve(args) -> int:
     check_server_config(config)
     from twisted.internet import reactor
 
+    from dsage.clock import steady
     from dsage.server.service import ServerService, open_db
+
+    steady(reactor)
 
     start_logging(config.log_file or None)
     db = open_db(config.db_uri)
@@ -138,8 +141,11 @@ def work(args) -> int:
         raise UserError(f"--name {args.name} does not match the certificate's name {bundle.name}")
     from twisted.internet import reactor
 
+    from dsage.clock import steady
     from dsage.config import split_address
     from dsage.worker.service import WorkerService
+
+    steady(reactor)
 
     address = args.server or bundle.server
     try:

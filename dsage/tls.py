@@ -37,6 +37,12 @@ def check_name(name: str) -> str:
     return name
 
 
+#: certificates are valid from this long before they are made: a machine whose clock is
+#: behind (by hours: a hardware clock kept in local time, a clock not yet synced after a
+#: boot) still accepts them.
+BACKDATE = datetime.timedelta(days=1)
+
+
 def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.timezone.utc)
 
@@ -73,7 +79,7 @@ class Authority:
         ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
         cert = (x509.CertificateBuilder().subject_name(name).issuer_name(name)
                 .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(_now() - datetime.timedelta(minutes=5))
+                .not_valid_before(_now() - BACKDATE)
                 .not_valid_after(_now() + datetime.timedelta(days=days))
                 .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
                 .add_extension(x509.KeyUsage(digital_signature=False, content_commitment=False,
@@ -101,7 +107,7 @@ class Authority:
               key: ec.EllipticCurvePrivateKey | None = None) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey]:
         """Sign a new certificate for `name`; a server one when `server_hosts` is given."""
         key = key or new_key()
-        start = not_before or (_now() - datetime.timedelta(minutes=5))
+        start = not_before or (_now() - BACKDATE)
         builder = (x509.CertificateBuilder()
                    .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
                    .issuer_name(self.cert.subject).public_key(key.public_key())

@@ -387,6 +387,9 @@ class JobHandle:
     peak_memory = property(lambda self: self._rec().get("peak_memory"),
                            doc="peak resident memory of the last attempt's process, in bytes (None: unknown)")
     function_id = property(lambda self: self._rec()["function_id"], doc="its DistributedFunction, if any")
+    created = property(lambda self: self._rec()["created"], doc="when it was submitted (seconds since the epoch)")
+    started = property(lambda self: self._rec()["started"], doc="when its last attempt started (None: not yet)")
+    finished = property(lambda self: self._rec()["finished"], doc="when it ended (None: not yet)")
 
     @property
     def result(self) -> Any:

@@ -34,7 +34,7 @@ class LocalCluster:
         self.own_home = home is None
         self.home = Path(home or tempfile.mkdtemp(prefix="dsage-"))
         self.quiet = quiet
-        # The server and workers stop by themselves once this program is gone (dsage.cli).
+        # The server and workers stop by themselves once this program is gone (dsage.daemons).
         self.env = dict(os.environ, DSAGE_HOME=str(self.home), DSAGE_PARENT_PID=str(os.getpid()))
         self.server: subprocess.Popen | None = None
         self.workers: list[subprocess.Popen] = []

@@ -144,7 +144,7 @@ class ServerProtocol(MessageProtocol):
             facts = args.get("facts") if isinstance(args.get("facts"), dict) else {}
             slots = args.get("slots") if isinstance(args.get("slots"), int) else 1
             self.info = {"name": name, "slots": slots, "facts": facts,
-                         "connected": self.hub.clock.seconds(), "peer": self.peer_name()}
+                         "connected": self.hub.store.now(), "peer": self.peer_name()}
         self.hub.attach(self)
         self.log.info("{role} {name} connected from {peer}", role=role, name=name, peer=self.peer_name())
         return {"version": list(PROTOCOL_VERSION), "identity": name, "role": role,

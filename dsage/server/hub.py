@@ -51,7 +51,7 @@ class Hub:
         self.live_output: dict[int, tuple[int, str, str]] = {}
         self.load = ReactorLoad(clock)
         self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
-                                     store.next_retry, clock)
+                                     store.next_retry, clock, store.now)
 
     def attach(self, conn: ServerProtocol) -> None:
         """A connection said hello."""

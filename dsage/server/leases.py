@@ -87,8 +87,10 @@ class LeaseOps:
         """Lease `job` (now processing) to `worker`: its next attempt, as sent to the worker."""
         job.attempt += 1
         job.lease_worker = worker
-        job.lease_expires = now + lease
+        tick = self.ticks()
+        job.lease_expires = tick + lease
         job.lease = _lease_token()
+        self.leased_at[job.job_id] = (job.lease, tick)
         job.started = now
         job.attempts = (*job.attempts, {"attempt": job.attempt, "worker": worker, "start": now,
                                         "end": None, "outcome": None})
@@ -158,14 +160,16 @@ class LeaseOps:
         each running job's record again (500 bytes per job every 10 s, the file's growth
         under long jobs), and a restart gives every running job a fresh lease anyway
         (`grace`)."""
-        now, lost = self.now(), []
+        now, lost = self.ticks(), []
         for entry in held:
             job = root.jobs.get(entry[0])
             if not _holds(job, worker, *_lease_of(entry)):
                 lost.append(list(entry))
             else:
                 # Renewal never carries a job past its timeout: the lease is the server's backstop.
-                self.renewed[job.job_id] = (job.lease, min(now + lease, (job.started or now) + job.timeout + lease))
+                token, start = self.leased_at.get(job.job_id, (None, now))
+                start = start if token == job.lease else now
+                self.renewed[job.job_id] = (job.lease, min(now + lease, start + job.timeout + lease))
         return lost
 
     def lease_expires(self, job: JobRecord) -> float:
@@ -178,28 +182,32 @@ class LeaseOps:
         return self._run(self._expire)
 
     def _expire(self, root: Root) -> list[dict]:
-        now, out = self.now(), []
-        root.turn_tokens(now, TOKEN_TTL)
+        now, out = self.ticks(), []
+        root.turn_tokens(self.now(), TOKEN_TTL)
         for job_id in list(root.status_ids("processing")):
             job = root.jobs[job_id]
             if self.lease_expires(job) < now:
                 self._fail(root, job, f"lease of worker {job.lease_worker} expired "
                                       f"(worker lost, or job past its timeout)", "lost")
                 out.append(job.summary(False))
-        # Drop the renewals of leases that have ended.
-        self.renewed = {job_id: r for job_id, r in self.renewed.items()
-                        if (job := root.jobs.get(job_id)) is not None and job.status == "processing"
-                        and job.lease == r[0]}
+        # Drop what is kept of leases that have ended.
+        def current(kept: dict) -> dict:
+            return {job_id: r for job_id, r in kept.items()
+                    if (job := root.jobs.get(job_id)) is not None and job.status == "processing" and job.lease == r[0]}
+        self.renewed, self.leased_at = current(self.renewed), current(self.leased_at)
         return out
 
     def grace(self, lease: float) -> defer.Deferred:
         """At start: give running jobs a fresh lease, so that their workers can reconnect and
         report instead of the jobs being re-run; fires with how many there are."""
         def extend(root: Root) -> int:
-            ids = list(root.status_ids("processing"))
+            # A lease of an earlier server counts nothing here: its expiry is on that
+            # process's monotonic clock (or, in older databases, on the wall clock).
+            ids, now = list(root.status_ids("processing")), self.ticks()
             for job_id in ids:
                 job = root.jobs[job_id]
-                job.lease_expires = max(self.lease_expires(job), self.now() + lease)
+                job.lease_expires = now + lease
+                self.leased_at[job_id] = (job.lease, now)
             return len(ids)
         return self._run(extend)
 

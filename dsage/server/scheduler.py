@@ -89,11 +89,14 @@ class Dispatcher:
 
     def __init__(self, claim: Callable[[list[tuple[str, int]], Callable], defer.Deferred],
                  release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], float | None],
-                 clock) -> None:
+                 clock, now: Callable[[], float] | None = None) -> None:
         self._claim = claim
         self._release = release
         self._next_retry = next_retry
         self.clock = clock
+        #: the wall clock `next_retry`'s times are on (the store's; the reactor's timers are
+        #: on the monotonic one: `dsage.clock`).
+        self.now = now or clock.seconds
         #: the slots waiting for work, in arrival order: key -> (worker, n, deferred).
         self.waiting: dict[int, tuple[str, int, defer.Deferred]] = {}
         #: the waiting slots a claim (a round's or a submission's) is in flight for: no
@@ -204,7 +207,7 @@ class Dispatcher:
             return
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
-        delay = max(0.0, when - self.clock.seconds()) + 0.01
+        delay = max(0.0, when - self.now()) + 0.01
         self._retry_call = self.clock.callLater(delay, self.work_arrived)
 
     def _round_done(self, _: Any) -> None:

@@ -69,9 +69,12 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
     log = Logger()
 
     def __init__(self, db, *, reactor=None, now: Callable[[], float] = time.time,
-                 threaded: bool = True) -> None:
+                 ticks: Callable[[], float] = time.monotonic, threaded: bool = True) -> None:
         self.db = db
+        #: wall time, what jobs are stamped with; leases are on `ticks`, the monotonic clock
+        #: (a step of the machine's clock must not end them all at once: `dsage.clock`).
         self.now = now
+        self.ticks = ticks
         self.reactor = reactor
         self.threaded = threaded
         self._stager = ThreadPool(minthreads=0, maxthreads=1, name="dsage-staging")
@@ -80,6 +83,8 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         self._retry_due: float | None = None
         #: job id -> (lease token, expiry) of leases renewed by heartbeats (`LeaseOps._renew`).
         self.renewed: dict[int, tuple[int, float]] = {}
+        #: job id -> (lease token, `ticks` when leased, or when this server started).
+        self.leased_at: dict[int, tuple[int, float]] = {}
         self.blobs = _has_blobs(db.storage)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None

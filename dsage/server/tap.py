@@ -34,6 +34,7 @@ def makeService(options: Options):
     """Build the server's service tree from the options."""
     from twisted.internet import reactor
 
+    from dsage.clock import steady
     from dsage.server.service import ServerService, open_db
 
     config = options["server_config"]
@@ -41,4 +42,5 @@ def makeService(options: Options):
         db = open_db(config.db_uri)
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
+    steady(reactor)
     return ServerService(config, reactor, db)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import html
 import json
+import time
 
 from twisted.internet import defer
 from twisted.web import resource, server, static
@@ -158,6 +159,20 @@ td,th{{padding:2px 10px;text-align:left}} .failed{{color:#b00}} .completed{{colo
         return defer.Deferred.fromCoroutine(page())
 
 
+class _WallTime:
+    """The reactor as the site sees it: its timers, but wall time for the dates of the
+    access log (the reactor's own clock is monotonic: `dsage.clock`)."""
+
+    def __init__(self, reactor) -> None:
+        self._reactor = reactor
+
+    def seconds(self) -> float:
+        return time.time()
+
+    def callLater(self, delay: float, f, *args, **kw):
+        return self._reactor.callLater(delay, f, *args, **kw)
+
+
 def site(hub) -> server.Site:
     """The web site of a server."""
     root = Dashboard(hub)
@@ -172,5 +187,5 @@ def site(hub) -> server.Site:
     top.putChild(b"", root)
     top.putChild(b"api", api)
     top.putChild(b"metrics", Metrics(hub))
-    return server.Site(top)
+    return server.Site(top, reactor=_WallTime(hub.clock))
 

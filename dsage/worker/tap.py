@@ -39,8 +39,10 @@ def makeService(options: Options):
     """Build the worker's service tree from the options."""
     from twisted.internet import reactor
 
+    from dsage.clock import steady
     from dsage.worker.service import WorkerService
 
     bundle = options["bundle"]
+    steady(reactor)
     return WorkerService(bundle, options["server"] or bundle.server, reactor, slots=options["slots"],
                          nice=options["nice"], **options["settings"])

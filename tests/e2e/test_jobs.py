@@ -23,6 +23,7 @@ def test_eval_returns_last_expression_and_output(D):
     assert job.output == "hello from a worker\n"
     assert job.name == "big" and job.failures == 0
     assert job.cpu_time is not None and job.wall_time > 0
+    assert job.created <= job.started <= job.finished <= time.time()
     assert job.result == 2**64 + 1
 
 

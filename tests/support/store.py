@@ -20,10 +20,12 @@ class FakeTime:
         return self.now
 
 
-def memory_store(tmp_path, now: FakeTime | None = None) -> JobStore:
-    """A synchronous JobStore on MappingStorage with blobs in `tmp_path`."""
+def memory_store(tmp_path, now: FakeTime | None = None, ticks: FakeTime | None = None) -> JobStore:
+    """A synchronous JobStore on MappingStorage with blobs in `tmp_path`; its leases' clock
+    (`ticks`) is its wall clock (`now`) unless a test gives it one of its own."""
     db = ZODB.DB(BlobStorage(str(tmp_path / "blobs"), MappingStorage()))
-    return JobStore(db, threaded=False, now=now or FakeTime())
+    now = now or FakeTime()
+    return JobStore(db, threaded=False, now=now, ticks=ticks or now)
 
 
 def value(d):

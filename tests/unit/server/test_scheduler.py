@@ -1,6 +1,7 @@
 """Queue policy and the long-poll dispatcher, driven by hand-fired Deferreds and a Clock."""
 from __future__ import annotations
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.task import Clock
 
@@ -104,10 +105,15 @@ def test_jobs_released_from_a_vanished_slot_reach_the_slots_still_waiting():
     assert len(claims.rounds) == 3 and claims.rounds[2][0] == [("w2", 1)]
 
 
-def test_backed_off_jobs_wake_the_dispatcher_when_due():
-    """When only backed-off jobs are pending, a timer tries again when the first is due."""
-    claims, clock, disp = make()
-    claims.retry_at = 5.0
+@pytest.mark.parametrize("wall", [None, 1_800_000_000.0])
+def test_backed_off_jobs_wake_the_dispatcher_when_due(wall):
+    """When only backed-off jobs are pending, a timer tries again when the first is due.
+    The store says when in wall time; the reactor's timers may run on another clock (the
+    monotonic one: `dsage.clock`): the wait is the difference in wall time."""
+    claims, clock = FakeClaims(), Clock()
+    disp = Dispatcher(claims.claim, claims.release, claims.next_retry, clock,
+                      now=None if wall is None else lambda: wall)
+    claims.retry_at = (wall or 0.0) + 5.0
     disp.take("w1", 1)
     claims.rounds[0][1].callback([[]])
     clock.advance(4.0)

@@ -258,6 +258,34 @@ def test_renewal_never_passes_the_timeout(store, clock):
     assert [s["job_id"] for s in value(store.expire())] == [1]
 
 
+def test_leases_run_on_the_monotonic_clock_whatever_the_wall_clock_does(tmp_path):
+    """A step of the machine's clock (+2 h, then -4 h) ends no lease and keeps none: leases,
+    renewals and the timeout's backstop count on the monotonic clock; jobs are still
+    stamped with wall time."""
+    from tests.support.store import FakeTime
+
+    now, ticks = FakeTime(1_800_000_000.0), FakeTime(50.0)
+    store = memory_store(tmp_path, now, ticks)
+    try:
+        value(store.submit("a", [spec("stepped"), spec("timed", timeout=30.0)]))
+        [stepped], [timed] = value(store.claim([("w1", 1), ("w2", 1)], 10.0))
+        assert value(store.get("a", "client", 1))["started"] == now.now
+        now.now += 7200
+        assert value(store.expire()) == [], "a step forward ended the leases"
+        for _ in range(3):
+            ticks.now += 8
+            assert value(store.renew("w2", [(2, 1, timed["lease"])], 10.0)) == []
+        now.now -= 14400
+        ticks.now += 8                      # 32 s on: renewed to the timeout's end (30 + 10 s), no more
+        assert value(store.renew("w2", [(2, 1, timed["lease"])], 10.0)) == []
+        ticks.now += 3
+        assert [s["job_id"] for s in value(store.expire())] == [1], "a step back kept a lapsed lease"
+        ticks.now += 6
+        assert [s["job_id"] for s in value(store.expire())] == [2], "renewed past its timeout"
+    finally:
+        store.stop()
+
+
 def test_release_returns_undelivered_jobs_without_a_failure(store):
     """Jobs claimed for a slot that vanished (or given back by a worker) go back uncounted,
     in their old place in the queue; someone else's lease cannot be given back."""
@@ -509,12 +537,20 @@ def test_function_done_kills_its_outstanding_jobs(store):
 
 
 def test_grace_extends_running_leases(store, clock):
-    """After a restart, running jobs get a fresh lease before the reaper looks at them."""
+    """After a restart, running jobs get a fresh lease before the reaper looks at them,
+    whatever clock the last server counted their leases on (its own monotonic clock, or the
+    wall clock in older databases): that lease then ends on time."""
     value(store.submit("a", [spec()]))
     claim_one(store, lease=10.0)
     clock.now += 100
     assert value(store.grace(10.0)) == 1
     assert value(store.expire()) == []
+    value(store.submit("a", [spec()]))
+    claim_one(store, lease=10.0)
+    clock.now -= 1e9                        # this server's clock is far behind the last one's
+    assert value(store.grace(10.0)) == 2
+    clock.now += 11
+    assert [s["job_id"] for s in value(store.expire())] == [1, 2]
 
 
 def test_queue_limit_per_user(store):
