@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import time
 import urllib.error
 import urllib.request
 
@@ -49,6 +50,9 @@ def test_json_api_and_metrics(cluster, D):
     assert 0.0 <= float(load) <= 1.0
     page = get(cluster, "/")[1]
     assert "<h1>dsage</h1>" in page and "worker1" in page
+    # The access log dates requests in wall time (the reactor's own clock is monotonic).
+    today = time.strftime("%d/%b/%Y", time.gmtime())
+    wait_for(lambda: f'[{today}:' in (cluster.home / "server.log").read_text(), what="a dated access log line")
 
 
 @pytest.mark.parametrize("path, message", [
