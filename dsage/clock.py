@@ -1,4 +1,5 @@
-"""The clock the daemons' reactors keep their timers on: the monotonic one.
+"""The clock the reactors dsage runs keep their timers on (the server's, a worker's, and
+the blocking client's thread): the monotonic one.
 
 Twisted schedules `callLater` and `LoopingCall` on `time.time` (twisted/twisted#2424), so a
 step of the machine's clock (the first NTP sync after a boot, a resumed VM, `date -s`) would

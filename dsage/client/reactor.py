@@ -15,6 +15,7 @@ from typing import Any, Callable
 from twisted.internet import defer
 
 from dsage import errors
+from dsage.clock import steady
 
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
@@ -41,6 +42,7 @@ def ensure_running() -> None:
         if reactor.running:
             raise errors.DsageError("a Twisted reactor already runs in this program: "
                                     "use dsage.client.connect_async instead of dsage.connect")
+        steady(reactor)         # the reactor is ours: its timers on the monotonic clock
         _owner = os.getpid()
         _thread = threading.Thread(target=reactor.run, kwargs={"installSignalHandlers": False},
                                    name="dsage-reactor", daemon=True)
