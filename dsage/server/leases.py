@@ -71,7 +71,7 @@ class LeaseOps:
                     self._enter(root, job, "processing", fresh=True)
                 else:
                     del root.pending[key]
-                    if job.not_before > now:
+                    if scheduler.backing_off(job.not_before, now):
                         self._delay(root, job)       # queued by a version without the delayed tree
                         continue
                     self._enter(root, job, "processing", unqueue=False)
@@ -108,7 +108,7 @@ class LeaseOps:
         delayed = root.delayed
         while delayed:
             key = delayed.minKey()
-            if key[0] > now:
+            if scheduler.backing_off(key[0], now):
                 return
             job = root.jobs[delayed.pop(key)]
             root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id

@@ -48,6 +48,12 @@ def retry_delay(failures: int) -> float:
     return min(RETRY_MAX, RETRY_BASE * 2 ** (failures - 2))
 
 
+def backing_off(not_before: float, now: float) -> bool:
+    """Whether a job that may run again from `not_before` still waits at `now` (wall time).
+    A time further ahead than any back-off lasts is past: the clock stepped back."""
+    return now < not_before <= now + RETRY_MAX
+
+
 def validate_spec(spec: Any) -> dict:
     """Check a submitted job description; ValueError naming the bad field."""
     if not isinstance(spec, dict):
@@ -207,7 +213,7 @@ class Dispatcher:
             return
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
-        delay = max(0.0, when - self.now()) + 0.01
+        delay = min(max(0.0, when - self.now()), RETRY_MAX) + 0.01     # no longer: the clock stepped back
         self._retry_call = self.clock.callLater(delay, self.work_arrived)
 
     def _round_done(self, _: Any) -> None:

@@ -541,7 +541,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         if status == "new":
             if not keep_place:
                 job.seq = root.place(job.owner)
-            if job.not_before > self.now():
+            if scheduler.backing_off(job.not_before, self.now()):
                 self._delay(root, job)
             else:
                 root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id

@@ -122,6 +122,19 @@ def test_backed_off_jobs_wake_the_dispatcher_when_due(wall):
     assert len(claims.rounds) == 2
 
 
+def test_a_back_off_due_hours_ahead_is_tried_within_a_back_off_s_longest():
+    """A backed-off job due further ahead than any back-off lasts (the wall clock stepped
+    back) is tried again within RETRY_MAX, not hours later."""
+    from dsage.server.scheduler import RETRY_MAX
+
+    claims, clock, disp = make()
+    claims.retry_at = 4 * 3600.0
+    disp.take("w1", 1)
+    claims.rounds[0][1].callback([[]])
+    clock.advance(RETRY_MAX + 0.1)
+    assert len(claims.rounds) == 2
+
+
 def test_retry_delay_grows_and_is_capped():
     """The first retry is immediate, later ones double, up to a minute."""
     assert retry_delay(1) == 0.0

@@ -128,6 +128,16 @@ def test_retries_back_off(store, clock):
     assert claim_one(store)["attempt"] == 3
 
 
+def test_a_back_off_ends_in_its_time_when_the_clock_steps_back(store, clock):
+    """A back-off is timed on the wall clock (it outlives a restart); if that clock steps
+    back by hours, the job waits no longer than a back-off can last."""
+    value(store.submit("a", [spec(max_failures=5)]))
+    for _ in (1, 2):
+        value(store.report("w1", reported(claim_one(store), "failed", error="x")))
+    clock.now -= 4 * 3600
+    assert claim_one(store)["attempt"] == 3
+
+
 def test_stale_report_is_refused(store):
     """A report for an attempt that is not current changes nothing."""
     value(store.submit("a", [spec()]))
