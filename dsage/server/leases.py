@@ -139,6 +139,8 @@ class LeaseOps:
         job = root.jobs.get(rep["job_id"])
         if not _holds(job, worker, rep["attempt"], rep.get("lease", 0)):
             return {"applied": False, "reason": "attempt is no longer current"}
+        self.leased_at.pop(job.job_id, None)
+        self.renewed.pop(job.job_id, None)
         job.output = _cap_output(rep.get("output") or "")
         job.cpu_time, job.wall_time, job.peak_memory = rep.get("cpu_time"), rep.get("wall_time"), rep.get("peak_memory")
         if rep["outcome"] == "completed":
