@@ -93,7 +93,7 @@ class Attempt:
         self.ended_streams: set[int] = set()
         self.outcome: dict | None = None
         self.reason: str | None = None
-        self.peak: int | None = None     # of a stopped job: its process's, read as it was stopped
+        self.peak: int | None = None     # its process's, as last seen (heartbeats, a stop)
         self.shown = 0               # output bytes the server has seen (`JobRunner.live_output`)
         self.timer = None
         self.done = defer.Deferred()
@@ -300,7 +300,9 @@ class JobRunner:
             report.update(outcome="failed", error=self._explained(outcome.get("error"), report["peak_memory"]),
                           cpu_time=outcome.get("cpu_time"))
         else:
-            report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}")
+            seen = (f"; its resident memory had reached {attempt.peak / MIB:.0f} MiB when last seen"
+                    if attempt.peak else "")
+            report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}{seen}")
         attempt.done.callback(report)
 
     def _explained(self, error: str | None, peak: int | None) -> str | None:
@@ -321,7 +323,7 @@ class JobRunner:
         if attempt.reason is None:
             attempt.reason = reason
             if child.alive and child.transport.pid:
-                attempt.peak = peak_of(child.transport.pid)
+                attempt.peak = peak_of(child.transport.pid) or attempt.peak
         self._signal(child, signal.SIGTERM)
         self.reactor.callLater(KILL_GRACE, self._signal, child, signal.SIGKILL)
 
@@ -351,9 +353,13 @@ class JobRunner:
 
     def live_output(self, again: bool = False) -> list[list]:
         """[job id, attempt, token, the end of its output] of each running job whose output
-        grew since the last call (every one with output when `again`: a new connection)."""
+        grew since the last call (every one with output when `again`: a new connection).
+        At each heartbeat: each running job's peak memory is noted too, so that a job
+        whose process dies (the kernel's OOM killer) is reported with the last one seen."""
         out = []
-        for key, (attempt, _) in self.running.items():
+        for key, (attempt, child) in self.running.items():
+            if child.alive and child.transport.pid:
+                attempt.peak = peak_of(child.transport.pid) or attempt.peak
             total = attempt.output.total
             if total and (again or total != attempt.shown):
                 attempt.shown = total

@@ -114,6 +114,24 @@ def test_peak_memory_is_each_job_s_own(D, cluster):
     assert mib == round(big.peak_memory / 2**20, 1)
 
 
+def test_a_job_whose_process_dies_is_reported_with_its_memory_as_last_seen(tmp_path_factory):
+    """A job process killed by the kernel (the OOM killer's SIGKILL, here the job's own) can
+    say nothing: its worker reports the resident memory it saw at its last heartbeat."""
+    from tests.e2e.conftest import start_cluster
+
+    c = start_cluster(tmp_path_factory, lease_seconds=4)      # heartbeats every second
+    try:
+        with connected(c) as session:
+            job = session.eval("import os, signal, time\nx = bytearray(150 << 20)\ntime.sleep(2.5)\n"
+                               "os.kill(os.getpid(), signal.SIGKILL)", max_failures=1)
+            with pytest.raises(dsage.JobFailed, match="killed by signal 9"):
+                job.wait(timeout=60)
+            seen = int(job.error.split("had reached ")[1].split(" MiB")[0])
+            assert seen >= 150 and seen == round(job.peak_memory / 2**20)
+    finally:
+        c.stop()
+
+
 def test_timeout_stops_the_job(D):
     """A job past its timeout is stopped and fails with a clear reason."""
     job = D.eval("import time\ntime.sleep(60)", timeout=1, max_failures=1)
