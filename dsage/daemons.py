@@ -52,7 +52,6 @@ def serve(args) -> int:
     from dsage.server.service import ServerService, open_db
 
     steady(reactor)
-
     start_logging(config.log_file or None)
     db = open_db(config.db_uri)
     service = ServerService(config, reactor, db)
@@ -146,7 +145,6 @@ def work(args) -> int:
     from dsage.worker.service import WorkerService
 
     steady(reactor)
-
     address = args.server or bundle.server
     try:
         split_address(address)

@@ -129,7 +129,7 @@ MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 
 
 #: jobs that use less CPU than this (seconds) cannot touch much memory: their peak is
-#: bounded from the last reading instead of read (reading at every job, two system calls
+#: estimated from the last reading instead of read (reading at every job, two system calls
 #: in a niced process, cost 5-7% of the no-op throughput benchmark) ...
 SHORT_JOB_CPU = 0.002
 #: ... unless this many jobs ran since that reading.
@@ -141,7 +141,7 @@ class Meter:
     """The CPU seconds and peak resident memory in bytes of each job of this process."""
 
     def __init__(self) -> None:
-        self.resident = 0            # as last read, and the page faults then
+        self.resident = 0            # the resident memory last read, and the page faults then
         self.faults = 0
         self.unread = READ_EVERY
 
@@ -153,7 +153,8 @@ class Meter:
         """At its end: (CPU seconds, peak resident memory).  The peak is read (Linux's
         high-water mark, then started again from what the process holds) after a job that
         used CPU enough to touch much memory, and every READ_EVERY jobs; after the others
-        it is bounded: the last reading plus a page for each page fault since."""
+        it is estimated: the last reading plus a page for each page fault since (a huge
+        page counts as one: some tens of MiB at most in 2 ms of CPU)."""
         end = resource.getrusage(resource.RUSAGE_SELF)
         cpu = end.ru_utime + end.ru_stime - start.ru_utime - start.ru_stime
         faults = end.ru_minflt + end.ru_majflt
