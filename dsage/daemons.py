@@ -55,11 +55,17 @@ def serve(args) -> int:
     start_logging(config.log_file or None)
     db = open_db(config.db_uri)
     service = ServerService(config, reactor, db)
+    foreground(reactor, service)
+    return 1 if service.failed else 0
+
+
+def foreground(reactor, service) -> None:
+    """Run `service` until the reactor stops (a signal, or the end of the program that
+    started this one: `stop_with_parent`)."""
     reactor.callWhenRunning(service.startService)
     reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
     stop_with_parent(reactor)
     reactor.run()
-    return 1 if service.failed else 0
 
 
 #: set by `LocalCluster` to its own pid: a server or worker it started stops once that
@@ -152,11 +158,5 @@ def work(args) -> int:
         raise UserError(str(e)) from None
     start_logging(args.log_file)
     service = WorkerService(bundle, address, reactor, slots=args.slots, nice=args.nice, **settings)
-    reactor.callWhenRunning(service.startService)
-    reactor.addSystemEventTrigger("before", "shutdown", service.stopService)
-    stop_with_parent(reactor)
-    reactor.run()
+    foreground(reactor, service)
     return service.exit_code
-
-
-# -- user commands -------------------------------------------------------------------------

@@ -322,8 +322,7 @@ class JobRunner:
         attempt, child = entry
         if attempt.reason is None:
             attempt.reason = reason
-            if child.alive and child.transport.pid:
-                attempt.peak = peak_of(child.transport.pid) or attempt.peak
+            _note_peak(attempt, child)
         self._signal(child, signal.SIGTERM)
         self.reactor.callLater(KILL_GRACE, self._signal, child, signal.SIGKILL)
 
@@ -358,8 +357,7 @@ class JobRunner:
         whose process dies (the kernel's OOM killer) is reported with the last one seen."""
         out = []
         for key, (attempt, child) in self.running.items():
-            if child.alive and child.transport.pid:
-                attempt.peak = peak_of(child.transport.pid) or attempt.peak
+            _note_peak(attempt, child)
             total = attempt.output.total
             if total and (again or total != attempt.shown):
                 attempt.shown = total
@@ -429,6 +427,12 @@ def _widen(pipe) -> None:
         fcntl.fcntl(pipe.fileno(), F_SETPIPE_SZ, PIPE_SIZE)
     except (AttributeError, OSError):
         pass
+
+
+def _note_peak(attempt: Attempt, child: Child) -> None:
+    """Note the peak memory of the process running `attempt`, as it is now."""
+    if child.alive and child.transport.pid:
+        attempt.peak = peak_of(child.transport.pid) or attempt.peak
 
 
 def _describe(ended) -> str:
