@@ -88,7 +88,7 @@ def retrying(fn: Callable, *args: Any, timeout: float | None = CALL_TIMEOUT,
         try:
             return rt.call(fn, *args, timeout=left, **kw)
         except errors.ConnectionLost as e:
-            if (deadline is not None and time.monotonic() >= deadline) or give_up():
+            if (deadline is not None and time.monotonic() >= deadline) or give_up() or rt.ending():
                 raise
             if lost is None:
                 _warn_unreachable(e, timeout)

@@ -20,6 +20,7 @@ from dsage.clock import steady
 _lock = threading.Lock()
 _thread: threading.Thread | None = None
 _owner = 0          # the process whose reactor thread that is
+_ending = threading.Event()     # set when the program ends (atexit)
 
 
 def _reactor():
@@ -51,10 +52,16 @@ def ensure_running() -> None:
 
 
 def _stop() -> None:
+    _ending.set()
     reactor = _reactor()
     if _thread is not None and _thread.is_alive():
         reactor.callFromThread(reactor.stop)
         _thread.join(5)
+
+
+def ending() -> bool:
+    """True once the program is ending: its connections are closing, not lost."""
+    return _ending.is_set()
 
 
 def in_reactor_thread() -> bool:

@@ -102,3 +102,25 @@ def test_a_forked_child_is_told_to_start_afresh_and_a_spawned_one_works(cluster,
             child.kill()
         assert kind == expected, value
         assert value == 42 if method == "spawn" else "'spawn' start method" in value
+
+
+def test_a_script_that_ends_while_a_function_runs_says_nothing_of_a_lost_server(cluster, D):
+    """The program's end closes its connection: the function's driver, stepping at that
+    moment, must not report the server as lost (and wait for it)."""
+    for attempt in range(3):        # the driver steps several times a second: most ends hit one
+        proc = python(cluster, f"""
+            import time, dsage
+            class Many(dsage.DistributedFunction):
+                def next_job(self):
+                    return dsage.Job(func=abs, args=(-1,))
+                def process_result(self, job):
+                    pass
+            D = dsage.connect({cluster.address!r})
+            f = Many(D, name="many-{attempt}").start()
+            while len(f.processed_jobs) < 20:
+                time.sleep(0.05)
+            print("running", flush=True)
+        """)
+        out, err = proc.communicate(timeout=60)
+        assert out == "running\n", err
+        assert "lost" not in err and proc.returncode == 0, err
