@@ -19,6 +19,8 @@ from dsage.client import reactor as rt
 from dsage.client.connection import AsyncClient, default_address
 from dsage.job import FINAL, Job, as_job
 
+#: the final statuses whose record has result bytes (a failed job's: its exception, pickled).
+WITH_RESULT = ("completed", "failed")
 #: seconds the repr of a handle waits for its job's status.
 REPR_WAIT = 2.0
 #: seconds a request may take, reconnections included, before TimeoutError.
@@ -134,7 +136,21 @@ def outcome(summary: dict) -> Any:
         return unpickle_result(summary)
     if status == "killed":
         raise errors.JobKilled(summary["job_id"])
-    raise errors.JobFailed(summary["job_id"], summary.get("error"))
+    raise errors.job_failed(summary["job_id"], summary.get("error"), _job_exception(summary))
+
+
+def _job_exception(summary: dict) -> BaseException | None:
+    """A failed job's own exception (its result bytes), or None when it cannot be had here."""
+    data = summary.get("result")
+    if not data:
+        return None
+    import cloudpickle
+
+    try:
+        exception = cloudpickle.loads(data)
+    except Exception:
+        return None
+    return exception if isinstance(exception, BaseException) else None
 
 
 def _submission_token() -> str:
@@ -215,7 +231,7 @@ class Dsage:
             rec = self._call("get_job", job_id=job_id, result=True, **({"output": True} if output else {}))
             with self._lock:
                 rec = self._remember(rec)
-        elif rec["status"] == "completed" and "result" not in rec:
+        elif rec["status"] in WITH_RESULT and "result" not in rec:
             rec = self.record(job_id, fresh=True)
         return rec
 
@@ -312,7 +328,7 @@ class Dsage:
     def wait_record(self, job_id: int, timeout: float | None) -> dict:
         """Block until a job is finished (through reconnections); its final record."""
         rec = self._known(job_id)
-        if rec is not None and rec["status"] in FINAL and (rec["status"] != "completed" or "result" in rec):
+        if rec is not None and rec["status"] in FINAL and (rec["status"] not in WITH_RESULT or "result" in rec):
             return rec
         try:
             rec = rt.call(self.client.watch, job_id, timeout=timeout)

@@ -150,6 +150,8 @@ class LeaseOps:
             self._enter(root, job, "completed")
             job.finished = self.now()
         else:
+            # a failure's result is the job's exception, pickled (when it pickles)
+            job.result = self._keep(rep["result"]) if rep.get("result") else None
             self._fail(root, job, rep.get("error") or "the job failed", "failed")
         return {"applied": True, "job": job.summary(True, self.warm), "final": job.status in FINAL}
 

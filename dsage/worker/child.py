@@ -113,6 +113,23 @@ def _user_traceback(error: BaseException) -> str:
     return "".join(traceback.format_exception(type(error), error, tb))
 
 
+def pickled_exception(error: BaseException) -> bytes | None:
+    """A job's exception pickled for its client (which raises JobFailed as an instance of its
+    class too), when it is an Exception that pickles, unpickles and is small; else None."""
+    if not isinstance(error, Exception) or isinstance(error, Refused):
+        return None
+    import cloudpickle
+
+    try:
+        data = cloudpickle.dumps(error)
+        if len(data) > MAX_EXCEPTION_BYTES:
+            return None
+        cloudpickle.loads(data)     # an exception whose __init__ wants other arguments than its args
+    except Exception:
+        return None
+    return data
+
+
 def apply_limits(limits: dict) -> None:
     """Lower this process's resource limits (address space, open files, file size)."""
     for name, value in (limits or {}).items():
@@ -134,6 +151,8 @@ MAXRSS_UNIT = 1 if sys.platform == "darwin" else 1024
 SHORT_JOB_CPU = 0.002
 #: ... unless this many jobs ran since that reading.
 READ_EVERY = 64
+#: a job's exception larger than this pickled (it holds data) comes back as its traceback only.
+MAX_EXCEPTION_BYTES = 64 * 1024
 PAGE = resource.getpagesize()
 
 
@@ -375,7 +394,7 @@ def run_one(job: dict) -> dict:
         else:
             outcome = {"ok": True, "result": result}
     except BaseException as e:
-        outcome = {"ok": False, "error": _user_traceback(e)}
+        outcome = {"ok": False, "error": _user_traceback(e), "exception": pickled_exception(e)}
     finally:
         linecache.cache.pop(code_filename(job), None)
         os.chdir(home)

@@ -297,8 +297,9 @@ class JobRunner:
         elif isinstance(outcome, dict) and outcome.get("ok"):
             report.update(outcome="completed", result=outcome["result"], cpu_time=outcome.get("cpu_time"))
         elif isinstance(outcome, dict):
+            exception = outcome.get("exception")
             report.update(outcome="failed", error=self._explained(outcome.get("error"), report["peak_memory"]),
-                          cpu_time=outcome.get("cpu_time"))
+                          cpu_time=outcome.get("cpu_time"), result=exception if isinstance(exception, bytes) else None)
         else:
             seen = (f"; its resident memory had reached {attempt.peak / MIB:.0f} MiB when last seen"
                     if attempt.peak else "")

@@ -72,6 +72,46 @@ def test_failures_are_retried_up_to_max_failures(D):
     assert job.failures == 2 and len(job.attempts) == 2
 
 
+def test_a_job_s_exception_is_caught_by_its_own_class(D):
+    """As with concurrent.futures, Dask or Celery, `except ValueError` catches the failure of a
+    job that raised ValueError (a JobFailed all the same), a class defined in the client's
+    program included; an exception that does not come back is a plain JobFailed."""
+    class OutOfCurves(Exception):
+        pass
+
+    def give_up(n):
+        raise OutOfCurves(f"no factor of {n}")
+
+    class Awkward(Exception):
+        def __init__(self, a, b):           # unpickling calls Awkward(message): it cannot come back
+            super().__init__(f"{a} and {b}")
+
+    def awkward():
+        raise Awkward(1, 2)
+
+    job = D.submit(dsage.Job(func=give_up, args=(91,), max_failures=1))
+    with pytest.raises(OutOfCurves) as info:
+        job.wait(timeout=30)
+    assert isinstance(info.value, dsage.JobFailed) and info.value.job_id == job.job_id
+    assert type(info.value.exception) is OutOfCurves and info.value.exception.args == ("no factor of 91",)
+    assert str(info.value).startswith(f"job {job.job_id} failed: ") and "OutOfCurves: no factor of 91" in str(info.value)
+    listed = next(h for h in D.jobs(status="failed") if h.job_id == job.job_id)   # a record without it
+    with pytest.raises(OutOfCurves):
+        listed.wait(timeout=30)
+    with D.executor() as ex:
+        fut = ex.submit(int, "zz")
+        with pytest.raises(ValueError, match="invalid literal"):
+            fut.result(timeout=30)
+        assert isinstance(fut.exception(), dsage.JobFailed)
+    with pytest.raises(dsage.JobFailed, match="Awkward: 1 and 2") as info:
+        D.submit(dsage.Job(func=awkward, max_failures=1)).wait(timeout=30)
+    assert info.value.exception is None and not isinstance(info.value, Awkward)
+    held = D.eval("raise KeyError('x' * 100_000)", max_failures=1)      # too large to come back
+    with pytest.raises(dsage.JobFailed) as info:
+        held.wait(timeout=30)
+    assert info.value.exception is None and not isinstance(info.value, KeyError)
+
+
 def test_segfault_is_a_clean_failure(D):
     """A job that crashes its interpreter fails with the signal named; the worker goes on."""
     job = D.eval("import os, signal\nos.kill(os.getpid(), signal.SIGSEGV)", max_failures=1)

@@ -66,6 +66,24 @@ def test_a_job_error_shows_the_job_s_own_frames_and_lines_only(tmp_path):
     assert "<job 7>" not in child.linecache.cache
 
 
+def test_a_job_s_exception_comes_back_pickled_when_it_can(tmp_path):
+    """A job's Exception travels back pickled beside its traceback; one that does not
+    unpickle, a large one, an exit and dsage's own refusals do not."""
+    import cloudpickle
+
+    from dsage.worker import child
+
+    job = {"kind": "code", "payload": b"raise KeyError('k')", "workdir": str(tmp_path), "job_id": 2}
+    out = child.run_one(job)
+    assert repr(cloudpickle.loads(out["exception"])) == "KeyError('k')" and "KeyError: 'k'" in out["error"]
+    awkward = b"class E(Exception):\n    def __init__(self, a, b):\n        super().__init__(a)\nraise E(1, 2)"
+    for payload in (awkward, b"raise ValueError('x' * 100_000)", b"raise SystemExit(3)"):
+        out = child.run_one(dict(job, payload=payload))
+        assert not out["ok"] and out["exception"] is None
+    out = child.run_one(dict(job, kind="callable", payload=b"not a pickle"))
+    assert out["error"].startswith("dsage: the job's function") and out["exception"] is None
+
+
 def test_a_call_the_worker_cannot_unpickle_or_a_result_it_cannot_pickle_says_so(tmp_path):
     """A function from a module the worker lacks, and a result that does not pickle, fail
     with one line that names the cause (no traceback through pickle's internals)."""
