@@ -191,7 +191,8 @@ def cmd_user_list(args) -> int:
 
 def cmd_user_revoke(args) -> int:
     out = _admin_call(args, "revoke", name=args.name)
-    print(f"revoked {out['role']} {out['name']}: its connections are dropped and new logins refused")
+    requeued = f"; its {out['released']} running job(s) queued again" if out.get("released") else ""
+    print(f"revoked {out['role']} {out['name']}: its connections are dropped and new logins refused{requeued}")
     return 0
 
 

@@ -55,7 +55,8 @@ class AccessOps:
         return True
 
     def revoke(self, name: str) -> defer.Deferred:
-        """Mark an identity revoked: its certificate is refused from now on."""
+        """Mark an identity revoked: its certificate is refused from now on (a worker's
+        running jobs are queued again, no failure counted)."""
         return self._run(self._revoke, name)
 
     def _revoke(self, root: Root, name: str) -> dict:
@@ -63,7 +64,12 @@ class AccessOps:
         if ident is None:
             raise errors.RemoteError(f"no user or worker named {name}")
         ident.revoked = True
-        return {"name": name, "role": ident.role}
+        released = 0
+        if ident.role == "worker":     # it will never report: its running jobs go back to the queue now
+            held = [(job.job_id, job.attempt, job.lease) for job_id in list(root.status_ids("processing"))
+                    if (job := root.jobs[job_id]).lease_worker == name]
+            released = self._release(root, name, held, "revoked")
+        return {"name": name, "role": ident.role, "released": released}
 
     def identities(self) -> defer.Deferred:
         """Every known identity as a dict."""

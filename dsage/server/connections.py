@@ -321,6 +321,8 @@ class ServerProtocol(MessageProtocol):
 
         def revoked(out: dict) -> dict:
             self.hub.drop(name)
+            if out.get("released"):
+                self.hub.dispatcher.work_arrived()
             self.log.info("revoked {name} ({role})", name=name, role=out["role"])
             return out
         return self.hub.store.revoke(name).addCallback(revoked)

@@ -216,8 +216,8 @@ class LeaseOps:
         return self._run(extend)
 
     def release(self, worker: str, held: list[tuple[int, int]], outcome: str = "undelivered") -> defer.Deferred:
-        """Put leased jobs back in the queue, uncounted: never started ("undelivered"), or
-        stopped with their worker ("interrupted")."""
+        """Put leased jobs back in the queue, uncounted: never started ("undelivered"),
+        stopped with their worker ("interrupted"), or of a revoked worker ("revoked")."""
         return self._run(self._release, worker, held, outcome)
 
     def _release(self, root: Root, worker: str, held: list, outcome: str) -> int:

@@ -8,6 +8,7 @@ import pytest
 
 import dsage
 from dsage import tls
+from tests.e2e.conftest import start_cluster, wait_for
 
 
 def test_users_see_and_kill_only_their_own_jobs(cluster, D, users):
@@ -133,3 +134,25 @@ def test_revoked_user_is_dropped_and_refused(cluster, D):
     cluster.start_server()
     with pytest.raises(dsage.AuthError):
         dsage.connect(cluster.address, cert=str(path), timeout=15)
+
+
+def test_a_revoked_worker_s_running_jobs_run_elsewhere_at_once(tmp_path_factory):
+    """A revoked worker will never report: its running job is queued again at the revocation
+    (no failure counted), not after its lease, and another worker runs it."""
+    cluster = start_cluster(tmp_path_factory, workers=0, lease_seconds=300)
+    try:
+        cluster.add_worker(slots=1, name="lab1")
+        D = cluster.connect()
+        cluster.wait_for_workers(D)
+        job = D.eval("import time\ntime.sleep(2)\n'done'", max_failures=1)
+        wait_for(lambda: job.status == "processing", what="the job to start on lab1")
+        cluster.add_worker(slots=1, name="lab2")
+        cluster.wait_for_workers(D)
+        out = cluster.run("user", "revoke", "lab1")
+        assert "its 1 running job(s) queued again" in out.stdout
+        assert job.wait(timeout=30) == "done"
+        assert job.failures == 0 and [(a["worker"], a["outcome"]) for a in job.attempts] == [
+            ("lab1", "revoked"), ("lab2", "completed")]
+        D.close()
+    finally:
+        cluster.stop()

@@ -309,6 +309,22 @@ def test_release_returns_undelivered_jobs_without_a_failure(store):
     assert claim_one(store)["name"] == "first"
 
 
+def test_revoking_a_worker_queues_its_running_jobs_again(store):
+    """A revoked worker will never report: its running jobs go back at once, uncounted,
+    the other workers' stay theirs; a user's revocation touches no job."""
+    value(store.add_identity("w1", "worker", 1))
+    value(store.add_identity("w2", "worker", 2))
+    value(store.add_identity("alice", "client", 3))
+    value(store.submit("alice", [spec("a"), spec("b"), spec("c")]))
+    claim_one(store, "w1"), claim_one(store, "w2"), claim_one(store, "w1")
+    assert value(store.revoke("alice"))["released"] == 0
+    assert value(store.revoke("w1")) == {"name": "w1", "role": "worker", "released": 2}
+    recs = {i: value(store.get("alice", "client", i)) for i in (1, 2, 3)}
+    assert [recs[i]["status"] for i in (1, 2, 3)] == ["new", "processing", "new"]
+    assert recs[1]["failures"] == 0 and recs[1]["attempts"][-1]["outcome"] == "revoked"
+    assert claim_one(store, "w2")["name"] == "a"
+
+
 def test_jobs_given_back_by_stopping_workers_are_free_twice_then_count_as_failures(store, clock):
     """A worker that stops gives its running jobs back uncounted; a job that keeps stopping
     its workers (one that signals its own) fails after FREE_INTERRUPTIONS, then max_failures."""
