@@ -3,9 +3,9 @@ connected, the running jobs' live output)."""
 from __future__ import annotations
 
 import collections
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.logger import Logger
 
 from dsage import tls
@@ -21,6 +21,8 @@ OUTPUT_WAIT = 1.0
 #: the most of a running job's output the server keeps in memory to show (a worker sends
 #: the last 16 KiB).
 LIVE_OUTPUT_CHARS = 32 << 10
+#: seconds the dispatch watchdog looks again before it calls what it saw a stall.
+STALL_CONFIRM = 1.0
 CLIENT_ROLES = ("client", "admin")
 ADMIN = ("admin",)
 WORKER = ("worker",)
@@ -46,6 +48,8 @@ class Hub:
         self.connections: dict[str, set[ServerProtocol]] = collections.defaultdict(set)
         self.finished_times: collections.deque = collections.deque(maxlen=100_000)
         self.finished_total = 0
+        #: times the watchdog found worker slots idle beside runnable jobs, and started dispatch.
+        self.dispatch_restarts = 0
         #: job id -> (attempt, worker, the end of its output), for running jobs: not stored,
         #: shown by get_job until the job's report brings the whole output.
         self.live_output: dict[int, tuple[int, str, str]] = {}
@@ -138,7 +142,8 @@ class Hub:
             return {"jobs": counts, "queued": counts.get("new", 0), "workers": len(workers),
                     "slots": sum(c.info.get("slots", 0) for c in workers),
                     "busy": sum(len(c.running) for c in workers), "jobs_per_second": recent / 60.0,
-                    "finished_total": self.finished_total, "server_load": load}
+                    "finished_total": self.finished_total, "server_load": load,
+                    "dispatch_restarts": self.dispatch_restarts}
         return self.store.status().addCallback(build)
 
     def drop_silent_workers(self) -> None:
@@ -162,4 +167,29 @@ class Hub:
                     self.job_finished(s)
             if summaries:
                 self.dispatcher.work_arrived()
+            self.watch_dispatch().addErrback(lambda f: self.log.failure("the dispatch watchdog failed", f))
         return self.store.expire().addCallback(done)
+
+    def watch_dispatch(self, confirm: float = STALL_CONFIRM) -> defer.Deferred:
+        """The dispatch watchdog (at every reap): worker slots that wait, with no claim round
+        running, while a queued job could be leased mean a wake-up was missed.  Seen again
+        `confirm` seconds later (a round that has just ended can look like that for a moment),
+        it is logged and counted, and a round started; fires with whether it was."""
+        def check(_: Any = None) -> defer.Deferred | bool:
+            if not self.dispatcher.unserved():
+                return False
+            return self.store.runnable().addCallback(lambda runnable: runnable and self.dispatcher.unserved())
+
+        def confirmed(stalled: bool) -> bool:
+            if stalled:
+                self.dispatch_restarts += 1
+                self.log.warn("jobs were runnable while {n} worker slots waited and no dispatch ran: "
+                              "dispatch started again", n=len(self.dispatcher.waiting))
+                self.dispatcher.work_arrived()
+            return stalled
+
+        def first(stalled: bool) -> defer.Deferred | bool:
+            if not stalled:
+                return False
+            return task.deferLater(self.clock, confirm, check).addCallback(confirmed)
+        return defer.maybeDeferred(check).addCallback(first)

@@ -113,6 +113,14 @@ class LeaseOps:
             job = root.jobs[delayed.pop(key)]
             root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
+    def runnable(self) -> defer.Deferred:
+        """Fires with whether a queued job could be leased now (the dispatch watchdog's question)."""
+        return self._run(self._runnable)
+
+    def _runnable(self, root: Root) -> bool:
+        delayed = root.delayed
+        return bool(root.pending) or (bool(delayed) and not scheduler.backing_off(delayed.minKey()[0], self.now()))
+
     def next_retry(self) -> float | None:
         """The earliest time a backed-off job becomes runnable, or None, as of the last
         claim (whose leases have been delivered when the dispatcher asks: no transaction)."""

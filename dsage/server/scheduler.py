@@ -124,6 +124,10 @@ class Dispatcher:
         self.kick()
         return d
 
+    def unserved(self) -> bool:
+        """Whether slots wait with no claim round running or in flight for them."""
+        return not self._busy and len(self.waiting) > len(self.claiming)
+
     def _leave(self, key: int) -> None:
         self.waiting.pop(key, None)
         self.claiming.discard(key)      # jobs claimed for it meanwhile are released in deliver

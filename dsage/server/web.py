@@ -124,6 +124,10 @@ class Metrics(_Async):
                 lines += [f"# HELP {name} {help_}", f"# TYPE {name} gauge", f"{name} {s[key]}"]
             lines += ["# HELP dsage_jobs_finished_total Jobs that reached a final status since start.",
                       "# TYPE dsage_jobs_finished_total counter", f"dsage_jobs_finished_total {s['finished_total']}"]
+            lines += ["# HELP dsage_dispatch_restarts_total Times the watchdog found worker slots waiting beside "
+                      "runnable jobs with no dispatch running, and started it (0 unless a wake-up was missed).",
+                      "# TYPE dsage_dispatch_restarts_total counter",
+                      f"dsage_dispatch_restarts_total {s['dispatch_restarts']}"]
             if s["server_load"] is not None:
                 lines += ["# HELP dsage_server_load Share of the last minute the server's reactor thread spent "
                           "working (near 1: it falls behind).", "# TYPE dsage_server_load gauge",

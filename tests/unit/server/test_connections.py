@@ -42,6 +42,34 @@ def test_reaper_requeues_expired_leases_and_wakes_the_dispatcher(parts):
     assert got and got[0][0]["job_id"] == 1 and got[0][0]["attempt"] == 2
 
 
+def test_the_dispatch_watchdog_serves_slots_left_waiting_beside_runnable_jobs(parts):
+    """A missed wake-up (jobs stored with no dispatch round after them) leaves a slot
+    waiting beside runnable jobs: the watchdog sees it twice, a moment apart, counts it and
+    starts a round; a round that serves the slot in between is no stall, nor is a queue of
+    jobs still backing off."""
+    clock, now, store, hub = parts
+    slot = connect(hub, "w1", "worker")
+    got = []
+    slot.take({"n": 1}).addCallback(got.append)
+    assert not got and value(hub.watch_dispatch()) is False      # nothing runnable: no stall
+    value(store.submit("alice", [spec("first")]))                # the dispatcher is not told
+    seen = []
+    hub.watch_dispatch().addCallback(seen.append)
+    assert not got and not seen
+    clock.advance(1.0)
+    assert seen == [True] and hub.dispatch_restarts == 1
+    assert got and got[0][0]["name"] == "first"
+    assert value(hub.status())["dispatch_restarts"] == 1
+
+    slot.take({"n": 1}).addCallback(got.append)
+    value(store.submit("alice", [spec("second")]))
+    seen = []
+    hub.watch_dispatch().addCallback(seen.append)
+    hub.dispatcher.work_arrived()                                # served before the second look
+    clock.advance(1.0)
+    assert seen == [False] and hub.dispatch_restarts == 1 and got[1][0]["name"] == "second"
+
+
 def test_silent_worker_connections_are_dropped(parts):
     """A worker that says nothing for longer than a lease is disconnected; a chatty one is not."""
     clock, now, store, hub = parts

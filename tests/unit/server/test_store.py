@@ -309,6 +309,22 @@ def test_release_returns_undelivered_jobs_without_a_failure(store):
     assert claim_one(store)["name"] == "first"
 
 
+def test_runnable_says_whether_a_job_could_be_leased_now(store, clock):
+    """The dispatch watchdog's question: a queued job is runnable, a leased one or one
+    backing off after a failure is not, until its time comes."""
+    assert value(store.runnable()) is False
+    value(store.submit("a", [spec()]))
+    assert value(store.runnable()) is True
+    job = claim_one(store)
+    assert value(store.runnable()) is False
+    value(store.report("w1", reported(job, "failed", error="boom")))
+    assert value(store.runnable()) is True          # a first failure is tried again at once
+    value(store.report("w1", reported(claim_one(store), "failed", error="boom")))
+    assert value(store.runnable()) is False
+    clock.now += 3600
+    assert value(store.runnable()) is True
+
+
 def test_revoking_a_worker_queues_its_running_jobs_again(store):
     """A revoked worker will never report: its running jobs go back at once, uncounted,
     the other workers' stay theirs; a user's revocation touches no job."""
