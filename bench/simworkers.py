@@ -58,6 +58,9 @@ class SimWorker:
     def live_output(self, again: bool = False) -> list:
         return []                   # its jobs print nothing
 
+    def job_memory(self) -> None:
+        return None                 # says nothing: takes the jobs that need no stated memory
+
     def unsent_reports(self) -> list:
         return []
 

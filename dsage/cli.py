@@ -230,7 +230,10 @@ def cmd_submit(args) -> int:
             raise UserError(f"{args.file} is not Python source: it is not UTF-8 text") from None
         name = path.name
     D = _connect(args)
-    job = D.eval(code, name=name, timeout=args.timeout)
+    try:
+        job = D.eval(code, name=name, timeout=args.timeout, memory=args.memory)
+    except ValueError as e:
+        raise UserError(str(e)) from None
     print(job.job_id)
     if args.wait:
         try:
@@ -238,7 +241,8 @@ def cmd_submit(args) -> int:
                 value = job.wait(timeout=WAIT_NOTE)
             except TimeoutError:        # say why, once, if it has not even started
                 if job.status == "new":
-                    print(f"dsage: job {job.job_id} waits: {_why_waiting(D.record(job.job_id), D.status())}",
+                    print(f"dsage: job {job.job_id} waits: "
+                          f"{_why_waiting(D.record(job.job_id), D.status(), D.workers())}",
                           file=sys.stderr)
                 value = job.wait()
         finally:
@@ -269,7 +273,8 @@ def cmd_job(args) -> int:
     r = D._call("get_job", job_id=args.id, result=False, output=True)
     print(f"job {r['job_id']}: {r['name']}\n  owner     {r['owner']}\n  status    {r['status']}\n"
           f"  kind      {r['kind']}\n  priority  {r['priority']}   timeout {r['timeout']:g} s   "
-          f"failures {r['failures']}/{r['max_failures']}\n  created   {_stamp(r['created'])}\n"
+          f"failures {r['failures']}/{r['max_failures']}"
+          + (f"   needs {r['memory']} MiB" if r.get("memory") else "") + f"\n  created   {_stamp(r['created'])}\n"
           f"  started   {_stamp(r['started'])}\n  finished  {_stamp(r['finished'])}")
     if r["cpu_time"] is not None or r["wall_time"] is not None:
         peak = r.get("peak_memory")
@@ -278,7 +283,7 @@ def cmd_job(args) -> int:
     for a in r["attempts"]:
         print(f"  attempt {a['attempt']} on {a['worker']}: {a.get('outcome') or 'running'}")
     if r["status"] == "new":
-        print(f"  waiting   {_why_waiting(r, D.status())}")
+        print(f"  waiting   {_why_waiting(r, D.status(), D.workers())}")
     if r["output"]:
         print("--- output ---\n" + r["output"].rstrip())
     if r["error"]:
@@ -293,14 +298,22 @@ def _stamp(t: float | None) -> str:
     return datetime.datetime.fromtimestamp(t).isoformat(" ", "seconds") if t else "-"
 
 
-def _why_waiting(r: dict, s: dict) -> str:
+def _why_waiting(r: dict, s: dict, workers: list[dict]) -> str:
     """Why a queued job has not started, as far as the server's status tells."""
     import time
+
+    from dsage.server.scheduler import fits
 
     if (r.get("not_before") or 0) > time.time():
         return f"tried again after its failure, from {_stamp(r['not_before'])}"
     if not s["workers"]:
         return "no worker is connected (start one: dsage_worker --cert BUNDLE)"
+    need = r.get("memory")
+    if need and not any(fits(need, w.get("job_memory")) for w in workers):
+        most = max((w.get("job_memory") or 0 for w in workers), default=0)
+        return (f"it needs {need} MiB (it asked for that, or ran out of memory with less) and no connected "
+                f"worker gives a job that much (the most: {most} MiB): start one on a larger machine, or "
+                f"with a larger --max-memory")
     if s["busy"] >= s["slots"]:
         return (f"all {s['slots']} slots of {s['workers']} workers are busy, {s['queued']} jobs queued "
                 f"(lower priority numbers go first, then users take turns, each one's oldest first)")
@@ -407,6 +420,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("-c", dest="code", help="code to run")
     p.add_argument("--wait", action="store_true", help="wait and print the output and result")
     p.add_argument("--timeout", type=float, default=600, help="the job's time limit in seconds")
+    p.add_argument("--memory", type=float, default=None, metavar="MIB",
+                   help="the memory the job needs: it runs only on workers that give a job that much")
     p.set_defaults(func=cmd_submit)
     p = client_parser("jobs", "list your jobs")
     p.add_argument("--status", choices=STATUSES)

@@ -45,6 +45,8 @@ MAX_TIMEOUT = 30 * 86400.0
 MAX_PRIORITY = 1_000_000
 MAX_FAILURES = 1000
 MIB = 1 << 20
+#: the most memory a job may say it needs, in MiB (16 TiB).
+MAX_MEMORY = 1 << 24
 #: the most a job's payload and files together, or its pickled result, may hold: one
 #: message (`dsage.protocol.MAX_MESSAGE`, 256 MiB) carries it with room for the rest.
 MAX_JOB_BYTES = 252 * MIB
@@ -76,6 +78,10 @@ class Job:
     #: files written into the job's folder before it runs: {name: bytes, text or a local
     #: pathlib.Path to read}, or a list of local paths (each under its own base name).
     files: Union[Mapping[str, Any], Iterable[Union[str, os.PathLike]]] = dataclasses.field(default_factory=dict)
+    #: MiB of memory the job needs: it runs only on workers that give each job that much
+    #: (their --max-memory, else their machine's memory).  None: any worker.  A job that
+    #: runs out of memory asks for twice what it reached at its next attempt.
+    memory: float | None = None
 
     def __post_init__(self) -> None:
         if (self.code is None) == (self.func is None):
@@ -94,6 +100,10 @@ class Job:
         self.priority = _integer("priority", self.priority, -MAX_PRIORITY, MAX_PRIORITY, " (lower runs first)")
         self.max_failures = _integer("max_failures", self.max_failures, 1, MAX_FAILURES)
         self.files = _files(self.files)
+        if self.memory is not None and (isinstance(self.memory, bool) or not isinstance(self.memory, numbers.Real)
+                                        or not 0 < self.memory <= MAX_MEMORY):
+            raise ValueError(f"memory must be the MiB the job needs, more than 0 and at most {MAX_MEMORY} "
+                             f"(None: any worker), not {self.memory!r}")
 
     def to_wire(self) -> dict[str, Any]:
         """The submission message: plain data, the callable pickled with cloudpickle."""
@@ -116,6 +126,8 @@ class Job:
             "max_failures": int(self.max_failures),
             "files": dict(self.files),
         }
+        if self.memory is not None:
+            wire["memory"] = float(self.memory)
         if carried(wire) > MAX_JOB_BYTES:
             raise errors.DsageError(
                 f"job {name!r} carries {carried(wire) / MIB:.1f} MiB (its pickled call or code, and its "

@@ -237,10 +237,10 @@ class Dsage:
 
     # -- submitting --------------------------------------------------------------------
     def eval(self, code: str, name: str | None = None, timeout: float | None = 600, priority: int = 5,
-             max_failures: int = 3, files: Any = None) -> JobHandle:
+             max_failures: int = 3, files: Any = None, memory: float | None = None) -> JobHandle:
         """Run a code string; the result is its last expression's value (or DSAGE_RESULT)."""
         return self.submit(Job(code=code, name=name, timeout=timeout, priority=priority,
-                               max_failures=max_failures, files=files or {}))
+                               max_failures=max_failures, files=files or {}, memory=memory))
 
     def submit(self, func: Callable | Job, *args: Any, **kwargs: Any) -> JobHandle:
         """Run `func(*args, **kwargs)` on a worker, or submit a `dsage.Job` as described."""
@@ -284,16 +284,17 @@ class Dsage:
         return self._handles(ids)
 
     def map(self, func: Callable, *iterables: Iterable, timeout: float = 600, priority: int = 5,
-            max_failures: int = 3) -> list[JobHandle]:
+            max_failures: int = 3, memory: float | None = None) -> list[JobHandle]:
         """One job per item (like the builtin `map`); the handles come in item order."""
         return self.submit_many(Job(func=func, args=args, timeout=timeout, priority=priority,
-                                    max_failures=max_failures) for args in zip(*iterables))
+                                    max_failures=max_failures, memory=memory) for args in zip(*iterables))
 
     def starmap(self, func: Callable, items: Iterable, timeout: float = 600, priority: int = 5,
-                max_failures: int = 3) -> list[JobHandle]:
+                max_failures: int = 3, memory: float | None = None) -> list[JobHandle]:
         """One job per item: an args tuple, or an ``(args, kwargs)`` pair; handles in item order."""
         return self.submit_many(Job(func=func, args=args, kwargs=kwargs, timeout=timeout, priority=priority,
-                                    max_failures=max_failures) for args, kwargs in map(split_item, items))
+                                    max_failures=max_failures, memory=memory)
+                                for args, kwargs in map(split_item, items))
 
     # -- looking -----------------------------------------------------------------------
     def job(self, job_id: int) -> JobHandle:
@@ -400,6 +401,8 @@ class JobHandle:
     attempts = property(lambda self: self._rec()["attempts"], doc="every attempt: worker, times, outcome")
     cpu_time = property(lambda self: self._rec()["cpu_time"], doc="CPU seconds of the last attempt")
     wall_time = property(lambda self: self._rec()["wall_time"], doc="wall seconds of the last attempt")
+    memory = property(lambda self: self._rec().get("memory"),
+                      doc="MiB the job needs (as given, or raised after an attempt ran out of memory)")
     peak_memory = property(lambda self: self._rec().get("peak_memory"),
                            doc="peak resident memory of the last attempt's process, in bytes (None: unknown)")
     function_id = property(lambda self: self._rec()["function_id"], doc="its DistributedFunction, if any")

@@ -143,7 +143,9 @@ class ServerProtocol(MessageProtocol):
         if role == "worker":
             facts = args.get("facts") if isinstance(args.get("facts"), dict) else {}
             slots = args.get("slots") if isinstance(args.get("slots"), int) else 1
+            job_memory = args.get("job_memory")
             self.info = {"name": name, "slots": slots, "facts": facts,
+                         "job_memory": job_memory if _is_int(job_memory) and job_memory > 0 else None,
                          "connected": self.hub.store.now(), "peer": self.peer_name()}
         self.hub.attach(self)
         self.log.info("{role} {name} connected from {peer}", role=role, name=name, peer=self.peer_name())
@@ -483,13 +485,14 @@ def _report_args(args: dict) -> dict:
         raise ValueError("report needs attempt, lease and outcome (completed or failed)")
     checks = {"result": (bytes, type(None)), "output": (str, type(None)), "error": (str, type(None)),
               "cpu_time": (int, float, type(None)), "wall_time": (int, float, type(None)),
-              "peak_memory": (int, type(None))}
+              "peak_memory": (int, type(None)), "memory_exceeded": (int, type(None))}
     for key, types in checks.items():
         if not isinstance(args.get(key), types):
             raise ValueError(f"report field {key} has the wrong type")
         rep[key] = args.get(key)
-    if isinstance(rep["peak_memory"], bool) or (rep["peak_memory"] or 0) < 0:
-        raise ValueError("report field peak_memory has the wrong type")
+    for key in ("peak_memory", "memory_exceeded"):
+        if isinstance(rep[key], bool) or (rep[key] or 0) < 0:
+            raise ValueError(f"report field {key} has the wrong type")
     return rep
 
 

@@ -55,11 +55,12 @@ class Hub:
         self.live_output: dict[int, tuple[int, str, str]] = {}
         self.load = ReactorLoad(clock)
         self.dispatcher = Dispatcher(lambda reqs, early: store.claim(reqs, lease_seconds, early), store.release,
-                                     store.next_retry, clock, store.now)
+                                     store.next_retry, clock, store.now, store.capacities.get)
 
     def attach(self, conn: ServerProtocol) -> None:
         """A connection said hello."""
         self.connections[conn.identity].add(conn)
+        self._note_capacity(conn.identity)
 
     def detach(self, conn: ServerProtocol) -> None:
         """A connection closed."""
@@ -68,6 +69,16 @@ class Hub:
             conns.discard(conn)
             if not conns:
                 del self.connections[conn.identity]
+            self._note_capacity(conn.identity)
+
+    def _note_capacity(self, name: str) -> None:
+        """Tell the store the memory a worker gives each job: the least its connections
+        announce (one bundle may serve several machines)."""
+        sizes = [c.info.get("job_memory") for c in self.connections.get(name, ()) if c.role == "worker"]
+        if not sizes:
+            self.store.capacities.pop(name, None)
+        else:
+            self.store.capacities[name] = None if None in sizes else min(sizes)
 
     def with_live_output(self, rec: dict) -> dict:
         """`rec` (a job's summary) with the output its worker last sent, if it is running."""

@@ -6,7 +6,7 @@ carries a random token that the worker names in its reports, renewals and give-b
 from __future__ import annotations
 
 import random
-from typing import Callable
+from typing import Any, Callable
 
 from BTrees.OOBTree import OOBTree
 from twisted.internet import defer
@@ -51,26 +51,27 @@ class LeaseOps:
         out: list[list[dict]] = []
         capped = False
         for worker, n in requests:
+            capacity = self.capacities.get(worker)
             got: list[dict] = []
             size = 0
             while len(got) < n:
-                if fresh and (not root.pending or
-                              scheduler.pending_key(fresh[0].priority, fresh[0].seq) < root.pending.minKey()):
-                    job, key = fresh[0], None       # made by this transaction, never queued
-                elif root.pending:
-                    key = root.pending.minKey()
-                    job = root.jobs[root.pending[key]]
+                queue, key = _first(root, root.queues_for(capacity), capacity)
+                i = _first_fitting(fresh, capacity) if fresh else None
+                if i is not None and (key is None or scheduler.pending_key(fresh[i].priority, fresh[i].seq) < key):
+                    job, queue = fresh[i], None     # made by this transaction, never queued
+                elif queue is not None:
+                    job = root.jobs[queue[key]]
                 else:
                     break
                 more = stored_size(job.payload) + stored_size(job.files)
                 if got and size + more > LEASE_BYTES:
                     capped = True                   # the rest in another message
                     break
-                if key is None:
-                    fresh.pop(0)
+                if queue is None:
+                    fresh.pop(i)
                     self._enter(root, job, "processing", fresh=True)
                 else:
-                    del root.pending[key]
+                    del queue[key]
                     if scheduler.backing_off(job.not_before, now):
                         self._delay(root, job)       # queued by a version without the delayed tree
                         continue
@@ -111,15 +112,21 @@ class LeaseOps:
             if scheduler.backing_off(key[0], now):
                 return
             job = root.jobs[delayed.pop(key)]
-            root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+            root.queue_of(job)[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
     def runnable(self) -> defer.Deferred:
         """Fires with whether a queued job could be leased now (the dispatch watchdog's question)."""
         return self._run(self._runnable)
 
     def _runnable(self, root: Root) -> bool:
+        """(Jobs that need more memory than some workers give are left out: a slot waiting
+        beside them may be one that cannot take them.)"""
         delayed = root.delayed
-        return bool(root.pending) or (bool(delayed) and not scheduler.backing_off(delayed.minKey()[0], self.now()))
+        if root.pending:
+            return True
+        if not delayed or scheduler.backing_off(delayed.minKey()[0], self.now()):
+            return False
+        return not root.jobs[delayed[delayed.minKey()]].memory
 
     def next_retry(self) -> float | None:
         """The earliest time a backed-off job becomes runnable, or None, as of the last
@@ -160,6 +167,8 @@ class LeaseOps:
         else:
             # a failure's result is the job's exception, pickled (when it pickles)
             job.result = self._keep(rep["result"]) if rep.get("result") else None
+            if rep.get("memory_exceeded"):      # its next attempt goes to a worker that gives it more
+                job.memory = scheduler.retry_memory(job.memory, rep["memory_exceeded"])
             self._fail(root, job, rep.get("error") or "the job failed", "failed")
         return {"applied": True, "job": job.summary(True, self.warm), "final": job.status in FINAL}
 
@@ -255,6 +264,23 @@ def _lease_token() -> int:
     (delivered early, then the commit failed or the server died) is never taken for a
     later lease of the same attempt, even after a restart."""
     return random.getrandbits(62) | 1
+
+
+def _first(root: Root, queues: list, capacity: int | None) -> tuple[Any, Any]:
+    """(the queue whose first job goes first to a slot of `capacity` MiB, that job's key),
+    or (None, None).  The first job of the queue of the slot's own size may need more than
+    it gives: that queue is passed over."""
+    if len(queues) == 1 and queues[0] is root.pending:
+        return queues[0], queues[0].minKey()
+    for key, i in sorted((q.minKey(), i) for i, q in enumerate(queues)):
+        if scheduler.fits(root.jobs[queues[i][key]].memory, capacity):
+            return queues[i], key
+    return None, None
+
+
+def _first_fitting(fresh: list[JobRecord], capacity: int | None) -> int | None:
+    """The index of the first of `fresh` that fits a slot of `capacity` MiB."""
+    return next((i for i, job in enumerate(fresh) if scheduler.fits(job.memory, capacity)), None)
 
 
 def _holds(job: JobRecord | None, worker: str, attempt: int, token: int) -> bool:

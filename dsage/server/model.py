@@ -305,6 +305,7 @@ class JobRecord(Packed):
     cpu_time = None
     wall_time = None
     peak_memory = None       # bytes: the last attempt's peak resident memory
+    memory = None            # MiB the job needs (given, or raised after it ran out): its queue
     result = None
     files = None
     not_before = 0.0
@@ -318,6 +319,8 @@ class JobRecord(Packed):
         self.priority = spec["priority"]
         self.timeout = spec["timeout"]
         self.max_failures = spec["max_failures"]
+        if spec.get("memory"):
+            self.memory = spec["memory"]
         self.payload = payload
         self.files = files
         self.status = "new"
@@ -334,7 +337,7 @@ class JobRecord(Packed):
                "max_failures": self.max_failures, "failures": self.failures,
                "attempts": [dict(a) for a in self.attempts], "output": self.output, "error": self.error,
                "cpu_time": self.cpu_time, "wall_time": self.wall_time,
-               "peak_memory": self.peak_memory, "created": self.created,
+               "peak_memory": self.peak_memory, "memory": self.memory, "created": self.created,
                "started": self.started, "finished": self.finished, "function_id": self.function_id,
                "not_before": self.not_before}
         if with_result:
@@ -418,7 +421,7 @@ class Root(Packed):
     """The dsage application root, under ``root()['dsage']``."""
 
     _refs = ("jobs", "pending", "by_status", "by_owner", "identities", "functions", "tokens", "old_tokens",
-             "token_times", "delayed")
+             "token_times", "delayed", "pending_big")
 
     generation = 0
     next_seq = 1
@@ -430,6 +433,7 @@ class Root(Packed):
     tokens_since = 0.0
     token_times = None   # older versions' (time, owner, token) index of tokens; gone once upgraded
     delayed = None       # (not before, job id) -> job id: jobs in status new backing off
+    pending_big = None   # memory class (`scheduler.memory_class`) >= 1 -> its queue, as `pending` (class 0)
     inline = None        # (index, key) -> ascending ids not in that index's id set (see `index_add`)
     processing: tuple = ()   # the previous version's inline ids of status processing; moved by `upgrade`
     holder = None        # the server holding a ZEO or RelStorage database: host, boot, pid, token, renewed, ttl
@@ -491,6 +495,30 @@ class Root(Packed):
         if self.tokens is None or age >= ttl:
             self.old_tokens = self.tokens if self.tokens and age < 2 * ttl else None
             self.tokens, self.tokens_since = TokenTree(), now
+
+    def queue_of(self, job: JobRecord) -> OOBTree:
+        """The queue `job` waits in: `pending`, or that of the memory it needs."""
+        k = scheduler.memory_class(job.memory)
+        if not k:
+            return self.pending
+        if self.pending_big is None:
+            self.pending_big = OOBTree()
+        queue = self.pending_big.get(k)
+        if queue is None:
+            queue = self.pending_big[k] = OOBTree()
+        return queue
+
+    def queues_for(self, capacity: int | None) -> list[OOBTree]:
+        """The queues a worker slot giving each job `capacity` MiB takes from, non-empty."""
+        queues = [self.pending] if self.pending else []
+        if self.pending_big:
+            top = scheduler.classes_for(capacity)
+            queues += [q for k, q in self.pending_big.items(max=top) if q]
+        return queues
+
+    def has_pending(self) -> bool:
+        """Whether any job waits in a queue."""
+        return bool(self.pending) or (self.pending_big is not None and any(self.pending_big.values()))
 
     def place(self, owner: str) -> int:
         """A new queue place (`seq`) for one of `owner`'s jobs: the turn after the owner's

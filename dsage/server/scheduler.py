@@ -2,13 +2,15 @@
 dispatcher that pairs waiting worker slots with pending jobs.  No I/O of its own."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from twisted.internet import defer
 from twisted.logger import Logger
 
 from dsage import errors
-from dsage.job import KINDS, MAX_FAILURES, MAX_JOB_BYTES, MAX_PRIORITY, MAX_TIMEOUT, MIB, carried, safe_file_name
+from dsage.job import (KINDS, MAX_FAILURES, MAX_JOB_BYTES, MAX_MEMORY, MAX_PRIORITY, MAX_TIMEOUT, MIB, carried,
+                       safe_file_name)
 from dsage.protocol import encode
 
 RETRY_BASE = 1.0
@@ -23,6 +25,28 @@ def pending_key(priority: int, seq: int) -> tuple[int, int]:
     """Queue order: lower priority value first, then by turn (`place`), then first in,
     first out."""
     return (priority, seq)
+
+
+def memory_class(memory: int | None) -> int:
+    """The queue a job waits in by the MiB it needs: 0 if it says nothing, else one per
+    quarter octave (a worker takes from the queues up to its own size's)."""
+    return 1 + max(0, math.ceil(4 * math.log2(memory))) if memory else 0
+
+
+def classes_for(capacity: int | None) -> int:
+    """The highest queue a worker slot that gives each job `capacity` MiB takes from (the
+    jobs of its own size's queue only when they fit); one that says nothing takes from 0 only."""
+    return memory_class(capacity) if capacity else 0
+
+
+def fits(memory: int | None, capacity: int | None) -> bool:
+    """Whether a job that needs `memory` MiB may run where each job gets `capacity` MiB."""
+    return not memory or (capacity is not None and memory <= capacity)
+
+
+def retry_memory(memory: int | None, exceeded: int) -> int:
+    """What a job that ran out of memory at `exceeded` MiB asks for at its next attempt."""
+    return min(MAX_MEMORY, max(memory or 0, 2 * exceeded))
 
 
 def place(turn: int, order: int) -> int:
@@ -83,9 +107,13 @@ def validate_spec(spec: Any) -> dict:
         raise ValueError("priority must be an integer")
     if not isinstance(max_failures, int) or not 1 <= max_failures <= MAX_FAILURES:
         raise ValueError(f"max_failures must be an integer from 1 to {MAX_FAILURES}")
+    memory = spec.get("memory")
+    if memory is not None and (isinstance(memory, bool) or not isinstance(memory, (int, float))
+                               or not 0 < memory <= MAX_MEMORY):
+        raise ValueError(f"memory must be the MiB a job needs, more than 0 and at most {MAX_MEMORY}, or None")
     return {"kind": kind, "payload": payload, "name": str(name)[:200], "timeout": float(timeout),
             "priority": priority, "max_failures": max_failures,
-            "files": encode(files) if files else b""}
+            "files": encode(files) if files else b"", "memory": None if memory is None else math.ceil(memory)}
 
 
 class Dispatcher:
@@ -95,8 +123,11 @@ class Dispatcher:
 
     def __init__(self, claim: Callable[[list[tuple[str, int]], Callable], defer.Deferred],
                  release: Callable[[str, list], defer.Deferred], next_retry: Callable[[], float | None],
-                 clock, now: Callable[[], float] | None = None) -> None:
+                 clock, now: Callable[[], float] | None = None,
+                 capacity_of: Callable[[str], int | None] = lambda worker: None) -> None:
         self._claim = claim
+        #: worker -> the MiB it gives each job (the store leases by it).
+        self.capacity_of = capacity_of
         self._release = release
         self._next_retry = next_retry
         self.clock = clock
@@ -111,7 +142,9 @@ class Dispatcher:
         self._serial = 0
         self._busy = False
         self._again = False
-        self.maybe_pending = True
+        #: the capacities of slots that a round found no job for since work last arrived
+        #: (a slot of another capacity may still find one); None stands for "says nothing".
+        self.starved: set[int | None] = set()
         self._arrivals = 0
         self._retry_call = None
 
@@ -142,14 +175,16 @@ class Dispatcher:
 
     def work_arrived(self) -> None:
         """New or returned jobs may be pending: try the waiting slots again."""
-        self.maybe_pending = True
+        self.starved.clear()
         self._arrivals += 1
         self.kick()
 
     def kick(self) -> None:
         """Run one claim round for every waiting slot (one store transaction, whose leases
         are delivered while it commits)."""
-        if not self.maybe_pending or len(self.waiting) <= len(self.claiming):
+        if len(self.waiting) <= len(self.claiming) or (self.starved and all(
+                self.capacity_of(w) in self.starved for key, (w, _n, _d) in self.waiting.items()
+                if key not in self.claiming)):
             return
         if self._busy:
             self._again = True
@@ -182,7 +217,7 @@ class Dispatcher:
         if not failure.check(errors.DsageError):
             self.log.failure("claim failed", failure)
         self.unreserve(entries)
-        self.maybe_pending = True
+        self.starved.clear()
 
     def unreserve(self, entries: list) -> None:
         """`entries` from `snapshot` whose claim was not made (a submission refused before
@@ -191,14 +226,13 @@ class Dispatcher:
 
     def deliver(self, results: list[list[dict]], entries: list, arrivals: int) -> None:
         """Hand claimed jobs to the slots they were claimed for (back to the queue if gone)."""
-        starved = False
+        starved = set()
         self.claiming.difference_update(key for key, _ in entries)
         for (key, (worker, n, d)), jobs in zip(entries, results):
-            if not jobs:
-                starved = True
-                continue
             if len(jobs) < n:
-                starved = True
+                starved.add(self.capacity_of(worker))
+            if not jobs:
+                continue
             if self.waiting.pop(key, None) is not None:
                 d.callback(jobs)
             else:
@@ -207,8 +241,9 @@ class Dispatcher:
                 self._release(worker, [[j["job_id"], j["attempt"], j["lease"]] for j in jobs]).addCallbacks(
                     lambda _: self.work_arrived(), lambda f: self.log.failure("release failed", f))
         if starved and arrivals == self._arrivals:
-            # Nothing arrived while this round ran, so the queue really is empty (or waiting).
-            self.maybe_pending = False
+            # Nothing arrived while this round ran, so the queue really is empty (or waiting)
+            # for slots of these capacities.
+            self.starved |= starved
             self._schedule_retry(self._next_retry())
         self.kick()         # slots skipped while this claim was in flight
 

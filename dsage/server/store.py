@@ -85,6 +85,9 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
         self.renewed: dict[int, tuple[int, float]] = {}
         #: job id -> (lease token, `ticks` when leased, or when this server started).
         self.leased_at: dict[int, tuple[int, float]] = {}
+        #: worker name -> MiB each of its jobs may use (None: it does not say), as its
+        #: connections announced: it is leased no job that says it needs more.
+        self.capacities: dict[str, int | None] = {}
         self.blobs = _has_blobs(db.storage)
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -376,7 +379,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             claims = self._claim(root, claim_for, lease, fresh) if claim_for else []
             for job in fresh:
                 self._enter(root, job, "new", fresh=True, keep_place=True)
-            return {"ids": ids, "claims": claims, "queued": bool(root.pending)}
+            return {"ids": ids, "claims": claims, "queued": root.has_pending()}
         return self._run_staged(large_fields(clean), op, early=early)
 
     def _submit(self, root: Root, owner: str, specs: list[dict], function_id: str | None,
@@ -530,7 +533,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             if old == "new":
                 root.count_queued(job.owner, -1)
                 if unqueue:
-                    root.pending.pop(scheduler.pending_key(job.priority, job.seq), None)
+                    root.queue_of(job).pop(scheduler.pending_key(job.priority, job.seq), None)
                     if root.delayed:
                         root.delayed.pop((job.not_before, job.job_id), None)
         if status == "new":
@@ -544,7 +547,7 @@ class JobStore(AccessOps, FunctionOps, RetentionOps, LeaseOps):
             if scheduler.backing_off(job.not_before, self.now()):
                 self._delay(root, job)
             else:
-                root.pending[scheduler.pending_key(job.priority, job.seq)] = job.job_id
+                root.queue_of(job)[scheduler.pending_key(job.priority, job.seq)] = job.job_id
 
 
 def _read_alone(obj: Any) -> None:

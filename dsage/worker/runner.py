@@ -297,20 +297,29 @@ class JobRunner:
         elif isinstance(outcome, dict) and outcome.get("ok"):
             report.update(outcome="completed", result=outcome["result"], cpu_time=outcome.get("cpu_time"))
         elif isinstance(outcome, dict):
-            exception = outcome.get("exception")
-            report.update(outcome="failed", error=self._explained(outcome.get("error"), report["peak_memory"]),
+            exception, error = outcome.get("exception"), outcome.get("error")
+            report.update(outcome="failed", error=self._explained(error, report["peak_memory"]),
                           cpu_time=outcome.get("cpu_time"), result=exception if isinstance(exception, bytes) else None)
+            if _memory_error(error):
+                report["memory_exceeded"] = _mib(self.limits.get("memory") or report["peak_memory"])
         else:
             seen = (f"; its resident memory had reached {attempt.peak / MIB:.0f} MiB when last seen"
                     if attempt.peak else "")
             report.update(outcome="failed", error=f"dsage: the job's process died: {_describe(ended)}{seen}")
+            if getattr(ended, "signal", None) == signal.SIGKILL:      # most often the OOM killer
+                report["memory_exceeded"] = _mib(attempt.peak)
         attempt.done.callback(report)
+
+    def job_memory(self) -> int | None:
+        """The MiB each job may use here: the --max-memory limit, else the machine's memory."""
+        limit = self.limits.get("memory") or machine_memory()
+        return _mib(limit)
 
     def _explained(self, error: str | None, peak: int | None) -> str | None:
         """A job's traceback, with what this worker allows when it ends in a MemoryError
         under the worker's --max-memory (the job's peak then says how close it came)."""
         limit = self.limits.get("memory")
-        if not error or not limit or not error.rstrip().splitlines()[-1].startswith("MemoryError"):
+        if not limit or not _memory_error(error):
             return error
         used = f"; the job's peak resident memory was {peak / MIB:.0f} MiB" if peak else ""
         return (f"{error.rstrip()}\ndsage: this worker limits each job to {limit / MIB:.0f} MiB of address "
@@ -434,6 +443,24 @@ def _note_peak(attempt: Attempt, child: Child) -> None:
     """Note the peak memory of the process running `attempt`, as it is now."""
     if child.alive and child.transport.pid:
         attempt.peak = peak_of(child.transport.pid) or attempt.peak
+
+
+def machine_memory() -> int | None:
+    """Bytes of physical memory, or None where the system does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        return None
+
+
+def _memory_error(error: str | None) -> bool:
+    """Whether a job's traceback ends in a MemoryError."""
+    return isinstance(error, str) and bool(error.strip()) and error.strip().splitlines()[-1].startswith("MemoryError")
+
+
+def _mib(size: int | None) -> int | None:
+    """`size` bytes in whole MiB (at least 1), or None."""
+    return max(1, size // MIB) if size else None
 
 
 def _describe(ended) -> str:

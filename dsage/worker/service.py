@@ -285,6 +285,10 @@ class WorkerService(service.MultiService):
         """Hold a report until the next connection."""
         self._reports.append(report)
 
+    def job_memory(self) -> int | None:
+        """The MiB each job may use here (what the server leases by)."""
+        return self.runner.job_memory()
+
     def unsent_reports(self) -> list[dict]:
         """Take the held reports."""
         reports, self._reports = self._reports, []

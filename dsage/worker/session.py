@@ -10,15 +10,12 @@ from twisted.logger import Logger
 
 from dsage import __version__, errors
 from dsage.protocol import PROTOCOL_VERSION, MessageProtocol
+from dsage.worker.runner import machine_memory
 
 
 def host_facts() -> dict:
     """What a worker announces about its machine."""
-    try:
-        memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    except (ValueError, OSError, AttributeError):
-        memory = None
-    return {"host": socket.gethostname(), "cores": os.cpu_count(), "memory": memory,
+    return {"host": socket.gethostname(), "cores": os.cpu_count(), "memory": machine_memory(),
             "os": platform.platform(), "python": platform.python_version(), "dsage": __version__}
 
 
@@ -80,7 +77,8 @@ class WorkerSession:
         """Say hello, then start heartbeats, flush old reports and ask for work."""
         welcome = await self.proto.call("hello", version=list(PROTOCOL_VERSION), role="worker",
                                         name=self.worker.bundle.name,
-                                        slots=self.worker.slots, facts=host_facts())
+                                        slots=self.worker.slots, facts=host_facts(),
+                                        job_memory=self.worker.job_memory())
         self.heartbeat = task.LoopingCall(self.beat)
         self.heartbeat.clock = self.clock
         self.heartbeat.start(float(welcome.get("heartbeat_seconds", 10.0)), now=False)

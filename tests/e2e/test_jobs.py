@@ -172,6 +172,32 @@ def test_a_job_whose_process_dies_is_reported_with_its_memory_as_last_seen(tmp_p
         c.stop()
 
 
+def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_factory):
+    """A MemoryError under a worker's --max-memory makes the job need twice that limit: it
+    waits (saying why) until a worker that gives that much comes, and completes there.  A
+    job that asks for memory itself goes only to such a worker."""
+    from tests.e2e.conftest import start_cluster
+
+    c = start_cluster(tmp_path_factory, workers=0)
+    try:
+        c.add_worker(slots=1, name="small", args=("--max-memory", "400"))
+        with connected(c) as session:
+            job = session.eval("x = bytearray(600 << 20)\nlen(x) >> 20")
+            wait_for(lambda: job.failures == 1 and job.status == "new", what="the first attempt to run out")
+            assert job.memory == 800 and "MemoryError" in job.error
+            time.sleep(1.0)
+            assert job.status == "new" and len(job.attempts) == 1        # the small worker takes it no more
+            shown = c.run("job", str(job.job_id)).stdout
+            assert "needs 800 MiB" in shown and "no connected worker gives a job that much (the most: 400 MiB)" in shown
+            asked = session.eval("'mine'", memory=500)
+            c.add_worker(slots=1, name="big")
+            assert job.wait(timeout=60) == 600 and asked.wait(timeout=60) == "mine"
+            assert [a["worker"] for a in job.attempts] == ["small", "big"] and asked.attempts[0]["worker"] == "big"
+            assert session.eval("'anywhere'").wait(timeout=60) == "anywhere"
+    finally:
+        c.stop()
+
+
 def test_timeout_stops_the_job(D):
     """A job past its timeout is stopped and fails with a clear reason."""
     job = D.eval("import time\ntime.sleep(60)", timeout=1, max_failures=1)

@@ -65,6 +65,23 @@ def test_empty_queue_parks_the_slot_until_work_arrives():
     assert d.called and len(disp.waiting) == 1
 
 
+def test_a_slot_that_gives_more_memory_is_tried_though_smaller_ones_found_nothing():
+    """A round that finds nothing for slots of one size says nothing of slots of another:
+    the jobs left may need more memory than the first gave.  A slot of a size already found
+    starved waits without a round."""
+    claims, clock = FakeClaims(), Clock()
+    sizes = {"small": 1000, "small2": 1000, "big": 8000}
+    disp = Dispatcher(claims.claim, claims.release, claims.next_retry, clock, capacity_of=sizes.get)
+    disp.take("small", 1)
+    claims.rounds[0][1].callback([[]])
+    disp.take("small2", 1)
+    assert len(claims.rounds) == 1
+    big = disp.take("big", 1)
+    assert len(claims.rounds) == 2
+    claims.rounds[1][1].callback([[], [], [{"job_id": 9, "attempt": 2}]])
+    assert big.called and disp.starved == {1000}
+
+
 def test_work_arriving_during_a_round_is_not_lost():
     """A submission that lands while a claim round runs triggers another round."""
     claims, clock, disp = make()

@@ -325,6 +325,51 @@ def test_runnable_says_whether_a_job_could_be_leased_now(store, clock):
     assert value(store.runnable()) is True
 
 
+def test_a_job_that_needs_memory_goes_only_to_a_worker_that_gives_that_much(store):
+    """Jobs that state the memory they need wait in queues of their size: a worker takes
+    from those up to what it gives each job (one that says nothing: only jobs that state
+    nothing), in queue order; a job larger than every worker waits."""
+    store.capacities.update({"small": 1000, "big": 8000})
+    value(store.submit("a", [spec("any"), spec("4000", memory=4000), spec("900", memory=900),
+                             spec("9000", memory=9000), spec("1000", memory=1000)]))
+    assert [j["name"] for j in value(store.claim([("old", 10)], 60.0))[0]] == ["any"]
+    assert [j["name"] for j in value(store.claim([("small", 10)], 60.0))[0]] == ["900", "1000"]
+    assert [j["name"] for j in value(store.claim([("big", 10)], 60.0))[0]] == ["4000"]
+    assert value(store.get("a", "client", 4))["status"] == "new" and value(store.get("a", "client", 4))["memory"] == 9000
+    assert value(store.runnable()) is False             # what is left fits no slot that waits unserved
+    store.capacities["huge"] = 16000
+    assert [j["name"] for j in value(store.claim([("huge", 10)], 60.0))[0]] == ["9000"]
+
+
+def test_a_job_that_ran_out_of_memory_asks_twice_as_much_next_time(store):
+    """A failed attempt that ran out of memory (the worker says where) raises what the job
+    needs: its next attempt waits for a worker that gives that much."""
+    store.capacities.update({"small": 1000, "big": 8000})
+    value(store.submit("a", [spec()]))
+    job = claim_one(store, "small")
+    value(store.report("small", reported(job, "failed", error="MemoryError", memory_exceeded=1000)))
+    rec = value(store.get("a", "client", 1))
+    assert rec["status"] == "new" and rec["memory"] == 2000 and rec["failures"] == 1
+    assert claim_one(store, "small") is None
+    assert claim_one(store, "big")["job_id"] == 1
+
+
+def test_a_submission_leases_at_once_only_the_jobs_that_fit_the_waiting_slots(store):
+    """Jobs leased in the transaction that stores them fit their slot too; the others queue."""
+    store.capacities["small"] = 1000
+    out = value(store.submit_and_claim("a", [spec("big", memory=4000), spec("small", memory=500), spec("any")],
+                                       None, None, None, [("small", 3)], 60.0))
+    assert [j["name"] for j in out["claims"][0]] == ["small", "any"] and out["queued"] is True
+    store.capacities["big"] = 4096
+    assert claim_one(store, "big")["name"] == "big"
+
+
+@pytest.mark.parametrize("memory", [0, -1, True, "1G", 1 << 25])
+def test_a_bad_memory_request_is_refused(store, memory):
+    with pytest.raises(ValueError, match="memory must be"):
+        store.submit("a", [spec(memory=memory)])
+
+
 def test_revoking_a_worker_queues_its_running_jobs_again(store):
     """A revoked worker will never report: its running jobs go back at once, uncounted,
     the other workers' stay theirs; a user's revocation touches no job."""
