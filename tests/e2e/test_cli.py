@@ -180,6 +180,11 @@ def test_job_commands_against_a_cluster(cluster, D, tmp_path):
                                     f"division by zero\nTraceback")
     again = run(home, "result", failed.stdout.strip())          # says what submit --wait said
     assert again.returncode == 1 and again.stderr == failed.stderr
+    sized = run(home, "submit", "-c", "'sized'", "--memory", "64", "--wait")
+    assert sized.stdout.splitlines()[1:] == ["'sized'"], sized.stderr
+    assert "needs 64 MiB" in run(home, "job", sized.stdout.split()[0]).stdout
+    bad = run(home, "submit", "-c", "1", "--memory", "0")
+    assert bad.returncode == 1 and bad.stderr.startswith("dsage: error: memory must be the MiB the job needs")
     status = run(home, "status").stdout
     assert "workers 1" in status and "worker1" in status
     assert re.search(r"^server: busy \d+% of the last minute$", status, re.M), status
