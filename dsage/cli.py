@@ -352,8 +352,9 @@ def cmd_status(args) -> int:
         print(f"server: busy {load:.0%} of the last minute" + (" (overloaded: it falls behind)" if load > 0.95 else ""))
     for w in D.workers():
         facts = w.get("facts", {})
+        memory = f"  {w['job_memory']} MiB a job" if w.get("job_memory") else ""
         print(f"  {w['name']:20} {w['busy']}/{w['slots']} busy  {facts.get('host', '?')} "
-              f"{facts.get('cores', '?')} cores  python {facts.get('python', '?')}")
+              f"{facts.get('cores', '?')} cores  python {facts.get('python', '?')}{memory}")
     return 0
 
 

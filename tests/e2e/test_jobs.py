@@ -5,6 +5,7 @@ import concurrent.futures
 import gc
 import os
 import random
+import re
 import time
 import tracemalloc
 from pathlib import Path
@@ -189,6 +190,7 @@ def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_f
             assert job.status == "new" and len(job.attempts) == 1        # the small worker takes it no more
             shown = c.run("job", str(job.job_id)).stdout
             assert "needs 800 MiB" in shown and "no connected worker gives a job that much (the most: 400 MiB)" in shown
+            assert re.search(r"^  small .* 400 MiB a job$", c.run("status").stdout, re.M)
             asked = session.eval("'mine'", memory=500)
             c.add_worker(slots=1, name="big")
             assert job.wait(timeout=60) == 600 and asked.wait(timeout=60) == "mine"
