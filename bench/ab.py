@@ -9,6 +9,8 @@ separated), e.g. another build's source tree on PYTHONPATH:
     .venv/bin/python bench/ab.py lat old=PYTHONPATH:/tmp/old new=
     ROUNDS=6 .venv/bin/python bench/ab.py payload old=PYTHONPATH:/tmp/old new=
 
+The pair ``db:URI`` is the server's database instead (``memory=db:memory://``: no disk).
+
 Workloads: ``lat`` (100 round trips per round: median and p90 ms), ``tp`` (``D.map`` of
 5,000 no-op jobs per round: jobs/s), ``payload`` (200 x 1 MiB per round: MiB/s).  The
 client side is this process' own build for every cluster.
@@ -32,7 +34,10 @@ def main(mode: str, specs: list[str]) -> None:
         name, _, pairs = spec.partition("=")
         c = LocalCluster()
         c.env.update(dict(p.split(":", 1) for p in pairs.split(",") if p))
+        db = c.env.pop("db", None)
         c.init()
+        if db:
+            c.configure(db=db)
         c.start_server()
         c.add_worker(slots=2)
         D = c.connect()

@@ -119,8 +119,8 @@ class LeaseOps:
         return self._run(self._runnable)
 
     def _runnable(self, root: Root) -> bool:
-        """(Jobs that need more memory than some workers give are left out: a slot waiting
-        beside them may be one that cannot take them.)"""
+        """Whether a job that states no memory need could be leased now (one that does may
+        wait rightly beside a slot too small for it)."""
         delayed = root.delayed
         if root.pending:
             return True

@@ -154,7 +154,8 @@ class Dispatcher:
         key = self._serial
         d = defer.Deferred(lambda _: self._leave(key))
         self.waiting[key] = (worker, max(1, n), d)
-        self.kick()
+        if self.capacity_of(worker) not in self.starved:     # else a round found nothing for its size
+            self.kick()
         return d
 
     def unserved(self) -> bool:
