@@ -11,7 +11,8 @@ separated), e.g. another build's source tree on PYTHONPATH:
 
 The pair ``db:URI`` is the server's database instead (``memory=db:memory://``: no disk).
 
-Workloads: ``lat`` (100 round trips per round: median and p90 ms), ``tp`` (``D.map`` of
+Workloads: ``lat`` (100 round trips per round: median and p90 ms), ``req`` (300 requests
+that touch no job, ``D.workers()``, per round: one client-server round trip), ``tp`` (``D.map`` of
 5,000 no-op jobs per round: jobs/s), ``payload`` (200 x 1 MiB per round: MiB/s).  The
 client side is this process' own build for every cluster.
 """
@@ -53,6 +54,11 @@ def main(mode: str, specs: list[str]) -> None:
                         t0 = time.perf_counter()
                         D.submit(abs, i).wait()
                         res[k].append((time.perf_counter() - t0) * 1000)
+                elif mode == "req":
+                    for i in range(300):
+                        t0 = time.perf_counter()
+                        D.workers()
+                        res[k].append((time.perf_counter() - t0) * 1000)
                 elif mode == "payload":
                     blobs = [os.urandom(64) + bytes((1 << 20) - 64) for _ in range(200)]
                     t0 = time.perf_counter()
@@ -67,7 +73,7 @@ def main(mode: str, specs: list[str]) -> None:
             D.close()
             c.stop()
     for k, v in res.items():
-        if mode == "lat":
+        if mode in ("lat", "req"):
             v = sorted(v)
             print(f"{k:12} median {statistics.median(v):.3f} ms  p90 {v[int(len(v) * 0.9)]:.3f} ms")
         else:
@@ -76,6 +82,6 @@ def main(mode: str, specs: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) < 3 or sys.argv[1] not in ("lat", "tp", "payload"):
+    if len(sys.argv) < 3 or sys.argv[1] not in ("lat", "req", "tp", "payload"):
         sys.exit(__doc__)
     main(sys.argv[1], sys.argv[2:])
