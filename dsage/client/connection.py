@@ -4,6 +4,7 @@ directly through `connect_async`; everyone else through the blocking façade."""
 from __future__ import annotations
 
 import collections
+import logging
 from typing import Callable
 
 from twisted.internet import defer
@@ -28,6 +29,9 @@ class ClientProtocol(MessageProtocol):
     """The client's end of a connection; job events go to the factory's `AsyncClient`."""
 
     def handle_event(self, event: str, data: dict) -> None:
+        if event == "job_waits" and isinstance(data.get("reason"), str):
+            logging.getLogger("dsage").warning("%s", data["reason"][:500])
+            return
         done = data.get("jobs") if event == "jobs_done" else [data] if event == "job_done" else None
         for summary in done if isinstance(done, list) else ():
             if isinstance(summary, dict) and isinstance(summary.get("job_id"), int):

@@ -3,6 +3,7 @@ all).  Handlers are thin: they check the caller's role, then call the store and 
 dispatcher."""
 from __future__ import annotations
 
+import math
 from typing import Any, Callable
 
 from twisted.internet import defer
@@ -189,6 +190,10 @@ class ServerProtocol(MessageProtocol):
         def stored(out: dict) -> dict:
             if out["queued"]:       # for the waiting slots this claim did not reserve
                 self.hub.dispatcher.work_arrived()
+            for job_id, spec in zip(out["ids"], jobs):
+                if spec.get("memory"):
+                    self.hub.check_fit({"job_id": job_id, "owner": self.identity,
+                                        "memory": math.ceil(spec["memory"])}, asked=True)
             return {"job_ids": out["ids"]}
 
         def refused(f):
@@ -393,6 +398,7 @@ class ServerProtocol(MessageProtocol):
                     self.hub.job_finished(result["job"])
                 else:
                     requeued = True
+                    self.hub.check_fit(result["job"])
             if requeued:
                 self.hub.dispatcher.work_arrived()
             return {"applied": [r["applied"] for r in out["results"]], "jobs": out["jobs"]}

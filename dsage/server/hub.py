@@ -10,7 +10,7 @@ from twisted.logger import Logger
 
 from dsage import tls
 from dsage.server.load import ReactorLoad
-from dsage.server.scheduler import Dispatcher
+from dsage.server.scheduler import Dispatcher, fits
 
 if TYPE_CHECKING:
     from dsage.server.connections import ServerProtocol
@@ -118,6 +118,23 @@ class Hub:
         for conn in list(self.connections.get(summary["owner"], ())):
             if conn.role in CLIENT_ROLES:
                 conn.push_done(summary)
+
+    def check_fit(self, summary: dict, asked: bool = False) -> None:
+        """A queued job that needs more memory than any connected worker gives (it ran out of
+        memory, or `asked` for it) waits for one: say so in the log and to its owner's
+        clients, whose waits would otherwise be silent."""
+        need = summary.get("memory")
+        sizes = list(self.store.capacities.values())
+        if not need or not sizes or any(fits(need, size) for size in sizes):
+            return
+        most = max(size or 0 for size in sizes)
+        how = "asks for" if asked else "ran out of memory and needs"
+        reason = (f"job {summary['job_id']} {how} {need} MiB; no connected worker gives a job that much "
+                  f"(the most: {most} MiB): it waits for one")
+        self.log.warn("{reason}", reason=reason)
+        for conn in list(self.connections.get(summary["owner"], ())):
+            if conn.role in CLIENT_ROLES:
+                conn.send_event("job_waits", {"job_id": summary["job_id"], "reason": reason})
 
     def stop_running(self, running: dict | None) -> None:
         """Order the worker that runs an attempt to kill it (it sends no report of a killed

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import gc
+import logging
 import os
 import random
 import re
@@ -174,7 +175,7 @@ def test_a_job_whose_process_dies_is_reported_with_its_memory_as_last_seen(tmp_p
         c.stop()
 
 
-def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_factory):
+def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_factory, caplog):
     """A MemoryError under a worker's --max-memory makes the job need twice that limit: it
     waits (saying why) until a worker that gives that much comes, and completes there.  A
     job that asks for memory itself goes only to such a worker."""
@@ -183,9 +184,13 @@ def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_f
     c = start_cluster(tmp_path_factory, workers=0)
     try:
         c.add_worker(slots=1, name="small", args=("--max-memory", "400"))
-        with connected(c) as session:
+        with connected(c) as session, caplog.at_level(logging.WARNING, logger="dsage"):
             job = session.eval("x = bytearray(600 << 20)\nlen(x) >> 20")
             wait_for(lambda: job.failures == 1 and job.status == "new", what="the first attempt to run out")
+            said = (f"job {job.job_id} ran out of memory and needs 800 MiB; no connected worker gives a job that "
+                    f"much (the most: 400 MiB): it waits for one")
+            wait_for(lambda: said in caplog.text, what="the client to be told")      # a wait is not silent
+            assert said in (c.home / "server.log").read_text()
             assert job.memory == 800 and "MemoryError" in job.error
             time.sleep(1.0)
             assert job.status == "new" and len(job.attempts) == 1        # the small worker takes it no more
@@ -193,6 +198,7 @@ def test_a_job_that_runs_out_of_memory_runs_again_where_there_is_more(tmp_path_f
             assert "needs 800 MiB" in shown and "no connected worker gives a job that much (the most: 400 MiB)" in shown
             assert re.search(r"^  small .* 400 MiB a job$", c.run("status").stdout, re.M)
             asked = session.eval("'mine'", memory=500)
+            wait_for(lambda: f"job {asked.job_id} asks for 500 MiB" in caplog.text, what="the asking job's note")
             c.add_worker(slots=1, name="big")
             assert job.wait(timeout=60) == 600 and asked.wait(timeout=60) == "mine"
             assert [a["worker"] for a in job.attempts] == ["small", "big"] and asked.attempts[0]["worker"] == "big"
