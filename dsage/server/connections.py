@@ -191,9 +191,9 @@ class ServerProtocol(MessageProtocol):
             if out["queued"]:       # for the waiting slots this claim did not reserve
                 self.hub.dispatcher.work_arrived()
             for job_id, spec in zip(out["ids"], jobs):
-                if spec.get("memory"):
-                    self.hub.check_fit({"job_id": job_id, "owner": self.identity,
-                                        "memory": math.ceil(spec["memory"])}, asked=True)
+                if spec.get("memory") and self.hub.check_fit(
+                        {"job_id": job_id, "owner": self.identity, "memory": math.ceil(spec["memory"])}, asked=True):
+                    break           # one note for a submission
             return {"job_ids": out["ids"]}
 
         def refused(f):

@@ -21,6 +21,8 @@ OUTPUT_WAIT = 1.0
 #: the most of a running job's output the server keeps in memory to show (a worker sends
 #: the last 16 KiB).
 LIVE_OUTPUT_CHARS = 32 << 10
+#: seconds between two notes to one owner that a job of theirs waits for more memory.
+WAITS_EVERY = 30.0
 #: seconds the dispatch watchdog looks again before it calls what it saw a stall.
 STALL_CONFIRM = 1.0
 CLIENT_ROLES = ("client", "admin")
@@ -50,6 +52,8 @@ class Hub:
         self.finished_total = 0
         #: times the watchdog found worker slots idle beside runnable jobs, and started dispatch.
         self.dispatch_restarts = 0
+        #: owner -> when they were last told that a job of theirs waits for more memory.
+        self._waits_said: dict[str, float] = {}
         #: job id -> (attempt, worker, the end of its output), for running jobs: not stored,
         #: shown by get_job until the job's report brings the whole output.
         self.live_output: dict[int, tuple[int, str, str]] = {}
@@ -119,14 +123,19 @@ class Hub:
             if conn.role in CLIENT_ROLES:
                 conn.push_done(summary)
 
-    def check_fit(self, summary: dict, asked: bool = False) -> None:
+    def check_fit(self, summary: dict, asked: bool = False) -> bool:
         """A queued job that needs more memory than any connected worker gives (it ran out of
         memory, or `asked` for it) waits for one: say so in the log and to its owner's
-        clients, whose waits would otherwise be silent."""
+        clients, whose waits would otherwise be silent (once in WAITS_EVERY s per owner: a
+        large map's jobs would each say it); True if the job waits so."""
         need = summary.get("memory")
         sizes = list(self.store.capacities.values())
         if not need or not sizes or any(fits(need, size) for size in sizes):
-            return
+            return False
+        now = self.clock.seconds()
+        if now - self._waits_said.get(summary["owner"], float("-inf")) < WAITS_EVERY:
+            return True
+        self._waits_said[summary["owner"]] = now
         most = max(size or 0 for size in sizes)
         how = "asks for" if asked else "ran out of memory and needs"
         reason = (f"job {summary['job_id']} {how} {need} MiB; no connected worker gives a job that much "
@@ -135,6 +144,7 @@ class Hub:
         for conn in list(self.connections.get(summary["owner"], ())):
             if conn.role in CLIENT_ROLES:
                 conn.send_event("job_waits", {"job_id": summary["job_id"], "reason": reason})
+        return True
 
     def stop_running(self, running: dict | None) -> None:
         """Order the worker that runs an attempt to kill it (it sends no report of a killed

@@ -70,6 +70,27 @@ def test_the_dispatch_watchdog_serves_slots_left_waiting_beside_runnable_jobs(pa
     assert seen == [False] and hub.dispatch_restarts == 1 and got[1][0]["name"] == "second"
 
 
+def test_a_job_waiting_for_more_memory_than_any_worker_gives_is_told_once_in_a_while(parts):
+    """The owner's clients hear (a job_waits event) that a job waits for more memory than
+    any connected worker gives; once in WAITS_EVERY s, a large map's jobs would each say it."""
+    from dsage.server.hub import WAITS_EVERY
+
+    clock, now, store, hub = parts
+    connect(hub, "small", "worker").info["job_memory"] = 1000
+    hub._note_capacity("small")
+    alice = connect(hub, "alice", "client")
+    assert hub.check_fit({"job_id": 1, "owner": "alice", "memory": 900}) is False
+    assert alice.transport.value() == b""
+    assert hub.check_fit({"job_id": 2, "owner": "alice", "memory": 2000}, asked=True) is True
+    assert b"job_waits" in alice.transport.value() and b"job 2 asks for 2000 MiB" in alice.transport.value()
+    alice.transport.clear()
+    assert hub.check_fit({"job_id": 3, "owner": "alice", "memory": 2000}) is True
+    assert alice.transport.value() == b""
+    clock.advance(WAITS_EVERY)
+    hub.check_fit({"job_id": 4, "owner": "alice", "memory": 2000})
+    assert b"job 4 ran out of memory and needs 2000 MiB" in alice.transport.value()
+
+
 def test_silent_worker_connections_are_dropped(parts):
     """A worker that says nothing for longer than a lease is disconnected; a chatty one is not."""
     clock, now, store, hub = parts
