@@ -38,9 +38,9 @@ def job_failed(job_id: int, traceback: str | None, exception: BaseException | No
     """The JobFailed of a job, also an instance of `exception`'s class where Python allows
     a class of both (not for BaseExceptions that are not Exceptions, nor a few built-in
     classes whose instances are laid out otherwise, such as ExceptionGroup)."""
-    cls = type(exception)
     if exception is None or not isinstance(exception, Exception) or isinstance(exception, JobFailed):
         return JobFailed(job_id, traceback, exception)
+    cls = type(exception)
     if cls not in _failed_classes:
         try:
             both = type("JobFailed", (JobFailed, cls), {"__module__": __name__, "__qualname__": "JobFailed"})

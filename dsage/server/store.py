@@ -40,8 +40,8 @@ from dsage.server import scheduler
 from dsage.server.access import AccessOps
 from dsage.server.functions import FunctionOps
 from dsage.server.leases import MAX_OUTPUT, OUTPUT_MARKER, TOKEN_TTL, LeaseOps, _holds  # noqa: F401  (MAX_OUTPUT, OUTPUT_MARKER: tests)
-from dsage.server.model import (JobRecord, Root, Staged, StagedValue, WarmBytes, large_fields,
-                                store_bytes)
+from dsage.server.model import JobRecord, Root, large_fields, store_bytes
+from dsage.server.staging import Staged, StagedValue, WarmBytes
 from dsage.server.retention import RetentionOps
 from dsage.server.syncer import Syncer, file_storage
 

@@ -808,7 +808,8 @@ def test_a_staged_payload_survives_its_batch_running_again(store):
 
     from twisted.internet import defer
 
-    from dsage.server.model import INLINE_LIMIT, Staged, WarmBytes
+    from dsage.server.model import INLINE_LIMIT
+    from dsage.server.staging import Staged, WarmBytes
 
     def half_way(root):
         root.next_job_id += 100
